@@ -1,0 +1,456 @@
+//! `/v1/data/{resource}…`: records. Every write is validated against the
+//! resource's current compiled schema and stored with a check that the
+//! schema did not move on meanwhile (if it did, the write is revalidated
+//! against the new version and retried).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{JsonBody, JsonDocument, QueryPairs, etag, if_match};
+use crate::app_state::SharedState;
+use crate::auth::{Principal, Role};
+use crate::catalog::CompiledSchema;
+use crate::domain::{RecordId, ResourceName, TenantId};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::storage::StorageError;
+use crate::storage::query::{ListQuery, project};
+use crate::storage::records::{self, Created, Idempotency, Patch, Record, Target};
+
+/// Most items in one batch write.
+pub const MAX_BATCH: usize = 1000;
+/// Times a write is retried when the schema changes under it.
+const SCHEMA_RETRIES: usize = 3;
+
+pub fn router() -> OpenApiRouter<SharedState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_record, list_records))
+        .routes(routes!(get_record, put_record, patch_record, delete_record))
+        .routes(routes!(create_batch))
+}
+
+/// Resolves the resource's current schema; 404 if it has none.
+async fn schema_of(
+    state: &SharedState,
+    tenant: &TenantId,
+    resource: &ResourceName,
+    reload: bool,
+) -> ApiResult<Arc<CompiledSchema>> {
+    let found = if reload {
+        state.schemas.reload(&state.pool, tenant, resource).await?
+    } else {
+        state.schemas.current(&state.pool, tenant, resource).await?
+    };
+    found.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no resource named {resource}; define it with PUT /v1/schemas/{resource}"
+        ))
+    })
+}
+
+/// Runs a write against the current schema, again against a newer one if
+/// the schema changed while it ran.
+async fn with_schema<T, F, Fut>(
+    state: &SharedState,
+    tenant: &TenantId,
+    resource: &ResourceName,
+    mut write: F,
+) -> ApiResult<T>
+where
+    F: FnMut(Arc<CompiledSchema>) -> Fut,
+    Fut: Future<Output = ApiResult<Result<T, StorageError>>>,
+{
+    let mut reload = false;
+    for _ in 0..SCHEMA_RETRIES {
+        let schema = schema_of(state, tenant, resource, reload).await?;
+        match write(schema).await? {
+            Err(StorageError::SchemaChanged) => reload = true,
+            other => return other.map_err(ApiError::from),
+        }
+    }
+    Err(StorageError::SchemaChanged.into())
+}
+
+fn validate(schema: &CompiledSchema, resource: &ResourceName, doc: &Value) -> ApiResult<()> {
+    schema.validate(doc).map_err(|errors| {
+        ApiError::unprocessable(
+            format!(
+                "the record does not match the schema of {resource} (version {})",
+                schema.version
+            ),
+            errors,
+        )
+    })
+}
+
+fn target<'a>(t: &'a TenantId, r: &'a ResourceName, s: &CompiledSchema) -> Target<'a> {
+    Target {
+        tenant: t,
+        resource: r,
+        schema_version: s.version,
+    }
+}
+
+fn record_response(status: StatusCode, record: &Record) -> Response {
+    let mut resp = (status, Json(record)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&etag(record.version)) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    if status == StatusCode::CREATED
+        && let Ok(v) = HeaderValue::from_str(&format!("/v1/data/{}/{}", record.resource, record.id))
+    {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 255 => Ok(Some(k.to_owned())),
+        _ => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1-255 visible ASCII characters",
+        )),
+    }
+}
+
+/// Create a record.
+#[utoipa::path(post, path = "/v1/data/{resource}", tag = "records",
+    params(("resource" = String, Path, description = "Resource name"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Same key and body within 24 h returns the first result")),
+    request_body(content = Object, description = "The document, validated by the resource's schema"),
+    responses((status = 201, body = Record), (status = 422, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn create_record(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(resource): Path<String>,
+    headers: HeaderMap,
+    JsonDocument(doc): JsonDocument,
+) -> ApiResult<Response> {
+    let tenant = principal.tenant_with(Role::Writer)?;
+    let resource = ResourceName::parse(&resource)?;
+    let key = idempotency_key(&headers)?;
+    let hash = key.as_ref().map(|_| {
+        let digest = Sha256::new()
+            .chain_update(resource.as_str())
+            .chain_update([0])
+            .chain_update(doc.to_string())
+            .finalize();
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    let idem = key
+        .as_deref()
+        .zip(hash.as_deref())
+        .map(|(key, request_hash)| Idempotency { key, request_hash });
+    let id = RecordId::generate();
+    let created = with_schema(&state, tenant, &resource, |schema| {
+        let (id, doc, resource) = (&id, &doc, &resource);
+        let state = &state;
+        async move {
+            validate(&schema, resource, doc)?;
+            Ok(records::create(
+                &state.pool,
+                target(tenant, resource, &schema),
+                id,
+                doc,
+                idem,
+            )
+            .await)
+        }
+    })
+    .await?;
+    Ok(match created {
+        Created::New(record) => record_response(StatusCode::CREATED, &record),
+        Created::Replayed { status, response } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
+            let mut resp = (status, Json(&response)).into_response();
+            let h = resp.headers_mut();
+            h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+            if let (Some(v), Some(id)) = (
+                response.get("version").and_then(Value::as_i64),
+                response.get("id").and_then(Value::as_str),
+            ) {
+                if let Ok(e) = HeaderValue::from_str(&etag(v)) {
+                    h.insert(header::ETAG, e);
+                }
+                if let Ok(l) = HeaderValue::from_str(&format!("/v1/data/{resource}/{id}")) {
+                    h.insert(header::LOCATION, l);
+                }
+            }
+            resp
+        }
+    })
+}
+
+/// Read a record.
+#[utoipa::path(get, path = "/v1/data/{resource}/{id}", tag = "records",
+    params(("resource" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = Record), (status = 304), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn get_record(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path((resource, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let tenant = principal.tenant_with(Role::Reader)?;
+    let resource = ResourceName::parse(&resource)?;
+    let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
+    let schema = schema_of(&state, tenant, &resource, false).await?;
+    let record = records::get(&state.pool, target(tenant, &resource, &schema), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+    let tag = etag(record.version);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag))
+    {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&tag) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+        return Ok(resp);
+    }
+    Ok(record_response(StatusCode::OK, &record))
+}
+
+/// Replace a record, or create it with this id.
+#[utoipa::path(put, path = "/v1/data/{resource}/{id}", tag = "records",
+    params(("resource" = String, Path), ("id" = String, Path),
+           ("If-Match" = Option<String>, Header, description = "Replace only at this ETag")),
+    request_body(content = Object),
+    responses((status = 200, body = Record), (status = 201, body = Record),
+              (status = 412, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+async fn put_record(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path((resource, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonDocument(doc): JsonDocument,
+) -> ApiResult<Response> {
+    let tenant = principal.tenant_with(Role::Writer)?;
+    let resource = ResourceName::parse(&resource)?;
+    let id = RecordId::parse(&id)?;
+    let expected = if_match(&headers)?;
+    let (record, created) = with_schema(&state, tenant, &resource, |schema| {
+        let (id, doc, resource, state) = (&id, &doc, &resource, &state);
+        async move {
+            validate(&schema, resource, doc)?;
+            Ok(records::put(
+                &state.pool,
+                target(tenant, resource, &schema),
+                id,
+                doc,
+                expected,
+            )
+            .await)
+        }
+    })
+    .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(record_response(status, &record))
+}
+
+/// Merge-patch a record (RFC 7396).
+#[utoipa::path(patch, path = "/v1/data/{resource}/{id}", tag = "records",
+    params(("resource" = String, Path), ("id" = String, Path),
+           ("If-Match" = Option<String>, Header)),
+    request_body(content = Object, content_type = "application/merge-patch+json"),
+    responses((status = 200, body = Record), (status = 404, body = Problem),
+              (status = 412, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+async fn patch_record(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path((resource, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonDocument(patch): JsonDocument,
+) -> ApiResult<Response> {
+    let tenant = principal.tenant_with(Role::Writer)?;
+    let resource = ResourceName::parse(&resource)?;
+    let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
+    let expected = if_match(&headers)?;
+    if !patch.is_object() {
+        return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+    }
+    let record = with_schema(&state, tenant, &resource, |schema| {
+        let (id, patch, resource, state) = (&id, &patch, &resource, &state);
+        async move {
+            let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
+                Ok(tx) => tx,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Some(v) = expected
+                && v != tx.current.version
+            {
+                return Err(ApiError::PreconditionFailed(format!(
+                    "record {id} is at version {}, not {v}",
+                    tx.current.version
+                )));
+            }
+            let mut doc = tx.current.data.clone();
+            json_patch::merge(&mut doc, patch);
+            validate(&schema, resource, &doc)?;
+            Ok(tx.commit(&doc).await)
+        }
+    })
+    .await?;
+    Ok(record_response(StatusCode::OK, &record))
+}
+
+/// Delete a record.
+#[utoipa::path(delete, path = "/v1/data/{resource}/{id}", tag = "records",
+    params(("resource" = String, Path), ("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 204), (status = 404, body = Problem), (status = 412, body = Problem)),
+    security(("bearer" = [])))]
+async fn delete_record(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path((resource, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    let tenant = principal.tenant_with(Role::Writer)?;
+    let resource = ResourceName::parse(&resource)?;
+    let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
+    let expected = if_match(&headers)?;
+    let schema = schema_of(&state, tenant, &resource, false).await?;
+    records::delete(
+        &state.pool,
+        target(tenant, &resource, &schema),
+        &id,
+        expected,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+struct BatchRequest {
+    /// Documents to create, all or none.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct BatchResponse {
+    items: Vec<Record>,
+}
+
+/// Create up to 1000 records, all or nothing.
+#[utoipa::path(post, path = "/v1/data/{resource}/batch", tag = "records",
+    params(("resource" = String, Path)),
+    request_body = BatchRequest,
+    responses((status = 201, body = BatchResponse), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+async fn create_batch(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(resource): Path<String>,
+    JsonBody(batch): JsonBody<BatchRequest>,
+) -> ApiResult<Response> {
+    let tenant = principal.tenant_with(Role::Writer)?;
+    let resource = ResourceName::parse(&resource)?;
+    if batch.items.is_empty() || batch.items.len() > MAX_BATCH {
+        return Err(ApiError::unprocessable(
+            format!(
+                "a batch holds 1 to {MAX_BATCH} items, not {}",
+                batch.items.len()
+            ),
+            vec![FieldError::request("/items", "wrong number of items")],
+        ));
+    }
+    let items: Vec<(RecordId, Value)> = batch
+        .items
+        .into_iter()
+        .map(|doc| (RecordId::generate(), doc))
+        .collect();
+    let created = with_schema(&state, tenant, &resource, |schema| {
+        let (items, resource, state) = (&items, &resource, &state);
+        async move {
+            let errors: Vec<FieldError> = items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, doc))| schema.validate(doc).err().map(|e| (i, e)))
+                .flat_map(|(i, errs)| {
+                    errs.into_iter().map(move |e| FieldError {
+                        path: format!("/items/{i}{}", e.path),
+                        ..e
+                    })
+                })
+                .collect();
+            if !errors.is_empty() {
+                return Err(ApiError::unprocessable(
+                    "some items do not match the schema; nothing was stored",
+                    errors,
+                ));
+            }
+            Ok(records::create_batch(&state.pool, target(tenant, resource, &schema), items).await)
+        }
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(BatchResponse { items: created })).into_response())
+}
+
+/// List records with filters, order, cursor pagination, projection and count.
+#[utoipa::path(get, path = "/v1/data/{resource}", tag = "records",
+    params(("resource" = String, Path),
+           ("order" = Option<String>, Query, description = "e.g. amount.desc,createdAt.asc"),
+           ("limit" = Option<i64>, Query, description = "1-1000, default 50"),
+           ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
+           ("select" = Option<String>, Query, description = "e.g. id,data.amount"),
+           ("count" = Option<String>, Query, description = "exact: add total")),
+    responses((status = 200, body = Object, description = "{items, nextCursor, total?}"),
+              (status = 400, body = Problem)),
+    security(("bearer" = [])))]
+async fn list_records(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(resource): Path<String>,
+    QueryPairs(params): QueryPairs,
+) -> ApiResult<Json<Value>> {
+    let tenant = principal.tenant_with(Role::Reader)?;
+    let resource = ResourceName::parse(&resource)?;
+    let schema = schema_of(&state, tenant, &resource, false).await?;
+    let query = ListQuery::parse(&params, &schema).map_err(|e| ApiError::bad_request(e.0))?;
+    let page = query
+        .run(&state.pool, target(tenant, &resource, &schema))
+        .await?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|r| {
+            let v = serde_json::to_value(r).unwrap_or(Value::Null);
+            match &query.select {
+                Some(fields) => project(&v, fields),
+                None => v,
+            }
+        })
+        .collect();
+    let mut body = json!({"items": items, "nextCursor": page.next_cursor});
+    if let Some(total) = page.total {
+        body["total"] = json!(total);
+    }
+    Ok(Json(body))
+}

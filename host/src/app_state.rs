@@ -1,0 +1,24 @@
+//! What every request handler shares: the pool, the compiled-schema cache,
+//! the token verifier and the peer-service clients. Built once at start.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::auth::Authenticator;
+use crate::catalog::SchemaCache;
+use crate::config::Settings;
+use crate::services::ValidationService;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub schemas: SchemaCache,
+    pub auth: Authenticator,
+    pub validation: ValidationService,
+    pub metrics: PrometheusHandle,
+}
+
+pub type SharedState = Arc<AppState>;

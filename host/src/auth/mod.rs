@@ -1,0 +1,9 @@
+//! Who is calling: bearer JWTs verified with the local HS256 secret or the
+//! Auth Service's JWKS, turned into a [`Principal`]. The tenant of a request
+//! comes only from the verified token.
+
+pub mod jwt;
+pub mod principal;
+
+pub use jwt::{Authenticator, Claims};
+pub use principal::{Principal, Role};

@@ -1,0 +1,238 @@
+//! A compiled resource schema: the JSON Schema validator plus what the query
+//! layer needs to know about fields (type, `x-index`, `x-encrypted`).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::error::FieldError;
+
+/// How a field compares in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Text,
+    Numeric,
+    Boolean,
+    /// Objects, arrays and fields of mixed type: compared as their text.
+    Other,
+}
+
+impl FieldType {
+    fn from_schema(schema: &Value) -> Self {
+        let types: Vec<&str> = match schema.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let non_null: Vec<&str> = types.into_iter().filter(|t| *t != "null").collect();
+        match non_null.as_slice() {
+            ["string"] => Self::Text,
+            ["number"] | ["integer"] | ["integer", "number"] | ["number", "integer"] => {
+                Self::Numeric
+            }
+            ["boolean"] => Self::Boolean,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A property reachable by a dotted path (`customer.name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldInfo {
+    pub path: Vec<String>,
+    pub kind: FieldType,
+    pub encrypted: bool,
+    pub indexed: bool,
+}
+
+/// One version of a resource's schema, ready to validate and query with.
+#[derive(Debug)]
+pub struct CompiledSchema {
+    pub version: i32,
+    pub schema: Value,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+    validator: jsonschema::Validator,
+    fields: BTreeMap<String, FieldInfo>,
+}
+
+impl CompiledSchema {
+    /// Checks a schema document against the 2020-12 meta-schema and the
+    /// service's own rules, and compiles it. Errors point into the request
+    /// body (`/schema/...`).
+    pub fn compile(
+        schema: Value,
+        version: i32,
+        created_at: DateTime<Utc>,
+        created_by: String,
+    ) -> Result<Self, Vec<FieldError>> {
+        check_document(&schema)?;
+        let validator = jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .map_err(|e| vec![FieldError::schema("/schema", e.to_string())])?;
+        let mut fields = BTreeMap::new();
+        collect_fields(&schema, &mut Vec::new(), &mut fields);
+        Ok(Self {
+            version,
+            schema,
+            created_at,
+            created_by,
+            validator,
+            fields,
+        })
+    }
+
+    /// Validates a record document; each error points into the document.
+    pub fn validate(&self, document: &Value) -> Result<(), Vec<FieldError>> {
+        let errors: Vec<FieldError> = self
+            .validator
+            .iter_errors(document)
+            .take(100)
+            .map(|e| FieldError::schema(e.instance_path().as_str(), e.to_string()))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The field at a dotted path, if the schema declares it.
+    pub fn field(&self, dotted: &str) -> Option<&FieldInfo> {
+        self.fields.get(dotted)
+    }
+
+    pub fn indexed_fields(&self) -> impl Iterator<Item = &FieldInfo> {
+        self.fields.values().filter(|f| f.indexed && !f.encrypted)
+    }
+
+    /// `keys` (default) or `full`: what change events carry.
+    pub fn event_payload(&self) -> &str {
+        self.schema
+            .get("x-event-payload")
+            .and_then(Value::as_str)
+            .unwrap_or("keys")
+    }
+}
+
+/// The meta-schema check plus the service's rules about its extensions.
+/// This is also the local fallback when the Validation Service is unavailable.
+pub fn check_document(schema: &Value) -> Result<(), Vec<FieldError>> {
+    if !schema.is_object() {
+        return Err(vec![FieldError::schema(
+            "/schema",
+            "a resource schema must be a JSON object",
+        )]);
+    }
+    if let Err(e) = jsonschema::draft202012::meta::validate(schema) {
+        let at = e.instance_path().as_str();
+        return Err(vec![FieldError::schema(
+            format!("/schema{at}"),
+            format!("not a valid JSON Schema (draft 2020-12): {e}"),
+        )]);
+    }
+    match schema.get("type") {
+        Some(Value::String(t)) if t == "object" => {}
+        _ => {
+            return Err(vec![FieldError::schema(
+                "/schema/type",
+                "a resource schema must declare \"type\": \"object\"",
+            )]);
+        }
+    }
+    match schema.get("x-event-payload") {
+        None => {}
+        Some(Value::String(p)) if p == "keys" || p == "full" => {}
+        Some(_) => {
+            return Err(vec![FieldError::schema(
+                "/schema/x-event-payload",
+                "x-event-payload must be \"keys\" or \"full\"",
+            )]);
+        }
+    }
+    Ok(())
+}
+
+/// Walks `properties` (nested objects too) and records every field whose
+/// name is a plain identifier, so that dotted query paths resolve.
+fn collect_fields(schema: &Value, prefix: &mut Vec<String>, out: &mut BTreeMap<String, FieldInfo>) {
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (name, sub) in props {
+        if !is_plain_name(name) || prefix.len() >= 8 {
+            continue;
+        }
+        prefix.push(name.clone());
+        out.insert(
+            prefix.join("."),
+            FieldInfo {
+                path: prefix.clone(),
+                kind: FieldType::from_schema(sub),
+                encrypted: sub.get("x-encrypted") == Some(&Value::Bool(true)),
+                indexed: sub.get("x-index") == Some(&Value::Bool(true)),
+            },
+        );
+        collect_fields(sub, prefix, out);
+        prefix.pop();
+    }
+}
+
+/// Field names usable in query paths and SQL literals: `[A-Za-z0-9_-]{1,63}`.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn compile(schema: Value) -> Result<CompiledSchema, Vec<FieldError>> {
+        CompiledSchema::compile(schema, 1, Utc::now(), "test".into())
+    }
+
+    #[test]
+    fn errors_point_into_the_document() {
+        let s = compile(
+            json!({"type": "object", "properties": {"total": {"type": "number", "minimum": 0}}}),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let errors = s.validate(&json!({"total": -1})).err().unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "/total");
+        assert_eq!(errors[0].source, "schema");
+    }
+
+    #[test]
+    fn nested_fields_resolve_by_dotted_path() {
+        let s = compile(json!({"type": "object", "properties": {
+            "customer": {"type": "object", "properties": {"name": {"type": "string", "x-index": true}}},
+            "secret": {"type": "string", "x-encrypted": true}
+        }}))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let name = s.field("customer.name").cloned();
+        assert_eq!(
+            name.map(|f| (f.kind, f.indexed)),
+            Some((FieldType::Text, true))
+        );
+        assert!(s.field("secret").is_some_and(|f| f.encrypted));
+        assert!(s.field("nope").is_none());
+    }
+
+    #[test]
+    fn non_schemas_are_refused_with_a_path() {
+        let errors = compile(json!({"type": "object", "properties": {"a": {"type": 12}}}))
+            .err()
+            .unwrap_or_default();
+        assert!(errors[0].path.starts_with("/schema"), "{errors:?}");
+        assert!(compile(json!({"type": "string"})).is_err());
+        assert!(compile(json!({"type": "object", "x-event-payload": "all"})).is_err());
+    }
+}

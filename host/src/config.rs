@@ -1,0 +1,230 @@
+//! Typed settings, layered: built-in defaults, then an optional TOML file
+//! (`BSS_CONFIG_FILE`, or `bss.toml` in the working directory if present),
+//! then environment variables. Zero configuration must give a working local
+//! service, so every field has a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// The dev-only signing secret used when `BSS_JWT_SECRET` is unset.
+pub const DEV_JWT_SECRET: &str = "bss-local-dev-secret-change-me";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the HTTP API listens (`BSS_HTTP_ADDR`).
+    pub http_addr: SocketAddr,
+    /// PostgreSQL to use (`DATABASE_URL`); unset means local discovery.
+    pub database_url: Option<String>,
+    /// Database created and used when `DATABASE_URL` is unset (`BSS_DATABASE_NAME`).
+    pub database_name: String,
+    /// `auto` (local server on 127.0.0.1:5432, else a private cluster) or
+    /// `private` (always a private cluster) when `DATABASE_URL` is unset
+    /// (`BSS_LOCAL_POSTGRES`).
+    pub local_postgres: String,
+    /// Where a private PostgreSQL cluster keeps its files (`BSS_DATA_DIR`).
+    pub data_dir: PathBuf,
+    pub db_max_connections: u32,
+    /// HS256 secret for tokens when no Auth Service is configured (`BSS_JWT_SECRET`).
+    pub jwt_secret: String,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    /// Auth Service base URL (`AUTH_SERVICE_URL`): tokens are then verified
+    /// with its JWKS at `jwks_path`.
+    pub auth_service_url: Option<String>,
+    pub jwks_path: String,
+    /// Validation Service base URL (`VALIDATION_SERVICE_URL`); unset means the
+    /// built-in meta-schema check.
+    pub validation_service_url: Option<String>,
+    /// Fall back to the local meta-schema check when the Validation Service is
+    /// unavailable (`BSS_VALIDATION_FALLBACK=true`) instead of answering 503.
+    pub validation_fallback: bool,
+    /// Timeout of one outbound service call, in ms (`BSS_SERVICE_TIMEOUT_MS`).
+    pub service_timeout_ms: u64,
+    /// Attempts per outbound call, including the first (`BSS_SERVICE_ATTEMPTS`).
+    pub service_attempts: u32,
+    /// Consecutive failures that open a service's circuit breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker refuses calls before a trial call, in seconds.
+    pub breaker_open_secs: u64,
+    /// Largest request body accepted, in bytes (`BSS_MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// Read-only role granted SELECT on every tenant schema (`BSS_ANALYTICS_ROLE`).
+    pub analytics_role: String,
+    /// Time between archiving a tenant and dropping its data, in seconds
+    /// (`BSS_TENANT_GRACE_SECS`).
+    pub tenant_grace_secs: u64,
+    /// How often archived tenants past their grace period are dropped.
+    pub reaper_interval_secs: u64,
+    /// `json` (default) or `pretty` (`BSS_LOG_FORMAT`).
+    pub log_format: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: None,
+            database_name: "bss".into(),
+            local_postgres: "auto".into(),
+            data_dir: PathBuf::from(".bss"),
+            db_max_connections: 32,
+            jwt_secret: DEV_JWT_SECRET.into(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            auth_service_url: None,
+            jwks_path: "/.well-known/jwks.json".into(),
+            validation_service_url: None,
+            validation_fallback: false,
+            service_timeout_ms: 2000,
+            service_attempts: 3,
+            breaker_failure_threshold: 5,
+            breaker_open_secs: 30,
+            max_body_bytes: 1024 * 1024,
+            analytics_role: "bss_analytics".into(),
+            tenant_grace_secs: 7 * 24 * 3600,
+            reaper_interval_secs: 60,
+            log_format: "json".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the config file, then the process environment.
+    pub fn load() -> anyhow::Result<Self> {
+        let file = std::env::var("BSS_CONFIG_FILE").ok().map(PathBuf::from);
+        let mut settings = match file {
+            Some(path) => Self::from_file(&path)?,
+            None if PathBuf::from("bss.toml").exists() => Self::from_file("bss.toml".as_ref())?,
+            None => Self::default(),
+        };
+        settings.apply_env(|k| std::env::var(k).ok())?;
+        Ok(settings)
+    }
+
+    fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// Overrides fields from environment variables read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        fn parse<T: std::str::FromStr>(key: &str, v: String) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse()
+                .map_err(|e| anyhow::anyhow!("environment variable {key}={v:?}: {e}"))
+        }
+        let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = non_empty("BSS_HTTP_ADDR") {
+            self.http_addr = parse("BSS_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = non_empty("DATABASE_URL") {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = non_empty("BSS_DATABASE_NAME") {
+            self.database_name = v;
+        }
+        if let Some(v) = non_empty("BSS_LOCAL_POSTGRES") {
+            self.local_postgres = v;
+        }
+        if let Some(v) = non_empty("BSS_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = non_empty("BSS_DB_MAX_CONNECTIONS") {
+            self.db_max_connections = parse("BSS_DB_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_JWT_SECRET") {
+            self.jwt_secret = v;
+        }
+        if let Some(v) = non_empty("BSS_JWT_ISSUER") {
+            self.jwt_issuer = Some(v);
+        }
+        if let Some(v) = non_empty("BSS_JWT_AUDIENCE") {
+            self.jwt_audience = Some(v);
+        }
+        if let Some(v) = non_empty("AUTH_SERVICE_URL") {
+            self.auth_service_url = Some(v);
+        }
+        if let Some(v) = non_empty("BSS_JWKS_PATH") {
+            self.jwks_path = v;
+        }
+        if let Some(v) = non_empty("VALIDATION_SERVICE_URL") {
+            self.validation_service_url = Some(v);
+        }
+        if let Some(v) = non_empty("BSS_VALIDATION_FALLBACK") {
+            self.validation_fallback = parse("BSS_VALIDATION_FALLBACK", v)?;
+        }
+        if let Some(v) = non_empty("BSS_SERVICE_TIMEOUT_MS") {
+            self.service_timeout_ms = parse("BSS_SERVICE_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_SERVICE_ATTEMPTS") {
+            self.service_attempts = parse("BSS_SERVICE_ATTEMPTS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_MAX_BODY_BYTES") {
+            self.max_body_bytes = parse("BSS_MAX_BODY_BYTES", v)?;
+        }
+        if let Some(v) = non_empty("BSS_ANALYTICS_ROLE") {
+            self.analytics_role = v;
+        }
+        if let Some(v) = non_empty("BSS_TENANT_GRACE_SECS") {
+            self.tenant_grace_secs = parse("BSS_TENANT_GRACE_SECS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_REAPER_INTERVAL_SECS") {
+            self.reaper_interval_secs = parse("BSS_REAPER_INTERVAL_SECS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_LOG_FORMAT") {
+            self.log_format = v;
+        }
+        Ok(())
+    }
+
+    pub fn service_timeout(&self) -> Duration {
+        Duration::from_millis(self.service_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let mut s = Settings::default();
+        s.apply_env(|k| match k {
+            "BSS_HTTP_ADDR" => Some("0.0.0.0:9000".into()),
+            "VALIDATION_SERVICE_URL" => Some("http://v:1".into()),
+            "BSS_VALIDATION_FALLBACK" => Some("true".into()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.http_addr.port(), 9000);
+        assert_eq!(s.validation_service_url.as_deref(), Some("http://v:1"));
+        assert!(s.validation_fallback);
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable() {
+        let mut s = Settings::default();
+        let err = s
+            .apply_env(|k| (k == "BSS_SERVICE_TIMEOUT_MS").then(|| "soon".into()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("BSS_SERVICE_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_is_toml_with_field_names() {
+        let s: Settings = toml::from_str("http_addr = \"127.0.0.1:1234\"\nmax_body_bytes = 10")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.http_addr.port(), 1234);
+        assert_eq!(s.max_body_bytes, 10);
+    }
+}

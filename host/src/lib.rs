@@ -1,0 +1,14 @@
+//! Business Store: a multi-tenant business data service. See ARCHITECTURE.md
+//! for the map; `main.rs` only wires [`startup::Application`] to the process.
+
+pub mod api;
+pub mod app_state;
+pub mod auth;
+pub mod catalog;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod services;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,62 @@
+//! The `bss` binary: `bss serve` runs the service; `bss token` mints a local
+//! development token signed with `BSS_JWT_SECRET`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bss::auth::{Claims, jwt};
+use bss::config::Settings;
+use bss::startup::{Application, shutdown_signal};
+
+const USAGE: &str = "usage:
+  bss serve
+  bss token [--tenant ID] [--roles reader,writer,admin,platform-admin] [--sub NAME] [--ttl SECONDS]";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let settings = Settings::load()?;
+    match args.first().map(String::as_str) {
+        None | Some("serve") => {
+            bss::telemetry::init_logs(&settings.log_format);
+            let app = Application::build(settings).await?;
+            app.run_until(shutdown_signal()).await
+        }
+        Some("token") => {
+            println!("{}", token(&settings, &args[1..])?);
+            Ok(())
+        }
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+fn token(settings: &Settings, args: &[String]) -> anyhow::Result<String> {
+    let mut claims = Claims {
+        sub: "dev".into(),
+        tenant_id: None,
+        roles: vec!["admin".into()],
+        exp: 0,
+        iss: settings.jwt_issuer.clone(),
+        aud: settings.jwt_audience.clone(),
+    };
+    let mut ttl = 3600u64;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--tenant" => claims.tenant_id = Some(value.clone()),
+            "--roles" => claims.roles = value.split(',').map(str::to_owned).collect(),
+            "--sub" => claims.sub = value.clone(),
+            "--ttl" => ttl = value.parse().context("--ttl takes seconds")?,
+            other => bail!("unknown option {other}\n{USAGE}"),
+        }
+    }
+    claims.exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + ttl;
+    jwt::mint(&settings.jwt_secret, &claims)
+}

@@ -1,0 +1,125 @@
+//! Builds the application from settings (database, clients, state, router)
+//! and runs it until a shutdown signal, with the background tasks it owns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api;
+use crate::app_state::{AppState, SharedState};
+use crate::auth::Authenticator;
+use crate::catalog::SchemaCache;
+use crate::config::{DEV_JWT_SECRET, Settings};
+use crate::services::{ServiceClient, ValidationService};
+use crate::storage::{Database, tenants};
+
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: SharedState,
+    database: Database,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let database = Database::connect(&settings).await?;
+        let validation = match &settings.validation_service_url {
+            Some(url) => Some(ServiceClient::new("validation", url, &settings)?),
+            None => None,
+        };
+        let auth_client = match &settings.auth_service_url {
+            Some(url) => Some(Arc::new(ServiceClient::new("auth", url, &settings)?)),
+            None => {
+                if settings.jwt_secret == DEV_JWT_SECRET {
+                    tracing::warn!("BSS_JWT_SECRET is not set: using the local development secret");
+                }
+                None
+            }
+        };
+        let listener = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("binding {}", settings.http_addr))?;
+        let state = Arc::new(AppState {
+            auth: Authenticator::new(&settings, auth_client),
+            validation: ValidationService::new(validation, settings.validation_fallback),
+            pool: database.pool.clone(),
+            schemas: SchemaCache::default(),
+            metrics: crate::telemetry::metrics(),
+            settings,
+        });
+        Ok(Self {
+            listener,
+            state,
+            database,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains requests, stops the
+    /// background tasks and, if it started one, the private PostgreSQL.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let reaper = tokio::spawn(reap_archived_tenants(self.state.clone()));
+        tracing::info!(addr = %self.listener.local_addr()?, "serving");
+        let app = api::app(self.state.clone());
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")?;
+        reaper.abort();
+        self.state.pool.close().await;
+        if let Some(cluster) = &self.database.cluster {
+            cluster.stop();
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Drops archived tenants once their grace period has passed.
+async fn reap_archived_tenants(state: SharedState) {
+    let every = Duration::from_secs(state.settings.reaper_interval_secs.max(1));
+    loop {
+        match tenants::reap(&state.pool).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(dropped = n, "reaped archived tenants"),
+            Err(e) => tracing::warn!(error = %e, "reaping archived tenants failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

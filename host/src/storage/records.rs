@@ -1,0 +1,420 @@
+//! Records of one resource, in the resource's table inside the tenant schema.
+//!
+//! Every write checks, in the same statement or transaction, that the
+//! resource's current schema version is the one the document was validated
+//! against (`_resources` row locked `FOR KEY SHARE`; schema changes lock it
+//! `FOR UPDATE`), so no record is ever stored against a superseded schema.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use utoipa::ToSchema;
+
+use super::{StorageError, pg_code};
+use crate::domain::{RecordId, ResourceName, TenantId};
+
+/// A stored record as the API serves it.
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub id: String,
+    #[sqlx(skip)]
+    pub resource: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub data: Value,
+}
+
+const RETURNING: &str = "RETURNING id, version, created_at, updated_at, data";
+
+/// Where a resource's records are: tenant, resource and the schema version
+/// the caller validated against.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub tenant: &'a TenantId,
+    pub resource: &'a ResourceName,
+    pub schema_version: i32,
+}
+
+impl Target<'_> {
+    fn table(&self) -> String {
+        self.resource.table_in(self.tenant)
+    }
+
+    /// A CTE that locks the resource row and yields its current version.
+    fn version_cte(&self) -> String {
+        format!(
+            "WITH cur AS (SELECT current_version FROM {}._resources WHERE resource = {} FOR KEY SHARE)",
+            self.tenant.schema_ident(),
+            super::schemas::quote_literal(self.resource.as_str())
+        )
+    }
+
+    fn with_resource(&self, mut r: Record) -> Record {
+        r.resource = self.resource.as_str().to_owned();
+        r
+    }
+
+    /// After a write matched nothing: was it the schema version?
+    async fn schema_moved(&self, pool: &PgPool) -> Result<bool, StorageError> {
+        let v: Option<(i32,)> = sqlx::query_as(&format!(
+            "SELECT current_version FROM {}._resources WHERE resource = $1",
+            self.tenant.schema_ident()
+        ))
+        .bind(self.resource.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(StorageError::from_tenant_query)?;
+        Ok(v.map(|(v,)| v) != Some(self.schema_version))
+    }
+}
+
+fn map_err(e: sqlx::Error) -> StorageError {
+    match pg_code(&e).as_deref() {
+        Some("42P01") => StorageError::NotFound("resource not found".into()),
+        _ => StorageError::from_tenant_query(e),
+    }
+}
+
+/// The outcome of a create with an idempotency key.
+#[derive(Debug)]
+pub enum Created {
+    New(Record),
+    /// The same key was used before: its first result.
+    Replayed {
+        status: u16,
+        response: Value,
+    },
+}
+
+/// An idempotency key and the hash of the request it came with.
+#[derive(Debug, Clone, Copy)]
+pub struct Idempotency<'a> {
+    pub key: &'a str,
+    pub request_hash: &'a str,
+}
+
+/// Inserts a new record; 409 if the id exists.
+pub async fn create(
+    pool: &PgPool,
+    t: Target<'_>,
+    id: &RecordId,
+    data: &Value,
+    idempotency: Option<Idempotency<'_>>,
+) -> Result<Created, StorageError> {
+    let Some(key) = idempotency else {
+        let row = insert(pool, t, id, data).await?;
+        return Ok(Created::New(row));
+    };
+    let mut tx = pool.begin().await.map_err(map_err)?;
+    if let Some(replay) = claim_key(&mut tx, t.tenant, key).await? {
+        return Ok(replay);
+    }
+    let row = insert(&mut *tx, t, id, data).await;
+    let row = match row {
+        Err(StorageError::SchemaChanged) => return Err(StorageError::SchemaChanged),
+        other => other?,
+    };
+    sqlx::query(&format!(
+        "UPDATE {}._idempotency SET status = 201, response = $2 WHERE key = $1",
+        t.tenant.schema_ident()
+    ))
+    .bind(key.key)
+    .bind(serde_json::to_value(&row).unwrap_or(Value::Null))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Created::New(row))
+}
+
+async fn insert<'e, E>(
+    exec: E,
+    t: Target<'_>,
+    id: &RecordId,
+    data: &Value,
+) -> Result<Record, StorageError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let sql = format!(
+        "{} INSERT INTO {} (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3 {RETURNING}",
+        t.version_cte(),
+        t.table()
+    );
+    let row: Option<Record> = match sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .bind(data)
+        .bind(t.schema_version)
+        .fetch_optional(exec)
+        .await
+    {
+        Err(e) if pg_code(&e).as_deref() == Some("23505") => {
+            return Err(StorageError::Conflict(format!(
+                "a record with id {id} already exists"
+            )));
+        }
+        other => other.map_err(map_err)?,
+    };
+    row.map(|r| t.with_resource(r))
+        .ok_or(StorageError::SchemaChanged)
+}
+
+/// Claims an idempotency key inside `tx`; returns the earlier outcome when
+/// the key was already used (within 24 h) with the same request.
+async fn claim_key(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    key: Idempotency<'_>,
+) -> Result<Option<Created>, StorageError> {
+    let s = tenant.schema_ident();
+    let claimed: Option<(String,)> = sqlx::query_as(&format!(
+        "INSERT INTO {s}._idempotency AS k (key, request_hash) VALUES ($1, $2)
+         ON CONFLICT (key) DO UPDATE
+            SET request_hash = EXCLUDED.request_hash, status = NULL, response = NULL, created_at = now()
+          WHERE k.created_at < now() - interval '24 hours'
+         RETURNING key"
+    ))
+    .bind(key.key)
+    .bind(key.request_hash)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    if claimed.is_some() {
+        return Ok(None);
+    }
+    let (hash, status, response): (String, Option<i16>, Option<Value>) = sqlx::query_as(&format!(
+        "SELECT request_hash, status, response FROM {s}._idempotency WHERE key = $1"
+    ))
+    .bind(key.key)
+    .fetch_one(&mut **tx)
+    .await?;
+    if hash != key.request_hash {
+        return Err(StorageError::Conflict(format!(
+            "Idempotency-Key {:?} was already used with a different request",
+            key.key
+        )));
+    }
+    match (status, response) {
+        (Some(status), Some(response)) => Ok(Some(Created::Replayed {
+            status: status as u16,
+            response,
+        })),
+        _ => Err(StorageError::Conflict(format!(
+            "a request with Idempotency-Key {:?} is still in progress",
+            key.key
+        ))),
+    }
+}
+
+/// PUT: replace, or create with this id. Returns the record and whether it
+/// was created. With `if_match`, only an existing record at that version is
+/// replaced.
+pub async fn put(
+    pool: &PgPool,
+    t: Target<'_>,
+    id: &RecordId,
+    data: &Value,
+    if_match: Option<i64>,
+) -> Result<(Record, bool), StorageError> {
+    let (cte, table) = (t.version_cte(), t.table());
+    let row: Option<(Record, bool)> = match if_match {
+        None => {
+            let sql = format!(
+                "{cte} INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
+                 ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, version = r.version + 1, updated_at = now()
+                 RETURNING id, version, created_at, updated_at, data, (xmax = 0) AS inserted"
+            );
+            sqlx::query_as::<_, RecordWithFlag>(&sql)
+                .bind(id.as_str())
+                .bind(data)
+                .bind(t.schema_version)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_err)?
+                .map(RecordWithFlag::split)
+        }
+        Some(expected) => {
+            let sql = format!(
+                "{cte} UPDATE {table} AS r SET data = $2, version = r.version + 1, updated_at = now()
+                 FROM cur WHERE r.id = $1 AND r.version = $4 AND cur.current_version = $3
+                 RETURNING r.id, r.version, r.created_at, r.updated_at, r.data, false AS inserted"
+            );
+            sqlx::query_as::<_, RecordWithFlag>(&sql)
+                .bind(id.as_str())
+                .bind(data)
+                .bind(t.schema_version)
+                .bind(expected)
+                .fetch_optional(pool)
+                .await
+                .map_err(map_err)?
+                .map(RecordWithFlag::split)
+        }
+    };
+    match row {
+        Some((r, created)) => Ok((t.with_resource(r), created)),
+        None if t.schema_moved(pool).await? => Err(StorageError::SchemaChanged),
+        None => Err(StorageError::PreconditionFailed(format!(
+            "record {id} is not at version {}",
+            if_match.unwrap_or_default()
+        ))),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RecordWithFlag {
+    #[sqlx(flatten)]
+    record: Record,
+    inserted: bool,
+}
+
+impl RecordWithFlag {
+    fn split(self) -> (Record, bool) {
+        (self.record, self.inserted)
+    }
+}
+
+pub async fn get(
+    pool: &PgPool,
+    t: Target<'_>,
+    id: &RecordId,
+) -> Result<Option<Record>, StorageError> {
+    let sql = format!(
+        "SELECT id, version, created_at, updated_at, data FROM {} WHERE id = $1",
+        t.table()
+    );
+    let row: Option<Record> = sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+    Ok(row.map(|r| t.with_resource(r)))
+}
+
+/// Deletes a record (at `if_match` if given); returns the deleted version.
+pub async fn delete(
+    pool: &PgPool,
+    t: Target<'_>,
+    id: &RecordId,
+    if_match: Option<i64>,
+) -> Result<i64, StorageError> {
+    let sql = format!(
+        "DELETE FROM {} WHERE id = $1 AND ($2::bigint IS NULL OR version = $2) RETURNING version",
+        t.table()
+    );
+    let deleted: Option<(i64,)> = sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .bind(if_match)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+    match (deleted, if_match) {
+        (Some((v,)), _) => Ok(v),
+        (None, Some(v)) if get(pool, t, id).await?.is_some() => Err(
+            StorageError::PreconditionFailed(format!("record {id} is not at version {v}")),
+        ),
+        (None, _) => Err(StorageError::NotFound(format!("record {id} not found"))),
+    }
+}
+
+/// A read-modify-write of one record (merge-patch): the record is locked
+/// for the transaction and the schema version pinned.
+pub struct Patch<'a> {
+    tx: Transaction<'static, Postgres>,
+    t: Target<'a>,
+    pub current: Record,
+}
+
+impl std::fmt::Debug for Patch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patch")
+            .field("current", &self.current)
+            .finish()
+    }
+}
+
+impl<'a> Patch<'a> {
+    /// Locks the record; `SchemaChanged` if the schema moved on.
+    pub async fn begin(pool: &PgPool, t: Target<'a>, id: &RecordId) -> Result<Self, StorageError> {
+        let mut tx = pool.begin().await?;
+        let v: Option<(i32,)> = sqlx::query_as(&format!(
+            "SELECT current_version FROM {}._resources WHERE resource = $1 FOR KEY SHARE",
+            t.tenant.schema_ident()
+        ))
+        .bind(t.resource.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if v.map(|(v,)| v) != Some(t.schema_version) {
+            return Err(StorageError::SchemaChanged);
+        }
+        let sql = format!(
+            "SELECT id, version, created_at, updated_at, data FROM {} WHERE id = $1 FOR UPDATE",
+            t.table()
+        );
+        let current: Option<Record> = sqlx::query_as(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let current = current
+            .map(|r| t.with_resource(r))
+            .ok_or_else(|| StorageError::NotFound(format!("record {id} not found")))?;
+        Ok(Self { tx, t, current })
+    }
+
+    /// Writes the new document and commits.
+    pub async fn commit(mut self, data: &Value) -> Result<Record, StorageError> {
+        let sql = format!(
+            "UPDATE {} SET data = $2, version = version + 1, updated_at = now() WHERE id = $1 {RETURNING}",
+            self.t.table()
+        );
+        let row: Record = sqlx::query_as(&sql)
+            .bind(&self.current.id)
+            .bind(data)
+            .fetch_one(&mut *self.tx)
+            .await?;
+        self.tx.commit().await?;
+        Ok(self.t.with_resource(row))
+    }
+}
+
+/// Inserts all documents or none.
+pub async fn create_batch(
+    pool: &PgPool,
+    t: Target<'_>,
+    items: &[(RecordId, Value)],
+) -> Result<Vec<Record>, StorageError> {
+    let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
+    let docs: Vec<&Value> = items.iter().map(|(_, d)| d).collect();
+    let sql = format!(
+        "{} INSERT INTO {} (id, data)
+         SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
+          WHERE cur.current_version = $3 {RETURNING}",
+        t.version_cte(),
+        t.table()
+    );
+    let rows: Vec<Record> = match sqlx::query_as(&sql)
+        .bind(&ids)
+        .bind(&docs)
+        .bind(t.schema_version)
+        .fetch_all(pool)
+        .await
+    {
+        Err(e) if pg_code(&e).as_deref() == Some("23505") => {
+            return Err(StorageError::Conflict(
+                "a record id in the batch already exists".into(),
+            ));
+        }
+        other => other.map_err(map_err)?,
+    };
+    if rows.len() != items.len() {
+        return Err(StorageError::SchemaChanged);
+    }
+    let mut by_id: std::collections::HashMap<String, Record> = rows
+        .into_iter()
+        .map(|r| (r.id.clone(), t.with_resource(r)))
+        .collect();
+    Ok(ids.iter().filter_map(|id| by_id.remove(*id)).collect())
+}
