@@ -1,1 +1,13 @@
+//! Black-box tests: the real service over HTTP against real PostgreSQL.
 
+// Tests fail by panicking: unwrap is the assertion here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod binary;
+mod isolation;
+mod listing;
+mod operations;
+mod records;
+mod schemas;
+mod tenants;

@@ -1,1 +1,215 @@
+//! Test support: a real service on a random port against a fresh database
+//! on the local PostgreSQL, tokens, and small fake peer services.
 
+pub mod fake_services;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bss::auth::{Claims, jwt};
+use bss::config::Settings;
+use bss::startup::Application;
+use reqwest::{Client, Method, RequestBuilder, Response};
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+pub const SECRET: &str = "test-secret-0123456789";
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+static CLEANUP: OnceCell<()> = OnceCell::const_new();
+
+/// Drops test databases left behind by earlier runs (older than an hour).
+async fn drop_stale_databases() {
+    let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{SERVER}/postgres")).await else {
+        return;
+    };
+    let stale: Vec<(String,)> = sqlx::query_as(
+        "SELECT datname FROM pg_database
+          WHERE datname LIKE 'bss\\_test\\_%'
+            AND (pg_stat_file('base/' || oid || '/PG_VERSION')).modification < now() - interval '1 hour'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    for (name,) in stale {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+    }
+}
+
+use sqlx::Connection;
+
+/// A running service and a client for it.
+pub struct TestApp {
+    pub base: String,
+    pub client: Client,
+    pub database_url: String,
+    pub settings: Settings,
+}
+
+/// Settings for a test service: a fresh database, a random port.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::default();
+    s.http_addr = "127.0.0.1:0".parse().unwrap_or(s.http_addr);
+    s.database_url = Some(format!(
+        "{SERVER}/bss_test_{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    s.db_max_connections = 8;
+    s.jwt_secret = SECRET.into();
+    s.service_timeout_ms = 500;
+    s.service_attempts = 2;
+    s
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
+        CLEANUP.get_or_init(drop_stale_databases).await;
+        let mut settings = test_settings();
+        tweak(&mut settings);
+        let app = Application::build(settings.clone())
+            .await
+            .unwrap_or_else(|e| panic!("the service failed to start: {e:#}"));
+        let base = format!("http://127.0.0.1:{}", app.port());
+        tokio::spawn(app.run_until(std::future::pending()));
+        Self {
+            base,
+            client: Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+            database_url: settings.database_url.clone().unwrap_or_default(),
+            settings,
+        }
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        send(self.request(Method::GET, path, Some(token))).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Response {
+        send(self.request(Method::DELETE, path, Some(token))).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Response {
+        send(self.request(Method::POST, path, Some(token)).json(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: &str, body: &Value) -> Response {
+        send(self.request(Method::PUT, path, Some(token)).json(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: &Value) -> Response {
+        send(
+            self.request(Method::PATCH, path, Some(token))
+                .header("content-type", "application/merge-patch+json")
+                .body(body.to_string()),
+        )
+        .await
+    }
+
+    /// Creates a tenant with a unique id; returns the id and an admin token.
+    pub async fn tenant(&self) -> (String, String) {
+        let id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let resp = self
+            .post(
+                "/v1/tenants",
+                &platform_token(),
+                &json!({"id": id, "name": "Test"}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "creating tenant {id}");
+        let token = token(&id, &["admin"]);
+        (id, token)
+    }
+
+    /// A tenant with an `invoices` resource.
+    pub async fn tenant_with_invoices(&self) -> (String, String) {
+        let (id, token) = self.tenant().await;
+        let resp = self
+            .put(
+                "/v1/schemas/invoices",
+                &token,
+                &json!({"schema": invoice_schema()}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201);
+        (id, token)
+    }
+
+    pub async fn db(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.database_url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+pub async fn send(req: RequestBuilder) -> Response {
+    req.send()
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"))
+}
+
+/// The body as JSON (panics with the text if it is not).
+pub async fn body(resp: Response) -> Value {
+    let text = resp.text().await.unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+pub fn invoice_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["number", "total"],
+        "properties": {
+            "number": {"type": "string"},
+            "total": {"type": "number", "minimum": 0, "x-index": true},
+            "status": {"type": "string", "enum": ["open", "paid", "void"]},
+            "due": {"type": ["string", "null"]},
+            "paid": {"type": "boolean"},
+            "customer": {"type": "object", "properties": {"name": {"type": "string"}}},
+            "iban": {"type": "string", "x-encrypted": true}
+        }
+    })
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+pub fn claims(tenant: Option<&str>, roles: &[&str]) -> Claims {
+    Claims {
+        sub: "tester".into(),
+        tenant_id: tenant.map(str::to_owned),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        exp: now() + 600,
+        iss: None,
+        aud: None,
+    }
+}
+
+pub fn token(tenant: &str, roles: &[&str]) -> String {
+    mint(&claims(Some(tenant), roles))
+}
+
+pub fn platform_token() -> String {
+    mint(&claims(None, &["platform-admin"]))
+}
+
+pub fn mint(claims: &Claims) -> String {
+    jwt::mint(SECRET, claims).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -65,14 +65,19 @@ pub enum Authenticator {
 fn base_validation(settings: &Settings, alg: Algorithm) -> Validation {
     let mut v = Validation::new(alg);
     v.leeway = 30;
-    v.set_required_spec_claims(&["exp", "sub"]);
+    let mut required = vec!["exp", "sub"];
     if let Some(iss) = &settings.jwt_issuer {
         v.set_issuer(&[iss]);
+        required.push("iss");
     }
     match &settings.jwt_audience {
-        Some(aud) => v.set_audience(&[aud]),
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
         None => v.validate_aud = false,
     }
+    v.set_required_spec_claims(&required);
     v
 }
 

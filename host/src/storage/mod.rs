@@ -20,6 +20,9 @@ pub enum StorageError {
     TenantNotFound,
     #[error("{0}")]
     NotFound(String),
+    /// The request named values the database could not accept.
+    #[error("{0}")]
+    BadRequest(String),
     #[error("{0}")]
     Conflict(String),
     /// If-Match did not match the stored version.
@@ -38,7 +41,8 @@ impl StorageError {
     /// tenant's schema is renamed, so its queries fail this way.
     pub fn from_tenant_query(e: sqlx::Error) -> Self {
         match pg_code(&e).as_deref() {
-            Some("3F000") => Self::TenantNotFound,
+            // A missing schema, or a missing table inside a schema that is gone.
+            Some("3F000") | Some("42P01") => Self::TenantNotFound,
             _ => Self::Db(e),
         }
     }
@@ -50,6 +54,7 @@ impl From<StorageError> for crate::error::ApiError {
         match e {
             StorageError::TenantNotFound => ApiError::not_found("tenant not found"),
             StorageError::NotFound(m) => ApiError::not_found(m),
+            StorageError::BadRequest(m) => ApiError::bad_request(m),
             StorageError::Conflict(m) => ApiError::conflict(m),
             StorageError::PreconditionFailed(m) => ApiError::PreconditionFailed(m),
             StorageError::SchemaChanged => ApiError::conflict(

@@ -276,7 +276,11 @@ impl ListQuery {
         let mut b =
             QueryBuilder::<Postgres>::new("SELECT id, version, created_at, updated_at, data");
         for (i, term) in self.order.iter().enumerate() {
-            b.push(format!(", ({})::text AS k{i}", term.column.expr));
+            // JSON text form: RFC 3339 timestamps, plain numbers and booleans.
+            b.push(format!(
+                ", to_jsonb({}) #>> '{{}}' AS k{i}",
+                term.column.expr
+            ));
         }
         b.push(format!(" FROM {table} WHERE TRUE"));
         self.push_filters(&mut b);
@@ -352,6 +356,11 @@ impl ListQuery {
 fn map_query_err(e: sqlx::Error) -> StorageError {
     match super::pg_code(&e).as_deref() {
         Some("42P01") => StorageError::NotFound("resource not found".into()),
+        // A value PostgreSQL could not read as the field's type (checked
+        // beforehand, so only a tampered cursor gets here).
+        Some("22P02" | "22007" | "22008" | "22003") => {
+            StorageError::BadRequest("a query value does not fit its field's type".into())
+        }
         _ => StorageError::from_tenant_query(e),
     }
 }

@@ -1,0 +1,160 @@
+use bss_tests::fake_services::auth_service;
+use bss_tests::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn status_with(app: &TestApp, token: &str) -> u16 {
+    app.get("/v1/schemas", token).await.status().as_u16()
+}
+
+#[tokio::test]
+async fn requests_without_a_token_are_refused_with_401() {
+    let app = TestApp::spawn().await;
+    let resp = send(app.request(Method::GET, "/v1/schemas", None)).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let b = body(resp).await;
+    assert_eq!(b["status"], 401);
+    assert!(b["detail"].as_str().unwrap().contains("Bearer"));
+    let resp = send(
+        app.request(Method::GET, "/v1/schemas", None)
+            .header("authorization", "Basic abc"),
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn expired_forged_and_unsigned_tokens_are_refused() {
+    let app = TestApp::spawn().await;
+    let (tenant, _) = app.tenant().await;
+    let mut expired = claims(Some(&tenant), &["admin"]);
+    expired.exp = now() - 3600;
+    assert_eq!(status_with(&app, &mint(&expired)).await, 401);
+
+    let forged =
+        bss::auth::jwt::mint("not-the-secret", &claims(Some(&tenant), &["admin"])).unwrap();
+    assert_eq!(status_with(&app, &forged).await, 401);
+
+    // alg: none, with a valid-looking payload and no signature.
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let payload = serde_json::to_value(claims(Some(&tenant), &["admin"])).unwrap();
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&payload)
+    );
+    assert_eq!(status_with(&app, &none).await, 401);
+
+    assert_eq!(status_with(&app, "garbage").await, 401);
+    assert_eq!(status_with(&app, &token(&tenant, &["reader"])).await, 200);
+}
+
+#[tokio::test]
+async fn roles_are_enforced() {
+    let app = TestApp::spawn().await;
+    let (tenant, admin) = app.tenant_with_invoices().await;
+    let reader = token(&tenant, &["reader"]);
+    let writer = token(&tenant, &["writer"]);
+    let doc = json!({"number": "1", "total": 1});
+    assert_eq!(
+        app.post("/v1/data/invoices", &reader, &doc).await.status(),
+        403
+    );
+    assert_eq!(
+        app.post("/v1/data/invoices", &writer, &doc).await.status(),
+        201
+    );
+    assert_eq!(app.get("/v1/data/invoices", &reader).await.status(), 200);
+    let schema = json!({"schema": invoice_schema()});
+    assert_eq!(
+        app.put("/v1/schemas/other", &writer, &schema)
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        app.put("/v1/schemas/other", &admin, &schema).await.status(),
+        201
+    );
+    // Tenant roles do not reach tenant lifecycle, and platform admins have no tenant data.
+    assert_eq!(
+        app.post("/v1/tenants", &admin, &json!({"id": "x1"}))
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        app.get("/v1/data/invoices", &platform_token())
+            .await
+            .status(),
+        403
+    );
+    let no_roles = token(&tenant, &[]);
+    assert_eq!(app.get("/v1/data/invoices", &no_roles).await.status(), 403);
+}
+
+fn jwks() -> Value {
+    serde_json::from_str(include_str!("../fixtures/jwks.json")).unwrap()
+}
+
+fn es256(claims: &bss::auth::Claims, kid: &str) -> String {
+    let key =
+        EncodingKey::from_ec_pem(include_bytes!("../fixtures/jwt-es256-private.pem")).unwrap();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn with_an_auth_service_tokens_are_verified_by_its_jwks() {
+    let auth = auth_service(jwks()).await;
+    let app = TestApp::spawn_with(|s| s.auth_service_url = Some(auth.url.clone())).await;
+    let tenant = "jwks-tenant";
+    let platform = es256(&claims(None, &["platform-admin"]), "test-key-1");
+    let resp = app
+        .post("/v1/tenants", &platform, &json!({"id": tenant}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let good = es256(&claims(Some(tenant), &["reader"]), "test-key-1");
+    assert_eq!(status_with(&app, &good).await, 200);
+    // Cached: a second request does not refetch the key set.
+    assert_eq!(status_with(&app, &good).await, 200);
+    assert_eq!(auth.calls(), 1);
+
+    // The local secret is no longer accepted.
+    assert_eq!(status_with(&app, &token(tenant, &["reader"])).await, 401);
+    // Algorithm confusion: HS256 "signed" with the public key.
+    let public = include_bytes!("../fixtures/jwt-es256-public.pem");
+    let confused = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(Some(tenant), &["admin"]),
+        &EncodingKey::from_secret(public),
+    )
+    .unwrap();
+    assert_eq!(status_with(&app, &confused).await, 401);
+    // A key the Auth Service does not publish.
+    let unknown = es256(&claims(Some(tenant), &["reader"]), "other-key");
+    assert_eq!(status_with(&app, &unknown).await, 401);
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_checked_when_configured() {
+    let app = TestApp::spawn_with(|s| {
+        s.jwt_issuer = Some("https://auth.example".into());
+        s.jwt_audience = Some("business-store".into());
+    })
+    .await;
+    let mut c = claims(None, &["platform-admin"]);
+    assert_eq!(app.get("/v1/tenants/x", &mint(&c)).await.status(), 401);
+    c.iss = Some("https://auth.example".into());
+    c.aud = Some("business-store".into());
+    assert_eq!(app.get("/v1/tenants/x", &mint(&c)).await.status(), 404);
+    c.aud = Some("someone-else".into());
+    assert_eq!(app.get("/v1/tenants/x", &mint(&c)).await.status(), 401);
+}

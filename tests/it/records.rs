@@ -1,0 +1,366 @@
+use bss_tests::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn invoice(n: i64) -> Value {
+    json!({"number": format!("INV-{n}"), "total": n, "status": "open", "customer": {"name": format!("Customer {n}")}})
+}
+
+#[tokio::test]
+async fn a_created_record_can_be_read_back_with_its_etag() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let resp = app.post("/v1/data/invoices", &token, &invoice(10)).await;
+    assert_eq!(resp.status(), 201);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(resp.headers()["etag"], "\"1\"");
+    let created = body(resp).await;
+    assert_eq!(created["resource"], "invoices");
+    assert_eq!(created["version"], 1);
+    assert_eq!(created["data"], invoice(10));
+    assert_eq!(
+        location,
+        format!("/v1/data/invoices/{}", created["id"].as_str().unwrap())
+    );
+
+    let resp = app.get(&location, &token).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["etag"], "\"1\"");
+    assert_eq!(body(resp).await, created);
+
+    let resp = send(
+        app.request(Method::GET, &location, Some(&token))
+            .header("if-none-match", "\"1\""),
+    )
+    .await;
+    assert_eq!(resp.status(), 304);
+}
+
+#[tokio::test]
+async fn creating_a_record_with_a_negative_total_is_rejected_with_the_field() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let resp = app
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "1", "total": -5}),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    let b = body(resp).await;
+    assert_eq!(b["status"], 422);
+    assert_eq!(b["errors"][0]["path"], "/total");
+    assert_eq!(b["errors"][0]["source"], "schema");
+    let resp = app
+        .post("/v1/data/invoices", &token, &json!({"total": 1}))
+        .await;
+    assert_eq!(resp.status(), 422);
+    let listed = body(app.get("/v1/data/invoices", &token).await).await;
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        0,
+        "nothing stored"
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_413_and_415() {
+    let app = TestApp::spawn_with(|s| s.max_body_bytes = 4096).await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let resp = send(
+        app.request(Method::POST, "/v1/data/invoices", Some(&token))
+            .header("content-type", "application/json")
+            .body("{\"number\": "),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+
+    let resp = send(
+        app.request(Method::POST, "/v1/data/invoices", Some(&token))
+            .header("content-type", "text/plain")
+            .body("{}"),
+    )
+    .await;
+    assert_eq!(resp.status(), 415);
+
+    let big = json!({"number": "x".repeat(5000), "total": 1});
+    let resp = app.post("/v1/data/invoices", &token, &big).await;
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn unknown_resources_and_records_are_404() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let resp = app.post("/v1/data/orders", &token, &json!({})).await;
+    assert_eq!(resp.status(), 404);
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("PUT /v1/schemas/orders")
+    );
+    assert_eq!(
+        app.get("/v1/data/invoices/nope", &token).await.status(),
+        404
+    );
+    assert_eq!(
+        app.get("/v1/data/invoices/%22;drop", &token).await.status(),
+        404
+    );
+    assert_eq!(
+        app.delete("/v1/data/invoices/nope", &token).await.status(),
+        404
+    );
+    assert_eq!(
+        app.patch("/v1/data/invoices/nope", &token, &json!({}))
+            .await
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn put_creates_with_an_id_then_replaces_and_if_match_guards_it() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let resp = app
+        .put("/v1/data/invoices/inv-1", &token, &invoice(1))
+        .await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["location"], "/v1/data/invoices/inv-1");
+    let resp = app
+        .put("/v1/data/invoices/inv-1", &token, &invoice(2))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["etag"], "\"2\"");
+    assert_eq!(body(resp).await["data"]["total"], 2);
+
+    let stale = send(
+        app.request(Method::PUT, "/v1/data/invoices/inv-1", Some(&token))
+            .header("if-match", "\"1\"")
+            .json(&invoice(3)),
+    )
+    .await;
+    assert_eq!(stale.status(), 412);
+    let fresh = send(
+        app.request(Method::PUT, "/v1/data/invoices/inv-1", Some(&token))
+            .header("if-match", "\"2\"")
+            .json(&invoice(3)),
+    )
+    .await;
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(body(fresh).await["version"], 3);
+    let missing = send(
+        app.request(Method::PUT, "/v1/data/invoices/inv-9", Some(&token))
+            .header("if-match", "\"1\"")
+            .json(&invoice(3)),
+    )
+    .await;
+    assert_eq!(missing.status(), 412);
+    let bad_tag = send(
+        app.request(Method::PUT, "/v1/data/invoices/inv-1", Some(&token))
+            .header("if-match", "three")
+            .json(&invoice(3)),
+    )
+    .await;
+    assert_eq!(bad_tag.status(), 400);
+    let invalid = app
+        .put("/v1/data/invoices/inv-1", &token, &json!({"number": 1}))
+        .await;
+    assert_eq!(invalid.status(), 422);
+    let bad_id = app
+        .put("/v1/data/invoices/bad%20id", &token, &invoice(1))
+        .await;
+    assert_eq!(bad_id.status(), 400);
+}
+
+#[tokio::test]
+async fn merge_patch_changes_only_the_given_fields_and_is_validated() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.put("/v1/data/invoices/p1", &token, &invoice(7)).await;
+    let resp = app
+        .patch(
+            "/v1/data/invoices/p1",
+            &token,
+            &json!({"status": "paid", "customer": {"name": null}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["etag"], "\"2\"");
+    let b = body(resp).await;
+    assert_eq!(b["data"]["status"], "paid");
+    assert_eq!(b["data"]["total"], 7);
+    assert_eq!(b["data"]["customer"], json!({}));
+
+    let resp = app
+        .patch("/v1/data/invoices/p1", &token, &json!({"total": -1}))
+        .await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(body(resp).await["errors"][0]["path"], "/total");
+    let stale = send(
+        app.request(Method::PATCH, "/v1/data/invoices/p1", Some(&token))
+            .header("content-type", "application/merge-patch+json")
+            .header("if-match", "\"1\"")
+            .body("{\"status\": \"void\"}"),
+    )
+    .await;
+    assert_eq!(stale.status(), 412);
+    let current = body(app.get("/v1/data/invoices/p1", &token).await).await;
+    assert_eq!(current["version"], 2);
+    assert_eq!(current["data"]["status"], "paid");
+}
+
+#[tokio::test]
+async fn deleting_a_record_makes_it_404() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.put("/v1/data/invoices/d1", &token, &invoice(1)).await;
+    let stale = send(
+        app.request(Method::DELETE, "/v1/data/invoices/d1", Some(&token))
+            .header("if-match", "\"5\""),
+    )
+    .await;
+    assert_eq!(stale.status(), 412);
+    assert_eq!(
+        app.delete("/v1/data/invoices/d1", &token).await.status(),
+        204
+    );
+    assert_eq!(app.get("/v1/data/invoices/d1", &token).await.status(), 404);
+    assert_eq!(
+        app.delete("/v1/data/invoices/d1", &token).await.status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_stored_all_or_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let items: Vec<Value> = (1..=5).map(invoice).collect();
+    let resp = app
+        .post("/v1/data/invoices/batch", &token, &json!({"items": items}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let created = body(resp).await;
+    let totals: Vec<i64> = created["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["data"]["total"].as_i64().unwrap())
+        .collect();
+    assert_eq!(totals, vec![1, 2, 3, 4, 5], "in request order");
+
+    let mut bad = (10..15).map(invoice).collect::<Vec<_>>();
+    bad[3]["total"] = json!(-1);
+    let resp = app
+        .post("/v1/data/invoices/batch", &token, &json!({"items": bad}))
+        .await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(body(resp).await["errors"][0]["path"], "/items/3/total");
+    let listed = body(app.get("/v1/data/invoices?count=exact", &token).await).await;
+    assert_eq!(
+        listed["total"], 5,
+        "nothing of the refused batch was stored"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_over_1000_items_is_refused() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let items: Vec<Value> = (0..1001)
+        .map(|n| json!({"number": "n", "total": n}))
+        .collect();
+    let resp = app
+        .post("/v1/data/invoices/batch", &token, &json!({"items": items}))
+        .await;
+    assert_eq!(resp.status(), 422);
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("1000")
+    );
+    let resp = app
+        .post("/v1/data/invoices/batch", &token, &json!({"items": []}))
+        .await;
+    assert_eq!(resp.status(), 422);
+}
+
+#[tokio::test]
+async fn an_idempotent_create_returns_the_first_result_without_a_second_write() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let post = |key: &str, doc: Value| {
+        send(
+            app.request(Method::POST, "/v1/data/invoices", Some(&token))
+                .header("idempotency-key", key)
+                .json(&doc),
+        )
+    };
+    let first = post("key-1", invoice(1)).await;
+    assert_eq!(first.status(), 201);
+    let first = body(first).await;
+    let again = post("key-1", invoice(1)).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(body(again).await, first);
+    let listed = body(app.get("/v1/data/invoices?count=exact", &token).await).await;
+    assert_eq!(listed["total"], 1);
+
+    let different = post("key-1", invoice(2)).await;
+    assert_eq!(different.status(), 409);
+    let other_key = post("key-2", invoice(1)).await;
+    assert_eq!(other_key.status(), 201);
+
+    // Concurrent duplicates: exactly one record.
+    let results = futures::future::join_all((0..8).map(|_| post("key-3", invoice(3)))).await;
+    let mut ids = std::collections::HashSet::new();
+    for r in results {
+        assert_eq!(r.status(), 201);
+        ids.insert(body(r).await["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1);
+}
+
+#[tokio::test]
+async fn records_written_under_an_old_schema_version_are_revalidated() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    // Warm the cache with v1, then tighten the schema directly behind the
+    // service's back (as another replica would).
+    app.post("/v1/data/invoices", &token, &invoice(1)).await;
+    let mut stricter = invoice_schema();
+    stricter["properties"]["total"]["maximum"] = json!(100);
+    let other = TestApp::spawn_with(|s| s.database_url = Some(app.database_url.clone())).await;
+    assert_eq!(
+        other
+            .put("/v1/schemas/invoices", &token, &json!({"schema": stricter}))
+            .await
+            .status(),
+        201
+    );
+    let resp = app.post("/v1/data/invoices", &token, &invoice(500)).await;
+    assert_eq!(
+        resp.status(),
+        422,
+        "validated against v2 although this replica cached v1"
+    );
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("version 2")
+    );
+}

@@ -1,0 +1,109 @@
+//! Small fake peer services on random ports: a Validation Service whose
+//! behaviour a test picks, and an Auth Service serving a JWKS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+/// How the fake Validation Service answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Behaviour {
+    Valid,
+    Invalid,
+    Failing,
+    Slow(Duration),
+}
+
+/// A fake service; `calls` counts requests it received.
+pub struct Fake {
+    pub url: String,
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl Fake {
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+pub async fn validation_service(behaviour: Behaviour) -> Fake {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let router = Router::new().route(
+        "/api/validation/validateSchema",
+        post(move |Json(_body): Json<Value>| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                match behaviour {
+                    Behaviour::Valid => Json(json!({"valid": true})).into_response(),
+                    Behaviour::Invalid => Json(json!({"valid": false, "errors": [
+                        {"path": "/properties/total", "message": "totals must declare a currency"}
+                    ]}))
+                    .into_response(),
+                    Behaviour::Failing => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    Behaviour::Slow(d) => {
+                        tokio::time::sleep(d).await;
+                        Json(json!({"valid": true})).into_response()
+                    }
+                }
+            }
+        }),
+    );
+    Fake {
+        url: serve(router).await,
+        calls,
+    }
+}
+
+/// An Auth Service serving `jwks` at `/.well-known/jwks.json`.
+pub async fn auth_service(jwks: Value) -> Fake {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let router = Router::new().route(
+        "/.well-known/jwks.json",
+        get(move || {
+            let (counter, jwks) = (counter.clone(), jwks.clone());
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Json(jwks)
+            }
+        }),
+    );
+    Fake {
+        url: serve(router).await,
+        calls,
+    }
+}
+
+/// A URL where nothing listens.
+pub async fn nothing_listening() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    drop(listener);
+    url
+}
