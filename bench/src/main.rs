@@ -1,1 +1,174 @@
-fn main() {}
+//! `cargo run --release -p bss-bench`: record create and read-by-id over
+//! HTTP at several concurrencies, each printed beside pgbench running the
+//! same INSERT / prepared SELECT against the same PostgreSQL in the same run.
+//!
+//! Options: `--seconds N` per measurement (default 10), `--clients 16,32,64`,
+//! `--runs N` (median of N runs, default 1), `--database-url URL` (default
+//! the local server). It is a benchmark, not a test: it asserts nothing.
+
+mod http_load;
+mod pgbench;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bss::config::Settings;
+use bss::startup::Application;
+
+#[derive(Debug, Clone)]
+struct Options {
+    seconds: u64,
+    clients: Vec<usize>,
+    runs: usize,
+    server_url: String,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut o = Options {
+        seconds: 10,
+        clients: vec![16, 32, 64],
+        runs: 1,
+        server_url: "postgres://postgres@127.0.0.1:5432".into(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--seconds" => o.seconds = v.parse()?,
+            "--clients" => o.clients = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--runs" => o.runs = v.parse()?,
+            "--database-url" => o.server_url = v.trim_end_matches('/').to_owned(),
+            other => anyhow::bail!("unknown option {other}"),
+        }
+    }
+    Ok(o)
+}
+
+/// One measured line of the report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Figures {
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn median(mut runs: Vec<Figures>) -> Figures {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs.get(runs.len() / 2).copied().unwrap_or_default()
+}
+
+const DATABASE: &str = "bss_bench";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    let settings = Settings {
+        http_addr: "127.0.0.1:0".parse()?,
+        database_url: Some(format!("{}/{DATABASE}", o.server_url)),
+        // Leaves room under max_connections for pgbench's 64 clients.
+        db_max_connections: 24,
+        ..Settings::default()
+    };
+    let app = Application::build(settings.clone()).await?;
+    let base = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until(std::future::pending()));
+
+    let target = http_load::prepare(&base, &settings.jwt_secret).await?;
+    pgbench::prepare(&o.server_url, DATABASE).await?;
+    let seconds = Duration::from_secs(o.seconds);
+
+    println!(
+        "Business Store benchmark: {} s per measurement, median of {} run(s), PostgreSQL at {}",
+        o.seconds, o.runs, o.server_url
+    );
+    println!(
+        "{:<46} {:>7} {:>10} {:>8} {:>8} {:>7}",
+        "scenario", "clients", "rate/s", "p50 ms", "p99 ms", "ratio"
+    );
+    for &c in &o.clients {
+        let mut http = Vec::new();
+        let mut pg = Vec::new();
+        let mut pg_plain = Vec::new();
+        let mut pg_outbox = Vec::new();
+        for _ in 0..o.runs {
+            http.push(http_load::creates(&target, c, seconds).await?);
+            pg.push(pgbench::run(
+                &o.server_url,
+                DATABASE,
+                pgbench::Script::ServiceInsert,
+                c,
+                seconds,
+            )?);
+            pg_plain.push(pgbench::run(
+                &o.server_url,
+                DATABASE,
+                pgbench::Script::Insert,
+                c,
+                seconds,
+            )?);
+            pg_outbox.push(pgbench::run(
+                &o.server_url,
+                DATABASE,
+                pgbench::Script::InsertWithOutbox,
+                c,
+                seconds,
+            )?);
+        }
+        let (h, p) = (median(http), median(pg));
+        let (pp, po) = (median(pg_plain), median(pg_outbox));
+        row(
+            "POST /v1/data/invoices (JWT, schema, INSERT)",
+            c,
+            h,
+            Some(h.rate / p.rate),
+        );
+        row("pgbench: the service's INSERT statement", c, p, None);
+        row(
+            "pgbench: plain INSERT (no version lock)",
+            c,
+            pp,
+            Some(h.rate / pp.rate),
+        );
+        row(
+            "pgbench: INSERT + outbox INSERT (S1 peer)",
+            c,
+            po,
+            Some(h.rate / po.rate),
+        );
+    }
+    for &c in &o.clients {
+        let mut http = Vec::new();
+        let mut pg = Vec::new();
+        for _ in 0..o.runs {
+            http.push(http_load::reads(&target, c, seconds).await?);
+            pg.push(pgbench::run(
+                &o.server_url,
+                DATABASE,
+                pgbench::Script::SelectById,
+                c,
+                seconds,
+            )?);
+        }
+        let (h, p) = (median(http), median(pg));
+        row(
+            "GET /v1/data/invoices/{id} (JWT)",
+            c,
+            h,
+            Some(h.rate / p.rate),
+        );
+        row("pgbench: the same SELECT by id (prepared)", c, p, None);
+        // What the HTTP stack and this load generator cost with no work behind them.
+        let floor = http_load::live(&target, c, seconds).await?;
+        row("HTTP floor: GET /health/live, same client", c, floor, None);
+    }
+    Ok(())
+}
+
+fn row(name: &str, clients: usize, f: Figures, ratio: Option<f64>) {
+    let ratio = ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
+    println!(
+        "{name:<46} {clients:>7} {:>10.0} {:>8.2} {:>8.2} {ratio:>7}",
+        f.rate, f.p50_ms, f.p99_ms
+    );
+}

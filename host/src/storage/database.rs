@@ -41,6 +41,9 @@ impl Database {
         let pool = PgPoolOptions::new()
             .max_connections(settings.db_max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // No ping per checkout: a broken connection fails its query and is
+            // replaced; the ping would double the round trips of every request.
+            .test_before_acquire(false)
             .connect_with(options.log_statements(tracing::log::LevelFilter::Debug))
             .await
             .context("connecting to PostgreSQL")?;
