@@ -9,6 +9,8 @@ use sqlx::PgPool;
 use crate::auth::Authenticator;
 use crate::catalog::SchemaCache;
 use crate::config::Settings;
+use crate::events::broker::Broker;
+use crate::events::relay::EventLog;
 use crate::services::ValidationService;
 
 #[derive(Debug)]
@@ -19,6 +21,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub validation: ValidationService,
     pub metrics: PrometheusHandle,
+    pub broker: Arc<Broker>,
+    pub event_log: EventLog,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -62,6 +62,10 @@ pub struct Settings {
     pub reaper_interval_secs: u64,
     /// `json` (default) or `pretty` (`BSS_LOG_FORMAT`).
     pub log_format: String,
+    /// This replica's name in event `source` (`BSS_INSTANCE_ID`; default the host name).
+    pub instance_id: String,
+    /// How long published events stay replayable, in seconds (`BSS_EVENT_RETENTION_SECS`).
+    pub event_retention_secs: u64,
 }
 
 impl Default for Settings {
@@ -89,6 +93,12 @@ impl Default for Settings {
             tenant_grace_secs: 7 * 24 * 3600,
             reaper_interval_secs: 60,
             log_format: "json".into(),
+            instance_id: std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "local".into()),
+            event_retention_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -181,6 +191,12 @@ impl Settings {
         }
         if let Some(v) = non_empty("BSS_LOG_FORMAT") {
             self.log_format = v;
+        }
+        if let Some(v) = non_empty("BSS_INSTANCE_ID") {
+            self.instance_id = v;
+        }
+        if let Some(v) = non_empty("BSS_EVENT_RETENTION_SECS") {
+            self.event_retention_secs = parse("BSS_EVENT_RETENTION_SECS", v)?;
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod services;
 pub mod startup;
 pub mod storage;

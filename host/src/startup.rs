@@ -13,6 +13,8 @@ use crate::app_state::{AppState, SharedState};
 use crate::auth::Authenticator;
 use crate::catalog::SchemaCache;
 use crate::config::{DEV_JWT_SECRET, Settings};
+use crate::events::broker::Broker;
+use crate::events::relay::{self, EventLog, RelayConfig};
 use crate::services::{ServiceClient, ValidationService};
 use crate::storage::{Database, tenants};
 
@@ -48,6 +50,8 @@ impl Application {
             pool: database.pool.clone(),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),
+            broker: Arc::new(Broker::built_in()),
+            event_log: EventLog::default(),
             settings,
         });
         Ok(Self {
@@ -75,6 +79,15 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let reaper = tokio::spawn(reap_archived_tenants(self.state.clone()));
+        let relay = tokio::spawn(relay::run(
+            self.state.pool.clone(),
+            self.state.broker.clone(),
+            self.state.event_log.clone(),
+            RelayConfig {
+                database_url_options: self.database.options.clone(),
+                retention_secs: self.state.settings.event_retention_secs,
+            },
+        ));
         tracing::info!(addr = %self.listener.local_addr()?, "serving");
         let app = api::app(self.state.clone());
         axum::serve(self.listener, app)
@@ -82,6 +95,7 @@ impl Application {
             .await
             .context("serving HTTP")?;
         reaper.abort();
+        relay.abort();
         self.state.pool.close().await;
         if let Some(cluster) = &self.database.cluster {
             cluster.stop();

@@ -5,6 +5,7 @@
 
 mod auth;
 mod binary;
+mod events;
 mod isolation;
 mod listing;
 mod operations;

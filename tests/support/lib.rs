@@ -213,3 +213,96 @@ pub fn platform_token() -> String {
 pub fn mint(claims: &Claims) -> String {
     jwt::mint(SECRET, claims).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A minimal Server-Sent Events reader over a streaming response.
+pub struct SseReader {
+    resp: Response,
+    buf: String,
+}
+
+/// One received SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+impl SseReader {
+    pub async fn open(app: &TestApp, token: &str, last_event_id: Option<&str>) -> Self {
+        let mut req = app
+            .request(Method::GET, "/v1/events/stream", Some(token))
+            .timeout(Duration::from_secs(600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = send(req).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Self {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, or None if none arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let data = serde_json::from_str(&data).unwrap_or(Value::Null);
+                return Some(SseEvent { id, event, data });
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .ok()?;
+            match chunk {
+                Ok(Some(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return None,
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> SseEvent {
+        self.next_within(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("no event within 10 s"))
+    }
+}
+
+/// The tenant's whole event log (replay API).
+pub async fn event_log(app: &TestApp, token: &str) -> Vec<Value> {
+    let resp = app.get("/v1/events?limit=1000", token).await;
+    assert_eq!(resp.status(), 200);
+    body(resp).await["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the tenant's log holds at least `n` events.
+pub async fn wait_for_events(app: &TestApp, token: &str, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let log = event_log(app, token).await;
+        if log.len() >= n {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = event_log(app, token).await;
+    panic!("expected {n} events, the log has {}: {log:#?}", log.len());
+}

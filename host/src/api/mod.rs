@@ -3,6 +3,7 @@
 //! middleware every request goes through (request id, trace, metrics, body
 //! limit, panic guard).
 
+pub mod events;
 pub mod extract;
 pub mod operations;
 pub mod records;
@@ -31,7 +32,7 @@ use crate::error::ApiError;
 #[openapi(
     info(title = "Business Store", description = "Multi-tenant business data service"),
     modifiers(&BearerAuth),
-    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "operations"))
+    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -58,6 +59,7 @@ pub fn routes() -> (Router<SharedState>, utoipa::openapi::OpenApi) {
         .merge(tenants::router())
         .merge(schemas::router())
         .merge(records::router())
+        .merge(events::router())
         .merge(operations::router())
         .split_for_parts()
 }
@@ -85,6 +87,22 @@ pub fn app(state: SharedState) -> Router {
         }))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// The event context of a request: this replica as `source`, the request
+/// id as `correlationid`.
+pub fn event_context(
+    state: &SharedState,
+    headers: &axum::http::HeaderMap,
+) -> crate::events::EventContext {
+    crate::events::EventContext {
+        source: format!("/business-store/{}", state.settings.instance_id),
+        correlation_id: headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    }
 }
 
 /// Request count and latency per route and status.

@@ -23,6 +23,8 @@ use crate::auth::{Principal, Role};
 use crate::catalog::CompiledSchema;
 use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::events::envelope;
+use crate::events::outbox::RecordEvents;
 use crate::storage::StorageError;
 use crate::storage::query::{ListQuery, project};
 use crate::storage::records::{self, Created, Idempotency, Patch, Record, Target};
@@ -101,6 +103,20 @@ fn target<'a>(t: &'a TenantId, r: &'a ResourceName, s: &CompiledSchema) -> Targe
     }
 }
 
+/// How the change events of a write to this resource look.
+fn record_events(
+    state: &SharedState,
+    headers: &HeaderMap,
+    tenant: &TenantId,
+    schema: &CompiledSchema,
+) -> RecordEvents {
+    RecordEvents {
+        template: envelope::template(&super::event_context(state, headers), tenant),
+        full: schema.event_payload() == "full",
+        hidden: schema.hidden_fields(),
+    }
+}
+
 fn record_response(status: StatusCode, record: &Record) -> Response {
     let mut resp = (status, Json(record)).into_response();
     if let Ok(v) = HeaderValue::from_str(&etag(record.version)) {
@@ -160,21 +176,18 @@ async fn create_record(
         .map(|(key, request_hash)| Idempotency { key, request_hash });
     let id = RecordId::generate();
     let created = with_schema(&state, tenant, &resource, |schema| {
-        let (id, doc, resource) = (&id, &doc, &resource);
-        let state = &state;
+        let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
         async move {
             validate(&schema, resource, doc)?;
-            Ok(records::create(
-                &state.pool,
-                target(tenant, resource, &schema),
-                id,
-                doc,
-                idem,
-            )
-            .await)
+            let events = record_events(state, headers, tenant, &schema);
+            let t = target(tenant, resource, &schema);
+            Ok(records::create(&state.pool, t, &events, id, doc, idem).await)
         }
     })
     .await?;
+    if matches!(created, Created::New(_)) {
+        state.event_log.written();
+    }
     Ok(match created {
         Created::New(record) => record_response(StatusCode::CREATED, &record),
         Created::Replayed { status, response } => {
@@ -251,20 +264,16 @@ async fn put_record(
     let id = RecordId::parse(&id)?;
     let expected = if_match(&headers)?;
     let (record, created) = with_schema(&state, tenant, &resource, |schema| {
-        let (id, doc, resource, state) = (&id, &doc, &resource, &state);
+        let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
         async move {
             validate(&schema, resource, doc)?;
-            Ok(records::put(
-                &state.pool,
-                target(tenant, resource, &schema),
-                id,
-                doc,
-                expected,
-            )
-            .await)
+            let events = record_events(state, headers, tenant, &schema);
+            let t = target(tenant, resource, &schema);
+            Ok(records::put(&state.pool, t, &events, id, doc, expected).await)
         }
     })
     .await?;
+    state.event_log.written();
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -296,7 +305,7 @@ async fn patch_record(
         return Err(ApiError::bad_request("a merge patch must be a JSON object"));
     }
     let record = with_schema(&state, tenant, &resource, |schema| {
-        let (id, patch, resource, state) = (&id, &patch, &resource, &state);
+        let (id, patch, resource, state, headers) = (&id, &patch, &resource, &state, &headers);
         async move {
             let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
                 Ok(tx) => tx,
@@ -313,10 +322,12 @@ async fn patch_record(
             let mut doc = tx.current.data.clone();
             json_patch::merge(&mut doc, patch);
             validate(&schema, resource, &doc)?;
-            Ok(tx.commit(&doc).await)
+            let events = record_events(state, headers, tenant, &schema);
+            Ok(tx.commit(&doc, &events).await)
         }
     })
     .await?;
+    state.event_log.written();
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -336,13 +347,10 @@ async fn delete_record(
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let expected = if_match(&headers)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    records::delete(
-        &state.pool,
-        target(tenant, &resource, &schema),
-        &id,
-        expected,
-    )
-    .await?;
+    let events = record_events(&state, &headers, tenant, &schema);
+    let t = target(tenant, &resource, &schema);
+    records::delete(&state.pool, t, &events, &id, expected).await?;
+    state.event_log.written();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -368,6 +376,7 @@ async fn create_batch(
     State(state): State<SharedState>,
     principal: Principal,
     Path(resource): Path<String>,
+    headers: HeaderMap,
     JsonBody(batch): JsonBody<BatchRequest>,
 ) -> ApiResult<Response> {
     let tenant = principal.tenant_with(Role::Writer)?;
@@ -387,7 +396,7 @@ async fn create_batch(
         .map(|doc| (RecordId::generate(), doc))
         .collect();
     let created = with_schema(&state, tenant, &resource, |schema| {
-        let (items, resource, state) = (&items, &resource, &state);
+        let (items, resource, state, headers) = (&items, &resource, &state, &headers);
         async move {
             let errors: Vec<FieldError> = items
                 .iter()
@@ -406,10 +415,13 @@ async fn create_batch(
                     errors,
                 ));
             }
-            Ok(records::create_batch(&state.pool, target(tenant, resource, &schema), items).await)
+            let events = record_events(state, headers, tenant, &schema);
+            let t = target(tenant, resource, &schema);
+            Ok(records::create_batch(&state.pool, t, &events, items).await)
         }
     })
     .await?;
+    state.event_log.written();
     Ok((StatusCode::CREATED, Json(BatchResponse { items: created })).into_response())
 }
 

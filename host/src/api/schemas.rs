@@ -57,6 +57,7 @@ async fn put_schema(
     State(state): State<SharedState>,
     principal: Principal,
     Path(resource): Path<String>,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<PutSchema>,
 ) -> ApiResult<(StatusCode, Json<SchemaVersion>)> {
     let tenant = principal.tenant_with(Role::Admin)?;
@@ -82,16 +83,11 @@ async fn put_schema(
     }
     let compiled = CompiledSchema::compile(body.schema, 0, Utc::now(), principal.actor())
         .map_err(|errors| ApiError::unprocessable("the schema is not valid", errors))?;
-    match schemas::apply(
-        &state.pool,
-        tenant,
-        &resource,
-        &compiled,
-        &principal.actor(),
-    )
-    .await?
-    {
+    let events = super::event_context(&state, &headers);
+    let actor = principal.actor();
+    match schemas::apply(&state.pool, tenant, &resource, &compiled, &actor, &events).await? {
         Applied::Created(v) => {
+            state.event_log.written();
             let fresh = CompiledSchema::compile(
                 v.schema.clone(),
                 v.version,

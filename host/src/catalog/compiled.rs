@@ -108,6 +108,15 @@ impl CompiledSchema {
         self.fields.values().filter(|f| f.indexed && !f.encrypted)
     }
 
+    /// Top-level fields never copied into events (`x-encrypted`).
+    pub fn hidden_fields(&self) -> Vec<String> {
+        self.fields
+            .values()
+            .filter(|f| f.encrypted && f.path.len() == 1)
+            .map(|f| f.path[0].clone())
+            .collect()
+    }
+
     /// `keys` (default) or `full`: what change events carry.
     pub fn event_payload(&self) -> &str {
         self.schema

@@ -19,6 +19,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 #[derive(Debug)]
 pub struct Database {
     pub pool: PgPool,
+    /// How to open a connection outside the pool (the relay's leader lock).
+    pub options: PgConnectOptions,
     pub cluster: Option<PrivateCluster>,
 }
 
@@ -38,13 +40,14 @@ impl Database {
             }
         };
         ensure_database(&options).await?;
+        let options = options.log_statements(tracing::log::LevelFilter::Debug);
         let pool = PgPoolOptions::new()
             .max_connections(settings.db_max_connections)
             .acquire_timeout(Duration::from_secs(10))
             // No ping per checkout: a broken connection fails its query and is
             // replaced; the ping would double the round trips of every request.
             .test_before_acquire(false)
-            .connect_with(options.log_statements(tracing::log::LevelFilter::Debug))
+            .connect_with(options.clone())
             .await
             .context("connecting to PostgreSQL")?;
         MIGRATOR
@@ -52,7 +55,11 @@ impl Database {
             .await
             .context("running the control-plane migrations")?;
         ensure_role(&pool, &settings.analytics_role).await?;
-        Ok(Self { pool, cluster })
+        Ok(Self {
+            pool,
+            options,
+            cluster,
+        })
     }
 }
 

@@ -11,8 +11,13 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use utoipa::ToSchema;
 
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
+
 use super::{StorageError, pg_code};
 use crate::domain::{RecordId, ResourceName, TenantId};
+use crate::events::envelope::new_event_id;
+use crate::events::outbox::{RecordEvents, record_events_cte};
 
 /// A stored record as the API serves it.
 #[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
@@ -36,6 +41,23 @@ pub struct Target<'a> {
     pub tenant: &'a TenantId,
     pub resource: &'a ResourceName,
     pub schema_version: i32,
+}
+
+/// Binds the parameters of [`record_events_cte`]: one event per record id.
+fn bind_events<'q, O>(
+    q: QueryAs<'q, Postgres, O, PgArguments>,
+    t: Target<'_>,
+    events: &RecordEvents,
+    ids: Vec<String>,
+) -> QueryAs<'q, Postgres, O, PgArguments> {
+    let event_ids: Vec<uuid::Uuid> = ids.iter().map(|_| new_event_id()).collect();
+    q.bind(t.tenant.as_str().to_owned())
+        .bind(t.resource.as_str().to_owned())
+        .bind(events.template.clone())
+        .bind(events.full)
+        .bind(events.hidden.clone())
+        .bind(ids)
+        .bind(event_ids)
 }
 
 impl Target<'_> {
@@ -100,19 +122,20 @@ pub struct Idempotency<'a> {
 pub async fn create(
     pool: &PgPool,
     t: Target<'_>,
+    events: &RecordEvents,
     id: &RecordId,
     data: &Value,
     idempotency: Option<Idempotency<'_>>,
 ) -> Result<Created, StorageError> {
     let Some(key) = idempotency else {
-        let row = insert(pool, t, id, data).await?;
+        let row = insert(pool, t, events, id, data).await?;
         return Ok(Created::New(row));
     };
     let mut tx = pool.begin().await.map_err(map_err)?;
     if let Some(replay) = claim_key(&mut tx, t.tenant, key).await? {
         return Ok(replay);
     }
-    let row = insert(&mut *tx, t, id, data).await;
+    let row = insert(&mut *tx, t, events, id, data).await;
     let row = match row {
         Err(StorageError::SchemaChanged) => return Err(StorageError::SchemaChanged),
         other => other?,
@@ -132,6 +155,7 @@ pub async fn create(
 async fn insert<'e, E>(
     exec: E,
     t: Target<'_>,
+    events: &RecordEvents,
     id: &RecordId,
     data: &Value,
 ) -> Result<Record, StorageError>
@@ -139,14 +163,18 @@ where
     E: sqlx::PgExecutor<'e>,
 {
     let sql = format!(
-        "{} INSERT INTO {} (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3 {RETURNING}",
+        "{}, ins AS (INSERT INTO {} (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
+            {RETURNING}, 'created'::text AS kind), {}
+         SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte(),
-        t.table()
+        t.table(),
+        record_events_cte(4)
     );
-    let row: Option<Record> = match sqlx::query_as(&sql)
+    let q = sqlx::query_as(&sql)
         .bind(id.as_str())
         .bind(data)
-        .bind(t.schema_version)
+        .bind(t.schema_version);
+    let row: Option<Record> = match bind_events(q, t, events, vec![id.as_str().to_owned()])
         .fetch_optional(exec)
         .await
     {
@@ -214,44 +242,40 @@ async fn claim_key(
 pub async fn put(
     pool: &PgPool,
     t: Target<'_>,
+    events: &RecordEvents,
     id: &RecordId,
     data: &Value,
     if_match: Option<i64>,
 ) -> Result<(Record, bool), StorageError> {
     let (cte, table) = (t.version_cte(), t.table());
-    let row: Option<(Record, bool)> = match if_match {
-        None => {
-            let sql = format!(
-                "{cte} INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
-                 ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, version = r.version + 1, updated_at = now()
-                 RETURNING id, version, created_at, updated_at, data, (xmax = 0) AS inserted"
-            );
-            sqlx::query_as::<_, RecordWithFlag>(&sql)
-                .bind(id.as_str())
-                .bind(data)
-                .bind(t.schema_version)
-                .fetch_optional(pool)
-                .await
-                .map_err(map_err)?
-                .map(RecordWithFlag::split)
-        }
-        Some(expected) => {
-            let sql = format!(
-                "{cte} UPDATE {table} AS r SET data = $2, version = r.version + 1, updated_at = now()
-                 FROM cur WHERE r.id = $1 AND r.version = $4 AND cur.current_version = $3
-                 RETURNING r.id, r.version, r.created_at, r.updated_at, r.data, false AS inserted"
-            );
-            sqlx::query_as::<_, RecordWithFlag>(&sql)
-                .bind(id.as_str())
-                .bind(data)
-                .bind(t.schema_version)
-                .bind(expected)
-                .fetch_optional(pool)
-                .await
-                .map_err(map_err)?
-                .map(RecordWithFlag::split)
-        }
+    let write = match if_match {
+        None => format!(
+            "INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
+             ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, version = r.version + 1, updated_at = now()
+             RETURNING id, version, created_at, updated_at, data,
+                       CASE WHEN xmax = 0 THEN 'created' ELSE 'updated' END AS kind"
+        ),
+        Some(_) => format!(
+            "UPDATE {table} AS r SET data = $2, version = r.version + 1, updated_at = now()
+             FROM cur WHERE r.id = $1 AND r.version = $4 AND cur.current_version = $3
+             RETURNING r.id, r.version, r.created_at, r.updated_at, r.data, 'updated'::text AS kind"
+        ),
     };
+    let sql = format!(
+        "{cte}, ins AS ({write}), {}
+         SELECT id, version, created_at, updated_at, data, kind = 'created' AS inserted FROM ins",
+        record_events_cte(5)
+    );
+    let q = sqlx::query_as::<_, RecordWithFlag>(&sql)
+        .bind(id.as_str())
+        .bind(data)
+        .bind(t.schema_version)
+        .bind(if_match);
+    let row: Option<(Record, bool)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?
+        .map(RecordWithFlag::split);
     match row {
         Some((r, created)) => Ok((t.with_resource(r), created)),
         None if t.schema_moved(pool).await? => Err(StorageError::SchemaChanged),
@@ -296,16 +320,19 @@ pub async fn get(
 pub async fn delete(
     pool: &PgPool,
     t: Target<'_>,
+    events: &RecordEvents,
     id: &RecordId,
     if_match: Option<i64>,
 ) -> Result<i64, StorageError> {
     let sql = format!(
-        "DELETE FROM {} WHERE id = $1 AND ($2::bigint IS NULL OR version = $2) RETURNING version",
-        t.table()
+        "WITH ins AS (DELETE FROM {} WHERE id = $1 AND ($2::bigint IS NULL OR version = $2)
+            RETURNING id, version, data, 'deleted'::text AS kind), {}
+         SELECT version FROM ins",
+        t.table(),
+        record_events_cte(3)
     );
-    let deleted: Option<(i64,)> = sqlx::query_as(&sql)
-        .bind(id.as_str())
-        .bind(if_match)
+    let q = sqlx::query_as(&sql).bind(id.as_str()).bind(if_match);
+    let deleted: Option<(i64,)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
         .fetch_optional(pool)
         .await
         .map_err(map_err)?;
@@ -365,14 +392,22 @@ impl<'a> Patch<'a> {
     }
 
     /// Writes the new document and commits.
-    pub async fn commit(mut self, data: &Value) -> Result<Record, StorageError> {
+    pub async fn commit(
+        mut self,
+        data: &Value,
+        events: &RecordEvents,
+    ) -> Result<Record, StorageError> {
         let sql = format!(
-            "UPDATE {} SET data = $2, version = version + 1, updated_at = now() WHERE id = $1 {RETURNING}",
-            self.t.table()
+            "WITH ins AS (UPDATE {} SET data = $2, version = version + 1, updated_at = now() WHERE id = $1
+                {RETURNING}, 'updated'::text AS kind), {}
+             SELECT id, version, created_at, updated_at, data FROM ins",
+            self.t.table(),
+            record_events_cte(3)
         );
-        let row: Record = sqlx::query_as(&sql)
-            .bind(&self.current.id)
-            .bind(data)
+        let q = sqlx::query_as(&sql)
+            .bind(self.current.id.clone())
+            .bind(data);
+        let row: Record = bind_events(q, self.t, events, vec![self.current.id.clone()])
             .fetch_one(&mut *self.tx)
             .await?;
         self.tx.commit().await?;
@@ -384,24 +419,25 @@ impl<'a> Patch<'a> {
 pub async fn create_batch(
     pool: &PgPool,
     t: Target<'_>,
+    events: &RecordEvents,
     items: &[(RecordId, Value)],
 ) -> Result<Vec<Record>, StorageError> {
-    let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
-    let docs: Vec<&Value> = items.iter().map(|(_, d)| d).collect();
+    let ids: Vec<String> = items.iter().map(|(id, _)| id.as_str().to_owned()).collect();
+    let docs: Vec<Value> = items.iter().map(|(_, d)| d.clone()).collect();
     let sql = format!(
-        "{} INSERT INTO {} (id, data)
-         SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
-          WHERE cur.current_version = $3 {RETURNING}",
+        "{}, ins AS (INSERT INTO {} (id, data)
+            SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
+             WHERE cur.current_version = $3 {RETURNING}, 'created'::text AS kind), {}
+         SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte(),
-        t.table()
+        t.table(),
+        record_events_cte(4)
     );
-    let rows: Vec<Record> = match sqlx::query_as(&sql)
-        .bind(&ids)
-        .bind(&docs)
-        .bind(t.schema_version)
-        .fetch_all(pool)
-        .await
-    {
+    let q = sqlx::query_as(&sql)
+        .bind(ids.clone())
+        .bind(docs)
+        .bind(t.schema_version);
+    let rows: Vec<Record> = match bind_events(q, t, events, ids.clone()).fetch_all(pool).await {
         Err(e) if pg_code(&e).as_deref() == Some("23505") => {
             return Err(StorageError::Conflict(
                 "a record id in the batch already exists".into(),
@@ -416,5 +452,5 @@ pub async fn create_batch(
         .into_iter()
         .map(|r| (r.id.clone(), t.with_resource(r)))
         .collect();
-    Ok(ids.iter().filter_map(|id| by_id.remove(*id)).collect())
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
 }

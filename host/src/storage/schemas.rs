@@ -15,6 +15,8 @@ use crate::catalog::{CompiledSchema, FieldType};
 use crate::domain::ids::quote_ident;
 use crate::domain::{ResourceName, TenantId};
 use crate::error::FieldError;
+use crate::events::envelope::{self, EventContext, SCHEMA_UPDATED};
+use crate::events::outbox;
 
 /// Records named at most in one refusal.
 const MAX_OFFENDING_RECORDS: usize = 20;
@@ -119,6 +121,7 @@ pub async fn apply(
     resource: &ResourceName,
     compiled: &CompiledSchema,
     actor: &str,
+    events: &EventContext,
 ) -> Result<Applied, StorageError> {
     let s = tenant.schema_ident();
     let mut tx = pool.begin().await?;
@@ -172,6 +175,30 @@ pub async fn apply(
     .await?;
     sync_indexes(&mut tx, tenant, resource, compiled).await?;
     let created = version_row(&mut tx, tenant, resource, next).await?;
+    let event = envelope::complete(
+        events,
+        tenant,
+        envelope::new_event_id(),
+        SCHEMA_UPDATED,
+        resource.as_str(),
+        serde_json::json!({
+            "tenantId": tenant.as_str(),
+            "resource": resource.as_str(),
+            "version": next,
+            "timestamp": created.created_at,
+            "initiator": actor,
+        }),
+    );
+    let key = format!("{tenant}/{resource}");
+    outbox::insert(
+        &mut *tx,
+        tenant.as_str(),
+        resource.as_str(),
+        SCHEMA_UPDATED,
+        &key,
+        &event,
+    )
+    .await?;
     tx.commit().await?;
     Ok(Applied::Created(created))
 }

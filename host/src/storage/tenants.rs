@@ -155,6 +155,7 @@ pub async fn reap(pool: &PgPool) -> Result<u64, StorageError> {
             Err(e) if pg_code(&e).as_deref() == Some("3F000") => {}
             Err(e) => return Err(e.into()),
         }
+        crate::events::outbox::forget_tenant(&mut *tx, &id).await?;
         sqlx::query("DELETE FROM bss.tenants WHERE id = $1")
             .bind(&id)
             .execute(&mut *tx)

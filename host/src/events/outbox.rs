@@ -1,0 +1,198 @@
+//! The outbox table (`bss.outbox`): the SQL that writers embed in their
+//! statements, and the relay's and readers' queries over it.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgExecutor, PgPool};
+
+/// A sequenced event, as the relay publishes it and readers replay it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxEvent {
+    pub seq: i64,
+    pub event_id: uuid::Uuid,
+    pub tenant_id: String,
+    pub resource: String,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub kafka_key: String,
+    pub envelope: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Per-row event data for the records of one write statement.
+#[derive(Debug, Clone)]
+pub struct RecordEvents {
+    /// The envelope template (see `envelope::template`).
+    pub template: Value,
+    /// Whether events carry the record (`x-event-payload: full`).
+    pub full: bool,
+    /// Top-level fields never put in events (`x-encrypted`).
+    pub hidden: Vec<String>,
+}
+
+/// A CTE named `ob` that writes one outbox row per row of the CTE `ins`
+/// (columns `id`, `version`, `data`, `kind` = created|updated|deleted).
+/// Its parameters, from `$first`: tenant, resource, template, full,
+/// hidden fields, record ids, event ids (the last two as aligned arrays).
+pub fn record_events_cte(first: usize) -> String {
+    let [t, r, tpl, full, hidden, ids, evs] = std::array::from_fn::<usize, 7, _>(|i| first + i);
+    format!(
+        "ob AS (
+           INSERT INTO bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope)
+           SELECT e.event_id, ${t}, ${r}, 'business_store.data.' || ins.kind,
+                  ${t} || '/' || ${r} || '/' || ins.id,
+                  ${tpl}::jsonb || jsonb_build_object(
+                    'id', e.event_id,
+                    'type', 'business_store.data.' || ins.kind,
+                    'subject', ${r} || '/' || ins.id,
+                    'data', jsonb_build_object('tenantId', ${t}, 'resource', ${r}, 'recordId', ins.id, 'version', ins.version)
+                      || CASE WHEN ins.kind = 'updated' THEN jsonb_build_object('previousVersion', ins.version - 1) ELSE '{{}}'::jsonb END
+                      || CASE WHEN ${full} AND ins.kind <> 'deleted' THEN jsonb_build_object('data', ins.data - ${hidden}::text[]) ELSE '{{}}'::jsonb END)
+             FROM ins JOIN unnest(${ids}::text[], ${evs}::uuid[]) AS e(id, event_id) ON e.id = ins.id)"
+    )
+}
+
+/// Inserts one complete event (schema changes; record writes that are not a
+/// single statement).
+pub async fn insert<'e>(
+    exec: impl PgExecutor<'e>,
+    tenant: &str,
+    resource: &str,
+    kind: &str,
+    key: &str,
+    envelope: &Value,
+) -> Result<(), sqlx::Error> {
+    let id = envelope
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<uuid::Uuid>().ok())
+        .unwrap_or_else(super::envelope::new_event_id);
+    sqlx::query(
+        "INSERT INTO bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(resource)
+    .bind(kind)
+    .bind(key)
+    .bind(envelope)
+    .execute(exec)
+    .await?;
+    Ok(())
+}
+
+const EVENT_COLUMNS: &str =
+    "seq, event_id, tenant_id, resource, type, kafka_key, envelope, created_at";
+
+/// Gives committed, unsequenced rows the next log positions, in `id` order.
+/// Returns the highest position assigned, if any.
+pub async fn sequence(pool: &PgPool, after: i64, limit: i64) -> Result<Option<i64>, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as(
+        "WITH next AS (
+            SELECT id, $1 + row_number() OVER (ORDER BY id) AS seq
+              FROM (SELECT id FROM bss.outbox WHERE seq IS NULL ORDER BY id LIMIT $2 FOR UPDATE) n
+         ), done AS (
+            UPDATE bss.outbox o SET seq = next.seq, sequenced_at = clock_timestamp()
+              FROM next WHERE o.id = next.id RETURNING o.seq
+         )
+         SELECT max(seq) FROM done",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_one(pool)
+    .await?;
+    Ok(max)
+}
+
+/// The highest log position so far.
+pub async fn last_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as("SELECT max(seq) FROM bss.outbox")
+        .fetch_one(pool)
+        .await?;
+    Ok(max.unwrap_or(0))
+}
+
+/// Sequenced events not yet acknowledged by the broker, oldest first.
+pub async fn unpublished(pool: &PgPool, limit: i64) -> Result<Vec<OutboxEvent>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS} FROM bss.outbox
+          WHERE seq IS NOT NULL AND published_at IS NULL ORDER BY seq LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn mark_published(pool: &PgPool, seqs: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE bss.outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)")
+        .bind(seqs)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Rows written but not yet published (sequenced or not).
+pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM bss.outbox WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+/// The log position of an event of this tenant.
+pub async fn position_of(
+    pool: &PgPool,
+    tenant: &str,
+    event_id: uuid::Uuid,
+) -> Result<Option<i64>, sqlx::Error> {
+    let row: Option<(Option<i64>,)> =
+        sqlx::query_as("SELECT seq FROM bss.outbox WHERE tenant_id = $1 AND event_id = $2")
+            .bind(tenant)
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.and_then(|(s,)| s))
+}
+
+/// The tenant's log after position `after`, oldest first, optionally of one type.
+pub async fn log(
+    pool: &PgPool,
+    tenant: &str,
+    after: i64,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<OutboxEvent>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {EVENT_COLUMNS} FROM bss.outbox
+          WHERE tenant_id = $1 AND seq > $2 AND ($3::text IS NULL OR type = $3)
+          ORDER BY seq LIMIT $4"
+    ))
+    .bind(tenant)
+    .bind(after)
+    .bind(kind)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes published events older than the retention period.
+pub async fn expire(pool: &PgPool, retention_secs: u64) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM bss.outbox
+          WHERE published_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(retention_secs as f64)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes a dropped tenant's events.
+pub async fn forget_tenant<'e>(exec: impl PgExecutor<'e>, tenant: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM bss.outbox WHERE tenant_id = $1")
+        .bind(tenant)
+        .execute(exec)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! The relay: one leader among the replicas (a PostgreSQL advisory lock held
+//! on a dedicated connection) sequences committed outbox rows into the event
+//! log and publishes them, in log order, to the broker; rows are marked
+//! published only after the broker acknowledged them. A failing broker is
+//! retried with backoff while writes keep committing. One leader keeps
+//! per-record order without coordination; a standby takes over when the
+//! leader's connection goes away.
+//!
+//! Every replica also follows the log head (`LISTEN bss_events`), so its SSE
+//! streams wake when any replica's leader sequenced new events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{Notify, watch};
+
+use super::broker::Broker;
+use super::outbox;
+
+/// The advisory lock key of relay leadership ("bssrelay").
+const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
+const SEQUENCE_BATCH: i64 = 1000;
+const PUBLISH_BATCH: i64 = 500;
+
+/// Shared handles: the log head readers wait on, and a wake-up for the relay.
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    head: watch::Sender<i64>,
+    wake: Arc<Notify>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self {
+            head: watch::channel(0).0,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl EventLog {
+    /// Waits until the log head may have moved.
+    pub fn follow(&self) -> watch::Receiver<i64> {
+        self.head.subscribe()
+    }
+
+    fn advance(&self, seq: i64) {
+        self.head.send_if_modified(|h| {
+            let moved = seq > *h;
+            if moved {
+                *h = seq;
+            }
+            moved
+        });
+    }
+
+    /// Tells the relay that a write committed here (saves a round trip
+    /// through NOTIFY on the leader replica).
+    pub fn written(&self) {
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub database_url_options: sqlx::postgres::PgConnectOptions,
+    pub retention_secs: u64,
+}
+
+/// Runs forever: follows the log head, and leads the relay when it can.
+pub async fn run(pool: PgPool, broker: Arc<Broker>, log: EventLog, config: RelayConfig) {
+    tokio::spawn(follow_head(pool.clone(), log.clone()));
+    loop {
+        match PgConnection::connect_with(&config.database_url_options).await {
+            Ok(mut conn) => {
+                let got: Result<(bool,), _> = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+                    .bind(LEADER_LOCK)
+                    .fetch_one(&mut conn)
+                    .await;
+                if matches!(got, Ok((true,))) {
+                    tracing::info!(broker = broker.name(), "leading the outbox relay");
+                    if let Err(e) = lead(&pool, &broker, &log, &config, &mut conn).await {
+                        tracing::warn!(error = %e, "outbox relay stopped leading");
+                    }
+                }
+                let _ = conn.close().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox relay cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn lead(
+    pool: &PgPool,
+    broker: &Broker,
+    log: &EventLog,
+    config: &RelayConfig,
+    lock: &mut PgConnection,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen("bss_outbox").await?;
+    let mut last = outbox::last_seq(pool).await?;
+    log.advance(last);
+    let mut backoff = Duration::from_millis(100);
+    let mut checked = Instant::now();
+    let mut expired = Instant::now();
+    loop {
+        while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH).await? {
+            last = max;
+            log.advance(last);
+            sqlx::query("SELECT pg_notify('bss_events', $1)")
+                .bind(last.to_string())
+                .execute(pool)
+                .await?;
+        }
+        let published_all = publish_pending(pool, broker).await?;
+        if published_all {
+            backoff = Duration::from_millis(100);
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        if checked.elapsed() > Duration::from_secs(5) {
+            // Still holding the lock's connection, and report the backlog.
+            sqlx::query("SELECT 1").execute(&mut *lock).await?;
+            metrics::gauge!("outbox_backlog").set(outbox::backlog(pool).await? as f64);
+            checked = Instant::now();
+        }
+        if expired.elapsed() > Duration::from_secs(60) {
+            let n = outbox::expire(pool, config.retention_secs).await?;
+            if n > 0 {
+                tracing::info!(expired = n, "expired events past retention");
+            }
+            expired = Instant::now();
+        }
+        tokio::select! {
+            r = listener.recv() => { r?; }
+            () = log.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Publishes sequenced events until none are left; false if the broker failed.
+async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::Error> {
+    loop {
+        let batch = outbox::unpublished(pool, PUBLISH_BATCH).await?;
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        if let Err(e) = broker.publish(&batch).await {
+            metrics::counter!("events_publish_errors_total").increment(1);
+            tracing::warn!(error = %e, pending = batch.len(), "publishing events failed; will retry");
+            return Ok(false);
+        }
+        let seqs: Vec<i64> = batch.iter().map(|e| e.seq).collect();
+        outbox::mark_published(pool, &seqs).await?;
+        let now = chrono::Utc::now();
+        for e in &batch {
+            let latency = (now - e.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!("event_publish_latency_seconds").record(latency.max(0.0));
+        }
+        metrics::counter!("events_published_total").increment(batch.len() as u64);
+    }
+}
+
+/// Keeps this replica's log head current from the leader's notifications.
+async fn follow_head(pool: PgPool, log: EventLog) {
+    loop {
+        let result: Result<(), sqlx::Error> = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen("bss_events").await?;
+            log.advance(outbox::last_seq(&pool).await?);
+            loop {
+                let n = listener.recv().await?;
+                if let Ok(seq) = n.payload().parse::<i64>() {
+                    log.advance(seq);
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "following the event log failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
