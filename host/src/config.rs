@@ -66,6 +66,18 @@ pub struct Settings {
     pub instance_id: String,
     /// How long published events stay replayable, in seconds (`BSS_EVENT_RETENTION_SECS`).
     pub event_retention_secs: u64,
+    /// Kafka bootstrap servers (`KAFKA_BROKERS`); unset means the built-in broker.
+    pub kafka_brokers: Option<String>,
+    /// Per-resource topics `business_store.data.<resource>.<action>` (`BSS_KAFKA_TOPIC_PER_RESOURCE`).
+    pub kafka_topic_per_resource: bool,
+    /// Create missing topics (`BSS_KAFKA_CREATE_TOPICS`, default true).
+    pub kafka_create_topics: bool,
+    pub kafka_partitions: i32,
+    pub kafka_replication: i32,
+    /// Consumer group of the `auth.tenant.*` consumer (`BSS_KAFKA_GROUP`).
+    pub kafka_group: String,
+    /// Where malformed consumed messages go (`BSS_KAFKA_DEAD_LETTER_TOPIC`).
+    pub kafka_dead_letter_topic: String,
 }
 
 impl Default for Settings {
@@ -99,6 +111,13 @@ impl Default for Settings {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "local".into()),
             event_retention_secs: 7 * 24 * 3600,
+            kafka_brokers: None,
+            kafka_topic_per_resource: false,
+            kafka_create_topics: true,
+            kafka_partitions: 3,
+            kafka_replication: 1,
+            kafka_group: "business-store".into(),
+            kafka_dead_letter_topic: "business_store.dead_letter".into(),
         }
     }
 }
@@ -197,6 +216,27 @@ impl Settings {
         }
         if let Some(v) = non_empty("BSS_EVENT_RETENTION_SECS") {
             self.event_retention_secs = parse("BSS_EVENT_RETENTION_SECS", v)?;
+        }
+        if let Some(v) = non_empty("KAFKA_BROKERS") {
+            self.kafka_brokers = Some(v);
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_TOPIC_PER_RESOURCE") {
+            self.kafka_topic_per_resource = parse("BSS_KAFKA_TOPIC_PER_RESOURCE", v)?;
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_CREATE_TOPICS") {
+            self.kafka_create_topics = parse("BSS_KAFKA_CREATE_TOPICS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_PARTITIONS") {
+            self.kafka_partitions = parse("BSS_KAFKA_PARTITIONS", v)?;
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_REPLICATION") {
+            self.kafka_replication = parse("BSS_KAFKA_REPLICATION", v)?;
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_GROUP") {
+            self.kafka_group = v;
+        }
+        if let Some(v) = non_empty("BSS_KAFKA_DEAD_LETTER_TOPIC") {
+            self.kafka_dead_letter_topic = v;
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use crate::auth::Authenticator;
 use crate::catalog::SchemaCache;
 use crate::config::{DEV_JWT_SECRET, Settings};
 use crate::events::broker::Broker;
+use crate::events::kafka::{self, KafkaConfig, KafkaPublisher};
 use crate::events::relay::{self, EventLog, RelayConfig};
 use crate::services::{ServiceClient, ValidationService};
 use crate::storage::{Database, tenants};
@@ -23,6 +24,19 @@ pub struct Application {
     listener: TcpListener,
     state: SharedState,
     database: Database,
+    kafka: Option<(KafkaConfig, Arc<KafkaPublisher>)>,
+}
+
+fn kafka_config(s: &Settings) -> Option<KafkaConfig> {
+    Some(KafkaConfig {
+        brokers: s.kafka_brokers.clone()?,
+        topic_per_resource: s.kafka_topic_per_resource,
+        create_topics: s.kafka_create_topics,
+        partitions: s.kafka_partitions,
+        replication: s.kafka_replication,
+        group_id: s.kafka_group.clone(),
+        dead_letter_topic: s.kafka_dead_letter_topic.clone(),
+    })
 }
 
 impl Application {
@@ -41,6 +55,13 @@ impl Application {
                 None
             }
         };
+        let kafka = kafka_config(&settings)
+            .map(|c| KafkaPublisher::new(c.clone()).map(|p| (c, Arc::new(p))))
+            .transpose()?;
+        let broker = match &kafka {
+            Some((_, publisher)) => Broker::Kafka(publisher.clone()),
+            None => Broker::built_in(),
+        };
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding {}", settings.http_addr))?;
@@ -50,7 +71,7 @@ impl Application {
             pool: database.pool.clone(),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),
-            broker: Arc::new(Broker::built_in()),
+            broker: Arc::new(broker),
             event_log: EventLog::default(),
             settings,
         });
@@ -58,6 +79,7 @@ impl Application {
             listener,
             state,
             database,
+            kafka,
         })
     }
 
@@ -88,6 +110,9 @@ impl Application {
                 retention_secs: self.state.settings.event_retention_secs,
             },
         ));
+        let consumer = self.kafka.clone().map(|(config, publisher)| {
+            tokio::spawn(kafka::consume(self.state.clone(), config, publisher))
+        });
         tracing::info!(addr = %self.listener.local_addr()?, "serving");
         let app = api::app(self.state.clone());
         axum::serve(self.listener, app)
@@ -96,6 +121,9 @@ impl Application {
             .context("serving HTTP")?;
         reaper.abort();
         relay.abort();
+        if let Some(c) = consumer {
+            c.abort();
+        }
         self.state.pool.close().await;
         if let Some(cluster) = &self.database.cluster {
             cluster.stop();

@@ -5,8 +5,10 @@
 
 mod auth;
 mod binary;
+mod crash;
 mod events;
 mod isolation;
+mod kafka;
 mod listing;
 mod operations;
 mod records;

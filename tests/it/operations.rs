@@ -76,6 +76,9 @@ async fn the_openapi_document_lists_every_route_the_server_answers() {
         ("/v1/data/{resource}/{id}", "patch"),
         ("/v1/data/{resource}/{id}", "delete"),
         ("/v1/data/{resource}/batch", "post"),
+        ("/v1/events", "get"),
+        ("/v1/events/stream", "get"),
+        ("/v1/broker/topics/{topic}/messages", "post"),
         ("/health/live", "get"),
         ("/health/ready", "get"),
         ("/metrics", "get"),
@@ -90,7 +93,8 @@ async fn the_openapi_document_lists_every_route_the_server_answers() {
             let concrete = path
                 .replace("{resource}", "invoices")
                 .replace("{id}", "x")
-                .replace("{version}", "1");
+                .replace("{version}", "1")
+                .replace("{topic}", "auth.tenant.created");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let resp = send(app.request(m, &concrete, Some("bad"))).await;
             assert_ne!(resp.status(), 405, "{method} {path}");

@@ -238,3 +238,67 @@ async fn tenant_lifecycle_needs_platform_admin() {
         404
     );
 }
+
+#[tokio::test]
+async fn without_kafka_auth_tenant_events_reach_the_same_handlers() {
+    let app = TestApp::spawn().await;
+    let admin = platform_token();
+    let created = "/v1/broker/topics/auth.tenant.created/messages";
+    let deleted = "/v1/broker/topics/auth.tenant.deleted/messages";
+    let resp = app
+        .post(
+            created,
+            &admin,
+            &json!({"tenantId": "via-broker", "name": "B"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body(resp).await["outcome"], "provisioned");
+    let again = body(
+        app.post(created, &admin, &json!({"tenantId": "via-broker"}))
+            .await,
+    )
+    .await;
+    assert_eq!(again["outcome"], "already_existed");
+    assert_eq!(
+        body(app.get("/v1/tenants/via-broker", &admin).await).await["name"],
+        "B"
+    );
+
+    let gone = body(
+        app.post(
+            deleted,
+            &admin,
+            &json!({"data": {"tenantId": "via-broker"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(gone["outcome"], "archived");
+    assert_eq!(
+        body(app.get("/v1/tenants/via-broker", &admin).await).await["status"],
+        "archived"
+    );
+
+    let bad = app.post(created, &admin, &json!({"tenant": "x"})).await;
+    assert_eq!(bad.status(), 422);
+    assert!(
+        body(bad).await["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenantId")
+    );
+    assert_eq!(
+        app.post("/v1/broker/topics/other/messages", &admin, &json!({}))
+            .await
+            .status(),
+        404
+    );
+    let (_, tenant_admin) = app.tenant().await;
+    assert_eq!(
+        app.post(created, &tenant_admin, &json!({"tenantId": "x"}))
+            .await
+            .status(),
+        403
+    );
+}

@@ -3,6 +3,7 @@
 //! middleware every request goes through (request id, trace, metrics, body
 //! limit, panic guard).
 
+pub mod broker;
 pub mod events;
 pub mod extract;
 pub mod operations;
@@ -60,6 +61,7 @@ pub fn routes() -> (Router<SharedState>, utoipa::openapi::OpenApi) {
         .merge(schemas::router())
         .merge(records::router())
         .merge(events::router())
+        .merge(broker::router())
         .merge(operations::router())
         .split_for_parts()
 }

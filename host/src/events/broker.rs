@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use super::OutboxEvent;
+use super::kafka::KafkaPublisher;
 
 /// Why a batch was not acknowledged; the relay retries it.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,7 @@ pub struct PublishError(pub String);
 pub enum Broker {
     /// In-process fan-out to subscribers of this replica.
     BuiltIn(broadcast::Sender<Arc<OutboxEvent>>),
+    Kafka(Arc<KafkaPublisher>),
 }
 
 impl Broker {
@@ -28,6 +30,7 @@ impl Broker {
     pub fn name(&self) -> &'static str {
         match self {
             Self::BuiltIn(_) => "built-in",
+            Self::Kafka(_) => "kafka",
         }
     }
 
@@ -41,6 +44,7 @@ impl Broker {
                 }
                 Ok(())
             }
+            Self::Kafka(k) => k.publish(events).await,
         }
     }
 
@@ -48,6 +52,7 @@ impl Broker {
     pub fn subscribe(&self) -> Option<broadcast::Receiver<Arc<OutboxEvent>>> {
         match self {
             Self::BuiltIn(tx) => Some(tx.subscribe()),
+            Self::Kafka(_) => None,
         }
     }
 }

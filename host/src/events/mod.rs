@@ -5,7 +5,9 @@
 //! it live (`api::events`).
 
 pub mod broker;
+pub mod consumer;
 pub mod envelope;
+pub mod kafka;
 pub mod outbox;
 pub mod relay;
 

@@ -23,6 +23,8 @@ use super::outbox;
 const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
+/// A batch not acknowledged by then is retried (at least once, never lost).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Shared handles: the log head readers wait on, and a wake-up for the relay.
 #[derive(Debug, Clone)]
@@ -93,9 +95,25 @@ pub async fn run(pool: PgPool, broker: Arc<Broker>, log: EventLog, config: Relay
     }
 }
 
+/// Leads until an error (such as losing the lock's connection): the
+/// sequencer and the publisher run side by side, so a broker that hangs or
+/// fails never holds up the event log that replay and SSE read.
 async fn lead(
     pool: &PgPool,
     broker: &Broker,
+    log: &EventLog,
+    config: &RelayConfig,
+    lock: &mut PgConnection,
+) -> Result<(), sqlx::Error> {
+    tokio::try_join!(
+        sequence_loop(pool, log, config, lock),
+        publish_loop(pool, broker, log)
+    )?;
+    Ok(())
+}
+
+async fn sequence_loop(
+    pool: &PgPool,
     log: &EventLog,
     config: &RelayConfig,
     lock: &mut PgConnection,
@@ -104,7 +122,6 @@ async fn lead(
     listener.listen("bss_outbox").await?;
     let mut last = outbox::last_seq(pool).await?;
     log.advance(last);
-    let mut backoff = Duration::from_millis(100);
     let mut checked = Instant::now();
     let mut expired = Instant::now();
     loop {
@@ -116,16 +133,8 @@ async fn lead(
                 .execute(pool)
                 .await?;
         }
-        let published_all = publish_pending(pool, broker).await?;
-        if published_all {
-            backoff = Duration::from_millis(100);
-        } else {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            continue;
-        }
         if checked.elapsed() > Duration::from_secs(5) {
-            // Still holding the lock's connection, and report the backlog.
+            // Still holding the lock's connection; and report the backlog.
             sqlx::query("SELECT 1").execute(&mut *lock).await?;
             metrics::gauge!("outbox_backlog").set(outbox::backlog(pool).await? as f64);
             checked = Instant::now();
@@ -145,6 +154,21 @@ async fn lead(
     }
 }
 
+async fn publish_loop(pool: &PgPool, broker: &Broker, log: &EventLog) -> Result<(), sqlx::Error> {
+    let mut head = log.follow();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        head.borrow_and_update();
+        if publish_pending(pool, broker).await? {
+            backoff = Duration::from_millis(100);
+            let _ = tokio::time::timeout(Duration::from_secs(1), head.changed()).await;
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
 /// Publishes sequenced events until none are left; false if the broker failed.
 async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::Error> {
     loop {
@@ -152,7 +176,13 @@ async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::E
         if batch.is_empty() {
             return Ok(true);
         }
-        if let Err(e) = broker.publish(&batch).await {
+        let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, broker.publish(&batch)).await;
+        let failure = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no acknowledgement within {PUBLISH_TIMEOUT:?}")),
+        };
+        if let Some(e) = failure {
             metrics::counter!("events_publish_errors_total").increment(1);
             tracing::warn!(error = %e, pending = batch.len(), "publishing events failed; will retry");
             return Ok(false);

@@ -1,0 +1,130 @@
+//! What the service does with the events it consumes: `auth.tenant.created`
+//! provisions the tenant, `auth.tenant.deleted` archives it; both are
+//! idempotent. A malformed message is reported (the caller dead-letters and
+//! skips it); a transient failure (database down) is retried, never skipped.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::app_state::SharedState;
+use crate::domain::TenantId;
+use crate::storage::{StorageError, tenants};
+
+pub const TENANT_CREATED: &str = "auth.tenant.created";
+pub const TENANT_DELETED: &str = "auth.tenant.deleted";
+pub const CONSUMED_TOPICS: &[&str] = &[TENANT_CREATED, TENANT_DELETED];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Provisioned,
+    AlreadyExisted,
+    Archived,
+    AlreadyGone,
+    /// Not a message we can act on; the reason says why.
+    Malformed(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Provisioned => "provisioned",
+            Self::AlreadyExisted => "already_existed",
+            Self::Archived => "archived",
+            Self::AlreadyGone => "already_gone",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Reads `{"tenantId", "name"?}`, bare or as the `data` of a CloudEvent.
+fn parse(payload: &[u8]) -> Result<(TenantId, Option<String>), String> {
+    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let body = match v.get("data") {
+        Some(d) if d.is_object() => d,
+        _ => &v,
+    };
+    let id = body
+        .get("tenantId")
+        .and_then(Value::as_str)
+        .ok_or("no string tenantId")?;
+    let id = TenantId::parse(id).map_err(|e| e.0)?;
+    let name = body.get("name").and_then(Value::as_str).map(str::to_owned);
+    Ok((id, name))
+}
+
+/// Applies one message once.
+pub async fn handle(
+    state: &SharedState,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Outcome, StorageError> {
+    let (tenant, name) = match parse(payload) {
+        Ok(p) => p,
+        Err(reason) => return Ok(Outcome::Malformed(reason)),
+    };
+    match topic {
+        TENANT_CREATED => {
+            let name = name.unwrap_or_else(|| tenant.as_str().to_owned());
+            match tenants::create(&state.pool, &tenant, &name, &state.settings.analytics_role)
+                .await?
+            {
+                Some(_) => {
+                    state.schemas.forget_tenant(&tenant);
+                    Ok(Outcome::Provisioned)
+                }
+                None => Ok(Outcome::AlreadyExisted),
+            }
+        }
+        TENANT_DELETED => {
+            if tenants::archive(&state.pool, &tenant, state.settings.tenant_grace_secs).await? {
+                state.schemas.forget_tenant(&tenant);
+                Ok(Outcome::Archived)
+            } else {
+                Ok(Outcome::AlreadyGone)
+            }
+        }
+        other => Ok(Outcome::Malformed(format!("no handler for topic {other}"))),
+    }
+}
+
+/// Applies a message, retrying transient failures until it is done.
+pub async fn handle_until_done(state: &SharedState, topic: &str, payload: &[u8]) -> Outcome {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match handle(state, topic, payload).await {
+            Ok(outcome) => {
+                metrics::counter!("consumer_messages_total", "topic" => topic.to_owned(), "outcome" => outcome.label())
+                    .increment(1);
+                if let Outcome::Malformed(reason) = &outcome {
+                    tracing::warn!(topic, reason, "skipping a malformed message");
+                }
+                return outcome;
+            }
+            Err(e) => {
+                metrics::counter!("consumer_errors_total", "kind" => "transient").increment(1);
+                tracing::warn!(topic, error = %e, "applying a consumed message failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_read_bare_or_as_cloudevents() {
+        let (id, name) =
+            parse(br#"{"tenantId": "abc-1", "name": "ABC"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((id.as_str(), name.as_deref()), ("abc-1", Some("ABC")));
+        let (id, _) = parse(br#"{"specversion": "1.0", "data": {"tenantId": "x"}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(id.as_str(), "x");
+        assert!(parse(b"nope").is_err());
+        assert!(parse(br#"{"tenantId": "Bad_Id"}"#).is_err());
+        assert!(parse(br#"{"tenant": "x"}"#).is_err());
+    }
+}
