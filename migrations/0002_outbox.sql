@@ -4,8 +4,9 @@
 -- leader then (1) sequences committed rows: `seq` is the position in the
 -- event log, assigned in `id` order, so readers that follow `seq` never miss
 -- an event that committed late; and (2) publishes sequenced rows to the
--- broker in `seq` order, setting `published_at` only after the broker
--- acknowledged them. Rows stay as the replayable log until retention.
+-- broker in `seq` order, moving `bss.relay_state.published_seq` only after
+-- the broker acknowledged them (one row updated per batch, not one per
+-- event). Rows stay as the replayable log until retention.
 CREATE TABLE bss.outbox (
     id            bigserial PRIMARY KEY,
     event_id      uuid NOT NULL UNIQUE,
@@ -16,20 +17,16 @@ CREATE TABLE bss.outbox (
     envelope      jsonb NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     seq           bigint UNIQUE,
-    sequenced_at  timestamptz,
-    published_at  timestamptz
+    sequenced_at  timestamptz
 );
 
 CREATE INDEX outbox_unsequenced ON bss.outbox (id) WHERE seq IS NULL;
-CREATE INDEX outbox_unpublished ON bss.outbox (seq) WHERE seq IS NOT NULL AND published_at IS NULL;
 CREATE INDEX outbox_log ON bss.outbox (tenant_id, seq) WHERE seq IS NOT NULL;
 
--- Wakes the relay (on any replica) as soon as a write commits.
-CREATE FUNCTION bss.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('bss_outbox', '');
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER outbox_notify AFTER INSERT ON bss.outbox
-    FOR EACH STATEMENT EXECUTE FUNCTION bss.outbox_notify();
+-- Everything up to published_seq has been acknowledged by the broker.
+CREATE TABLE bss.relay_state (
+    id             integer PRIMARY KEY CHECK (id = 1),
+    published_seq  bigint NOT NULL DEFAULT 0,
+    published_at   timestamptz
+);
+INSERT INTO bss.relay_state (id) VALUES (1);

@@ -104,6 +104,26 @@ pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
     })
 }
 
+impl Target {
+    /// Creates `n` records in one batch request.
+    pub async fn batch(&self, n: u64) -> anyhow::Result<()> {
+        let items: Vec<Value> = (0..n).map(invoice).collect();
+        let resp = self
+            .client
+            .post(format!("{}/v1/data/invoices/batch", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({"items": items}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "batch write answered {}",
+            resp.status()
+        );
+        Ok(())
+    }
+}
+
 pub async fn creates(t: &Target, clients: usize, d: Duration) -> anyhow::Result<Figures> {
     let url = format!("{}/v1/data/invoices", t.base);
     closed_loop(

@@ -8,6 +8,7 @@
 
 mod http_load;
 mod pgbench;
+mod relay;
 
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ struct Options {
     clients: Vec<usize>,
     runs: usize,
     server_url: String,
+    /// Publish to this Kafka (else the built-in broker).
+    kafka: Option<String>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -29,6 +32,7 @@ fn options() -> anyhow::Result<Options> {
         clients: vec![16, 32, 64],
         runs: 1,
         server_url: "postgres://postgres@127.0.0.1:5432".into(),
+        kafka: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -39,6 +43,7 @@ fn options() -> anyhow::Result<Options> {
             "--clients" => o.clients = v.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--runs" => o.runs = v.parse()?,
             "--database-url" => o.server_url = v.trim_end_matches('/').to_owned(),
+            "--kafka" => o.kafka = Some(v.clone()),
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -68,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: Some(format!("{}/{DATABASE}", o.server_url)),
         // Leaves room under max_connections for pgbench's 64 clients.
         db_max_connections: 24,
+        kafka_brokers: o.kafka.clone(),
         ..Settings::default()
     };
     let app = Application::build(settings.clone()).await?;
@@ -79,9 +85,16 @@ async fn main() -> anyhow::Result<()> {
     let seconds = Duration::from_secs(o.seconds);
 
     println!(
-        "Business Store benchmark: {} s per measurement, median of {} run(s), PostgreSQL at {}",
-        o.seconds, o.runs, o.server_url
+        "Business Store benchmark: {} s per measurement, median of {} run(s), PostgreSQL at {}, broker {}",
+        o.seconds,
+        o.runs,
+        o.server_url,
+        o.kafka
+            .as_deref()
+            .map(|k| format!("Kafka at {k}"))
+            .unwrap_or("built-in".into())
     );
+    let db = format!("{}/{DATABASE}", o.server_url);
     println!(
         "{:<46} {:>7} {:>10} {:>8} {:>8} {:>7}",
         "scenario", "clients", "rate/s", "p50 ms", "p99 ms", "ratio"
@@ -91,8 +104,11 @@ async fn main() -> anyhow::Result<()> {
         let mut pg = Vec::new();
         let mut pg_plain = Vec::new();
         let mut pg_outbox = Vec::new();
+        let mut relay_runs = Vec::new();
         for _ in 0..o.runs {
+            let window = relay::Window::start(&base, &db).await?;
             http.push(http_load::creates(&target, c, seconds).await?);
+            relay_runs.push(window.finish(&base, &db).await?);
             pg.push(pgbench::run(
                 &o.server_url,
                 DATABASE,
@@ -118,12 +134,12 @@ async fn main() -> anyhow::Result<()> {
         let (h, p) = (median(http), median(pg));
         let (pp, po) = (median(pg_plain), median(pg_outbox));
         row(
-            "POST /v1/data/invoices (JWT, schema, INSERT)",
+            "POST /v1/data/invoices (JWT, schema, outbox)",
             c,
             h,
             Some(h.rate / p.rate),
         );
-        row("pgbench: the service's INSERT statement", c, p, None);
+        row("pgbench: the service's statement", c, p, None);
         row(
             "pgbench: plain INSERT (no version lock)",
             c,
@@ -136,7 +152,16 @@ async fn main() -> anyhow::Result<()> {
             po,
             Some(h.rate / po.rate),
         );
+        let r = median(relay_runs);
+        row(
+            "relay meanwhile: commit -> broker ack (<=)",
+            c,
+            r,
+            Some(r.rate / h.rate),
+        );
     }
+    let drain = relay::drain(&target, &base, &db).await?;
+    row("relay: drain 20,000 events of batch writes", 0, drain, None);
     for &c in &o.clients {
         let mut http = Vec::new();
         let mut pg = Vec::new();

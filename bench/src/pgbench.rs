@@ -21,15 +21,22 @@ pub enum Script {
     SelectById,
 }
 
+const TEMPLATE: &str = r#"{"specversion": "1.0", "source": "/business-store/bench", "time": "2026-01-01T00:00:00Z", "datacontenttype": "application/json", "tenantid": "bench", "correlationid": "bench"}"#;
 const DOC: &str = r#"{"number": "INV-1", "total": 12.5, "status": "open", "customer": {"name": "Acme Corporation", "email": "billing@acme.example"}}"#;
 
 impl Script {
     fn text(self) -> String {
         match self {
             Self::ServiceInsert => format!(
-                "WITH cur AS (SELECT current_version FROM pgbench_bss._resources WHERE resource = 'invoices' FOR KEY SHARE) \
-                 INSERT INTO pgbench_bss.invoices (id, data) SELECT gen_random_uuid()::text, '{DOC}' FROM cur \
-                 WHERE cur.current_version = 1 RETURNING id, version, created_at, updated_at, data;\n"
+                "WITH cur AS (SELECT current_version FROM pgbench_bss._resources WHERE resource = 'invoices' FOR KEY SHARE), \
+                 ins AS (INSERT INTO pgbench_bss.invoices (id, data) SELECT gen_random_uuid()::text, '{DOC}' FROM cur \
+                   WHERE cur.current_version = 1 RETURNING id, version, created_at, updated_at, data, 'created'::text AS kind), \
+                 ob AS (INSERT INTO pgbench_bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope) \
+                   SELECT gen_random_uuid(), 'bench', 'invoices', 'business_store.data.' || ins.kind, 'bench/invoices/' || ins.id, \
+                     '{TEMPLATE}'::jsonb || jsonb_build_object('type', 'business_store.data.' || ins.kind, 'subject', 'invoices/' || ins.id, \
+                       'data', jsonb_build_object('tenantId', 'bench', 'resource', 'invoices', 'recordId', ins.id, 'version', ins.version)) \
+                   FROM ins) \
+                 SELECT id, version, created_at, updated_at, data FROM ins;\n"
             ),
             Self::Insert => format!(
                 "INSERT INTO pgbench_bss.invoices (id, data) VALUES (gen_random_uuid()::text, '{DOC}');\n"
@@ -37,7 +44,8 @@ impl Script {
             Self::InsertWithOutbox => format!(
                 "BEGIN;\n\
                  INSERT INTO pgbench_bss.invoices (id, data) VALUES (gen_random_uuid()::text, '{DOC}');\n\
-                 INSERT INTO pgbench_bss.outbox (tenant, payload) VALUES ('bench', '{DOC}');\n\
+                 INSERT INTO pgbench_bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope) \
+                   VALUES (gen_random_uuid(), 'bench', 'invoices', 'business_store.data.created', 'bench/invoices/x', '{TEMPLATE}');\n\
                  END;\n"
             ),
             Self::SelectById => "\\set n random(1, 10000)\n\
@@ -59,8 +67,8 @@ pub async fn prepare(server: &str, database: &str) -> anyhow::Result<()> {
         "CREATE INDEX ON pgbench_bss.invoices (created_at, id)",
         "CREATE TABLE pgbench_bss._resources (resource text PRIMARY KEY, current_version integer NOT NULL)",
         "INSERT INTO pgbench_bss._resources VALUES ('invoices', 1)",
-        "CREATE TABLE pgbench_bss.outbox (id bigserial PRIMARY KEY, tenant text NOT NULL,
-            payload jsonb NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+        // The service's outbox: same shape and indexes.
+        "CREATE TABLE pgbench_bss.outbox (LIKE bss.outbox INCLUDING ALL)",
     ] {
         sqlx::query(sql).execute(&mut conn).await?;
     }

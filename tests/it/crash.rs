@@ -141,11 +141,10 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
     let mut db = sqlx::PgConnection::connect(&database_url).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (left,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM bss.outbox WHERE published_at IS NULL")
-                .fetch_one(&mut db)
-                .await
-                .unwrap();
+        let (left,): (i64,) = sqlx::query_as(bss::events::outbox::BACKLOG_SQL)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
         if left == 0 {
             break;
         }

@@ -335,3 +335,37 @@ async fn event_metrics_are_exported() {
     assert!(text.contains("events_published_total"), "{text}");
     assert!(text.contains("event_publish_latency_seconds"), "{text}");
 }
+
+#[tokio::test]
+async fn two_replicas_on_one_database_keep_per_record_order() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_with(|s| s.database_url = Some(a.database_url.clone())).await;
+    let (_, token) = a.tenant_with_invoices().await;
+    a.put(
+        "/v1/data/invoices/shared",
+        &token,
+        &json!({"number": "0", "total": 0}),
+    )
+    .await;
+    for n in 1..=20 {
+        let replica = if n % 2 == 0 { &a } else { &b };
+        let resp = replica
+            .put(
+                "/v1/data/invoices/shared",
+                &token,
+                &json!({"number": "x", "total": n}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let log = wait_for_events(&b, &token, 22).await;
+    let versions: Vec<i64> = log[1..]
+        .iter()
+        .map(|e| e["data"]["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=21).collect::<Vec<_>>(),
+        "one event per write, in order, whichever replica wrote"
+    );
+}

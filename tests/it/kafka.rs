@@ -308,7 +308,8 @@ async fn writes_keep_committing_while_kafka_is_down_and_events_follow_when_it_re
     wait_for_events(&app, &token, 6).await;
     let mut db = app.db().await;
     let (unpublished,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1 AND published_at IS NULL",
+        "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1
+               AND (seq IS NULL OR seq > (SELECT published_seq FROM bss.relay_state))",
     )
     .bind(&tenant)
     .fetch_one(&mut db)
@@ -332,7 +333,8 @@ async fn writes_keep_committing_while_kafka_is_down_and_events_follow_when_it_re
     let mut published = false;
     for _ in 0..300 {
         let (left,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1 AND published_at IS NULL",
+            "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1
+               AND (seq IS NULL OR seq > (SELECT published_seq FROM bss.relay_state))",
         )
         .bind(&tenant)
         .fetch_one(&mut db)

@@ -186,7 +186,7 @@ async fn create_record(
     })
     .await?;
     if matches!(created, Created::New(_)) {
-        state.event_log.written();
+        state.event_log.written(1);
     }
     Ok(match created {
         Created::New(record) => record_response(StatusCode::CREATED, &record),
@@ -273,7 +273,7 @@ async fn put_record(
         }
     })
     .await?;
-    state.event_log.written();
+    state.event_log.written(1);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -327,7 +327,7 @@ async fn patch_record(
         }
     })
     .await?;
-    state.event_log.written();
+    state.event_log.written(1);
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -350,7 +350,7 @@ async fn delete_record(
     let events = record_events(&state, &headers, tenant, &schema);
     let t = target(tenant, &resource, &schema);
     records::delete(&state.pool, t, &events, &id, expected).await?;
-    state.event_log.written();
+    state.event_log.written(1);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -421,7 +421,7 @@ async fn create_batch(
         }
     })
     .await?;
-    state.event_log.written();
+    state.event_log.written(created.len() as u64);
     Ok((StatusCode::CREATED, Json(BatchResponse { items: created })).into_response())
 }
 

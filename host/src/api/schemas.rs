@@ -87,7 +87,7 @@ async fn put_schema(
     let actor = principal.actor();
     match schemas::apply(&state.pool, tenant, &resource, &compiled, &actor, &events).await? {
         Applied::Created(v) => {
-            state.event_log.written();
+            state.event_log.written(1);
             let fresh = CompiledSchema::compile(
                 v.schema.clone(),
                 v.version,

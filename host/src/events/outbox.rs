@@ -117,28 +117,35 @@ pub async fn last_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
 pub async fn unpublished(pool: &PgPool, limit: i64) -> Result<Vec<OutboxEvent>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {EVENT_COLUMNS} FROM bss.outbox
-          WHERE seq IS NOT NULL AND published_at IS NULL ORDER BY seq LIMIT $1"
+          WHERE seq > (SELECT published_seq FROM bss.relay_state WHERE id = 1)
+          ORDER BY seq LIMIT $1"
     ))
     .bind(limit)
     .fetch_all(pool)
     .await
 }
 
-pub async fn mark_published(pool: &PgPool, seqs: &[i64]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE bss.outbox SET published_at = clock_timestamp() WHERE seq = ANY($1)")
-        .bind(seqs)
-        .execute(pool)
-        .await?;
+/// Records that the broker acknowledged everything up to `seq`.
+pub async fn mark_published(pool: &PgPool, seq: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE bss.relay_state SET published_seq = GREATEST(published_seq, $1), published_at = clock_timestamp()
+          WHERE id = 1",
+    )
+    .bind(seq)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
-/// Rows written but not yet published (sequenced or not).
+/// Events written but not yet acknowledged by the broker (sequenced or not).
 pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM bss.outbox WHERE published_at IS NULL")
-        .fetch_one(pool)
-        .await?;
+    let (n,): (i64,) = sqlx::query_as(BACKLOG_SQL).fetch_one(pool).await?;
     Ok(n)
 }
+
+/// The backlog query (also used by the tests and the benchmark).
+pub const BACKLOG_SQL: &str = "SELECT (SELECT count(*) FROM bss.outbox WHERE seq IS NULL)
+      + (SELECT count(*) FROM bss.outbox WHERE seq > (SELECT published_seq FROM bss.relay_state WHERE id = 1))";
 
 /// The log position of an event of this tenant.
 pub async fn position_of(
@@ -180,7 +187,8 @@ pub async fn log(
 pub async fn expire(pool: &PgPool, retention_secs: u64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM bss.outbox
-          WHERE published_at IS NOT NULL AND created_at < now() - make_interval(secs => $1)",
+          WHERE seq <= (SELECT published_seq FROM bss.relay_state WHERE id = 1)
+            AND created_at < now() - make_interval(secs => $1)",
     )
     .bind(retention_secs as f64)
     .execute(pool)
