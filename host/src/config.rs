@@ -151,92 +151,47 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("environment variable {key}={v:?}: {e}"))
         }
         let non_empty = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        if let Some(v) = non_empty("BSS_HTTP_ADDR") {
-            self.http_addr = parse("BSS_HTTP_ADDR", v)?;
+        // `text`: taken as is; `some`: an optional setting; `parsed`: FromStr.
+        macro_rules! from_env {
+            ($($key:literal => $field:ident: $how:ident),* $(,)?) => {
+                $(if let Some(v) = non_empty($key) {
+                    self.$field = from_env!(@$how $key, v);
+                })*
+            };
+            (@text $key:literal, $v:ident) => { $v.into() };
+            (@some $key:literal, $v:ident) => { Some($v) };
+            (@parsed $key:literal, $v:ident) => { parse($key, $v)? };
         }
-        if let Some(v) = non_empty("DATABASE_URL") {
-            self.database_url = Some(v);
-        }
-        if let Some(v) = non_empty("BSS_DATABASE_NAME") {
-            self.database_name = v;
-        }
-        if let Some(v) = non_empty("BSS_LOCAL_POSTGRES") {
-            self.local_postgres = v;
-        }
-        if let Some(v) = non_empty("BSS_DATA_DIR") {
-            self.data_dir = PathBuf::from(v);
-        }
-        if let Some(v) = non_empty("BSS_DB_MAX_CONNECTIONS") {
-            self.db_max_connections = parse("BSS_DB_MAX_CONNECTIONS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_JWT_SECRET") {
-            self.jwt_secret = v;
-        }
-        if let Some(v) = non_empty("BSS_JWT_ISSUER") {
-            self.jwt_issuer = Some(v);
-        }
-        if let Some(v) = non_empty("BSS_JWT_AUDIENCE") {
-            self.jwt_audience = Some(v);
-        }
-        if let Some(v) = non_empty("AUTH_SERVICE_URL") {
-            self.auth_service_url = Some(v);
-        }
-        if let Some(v) = non_empty("BSS_JWKS_PATH") {
-            self.jwks_path = v;
-        }
-        if let Some(v) = non_empty("VALIDATION_SERVICE_URL") {
-            self.validation_service_url = Some(v);
-        }
-        if let Some(v) = non_empty("BSS_VALIDATION_FALLBACK") {
-            self.validation_fallback = parse("BSS_VALIDATION_FALLBACK", v)?;
-        }
-        if let Some(v) = non_empty("BSS_SERVICE_TIMEOUT_MS") {
-            self.service_timeout_ms = parse("BSS_SERVICE_TIMEOUT_MS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_SERVICE_ATTEMPTS") {
-            self.service_attempts = parse("BSS_SERVICE_ATTEMPTS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_MAX_BODY_BYTES") {
-            self.max_body_bytes = parse("BSS_MAX_BODY_BYTES", v)?;
-        }
-        if let Some(v) = non_empty("BSS_ANALYTICS_ROLE") {
-            self.analytics_role = v;
-        }
-        if let Some(v) = non_empty("BSS_TENANT_GRACE_SECS") {
-            self.tenant_grace_secs = parse("BSS_TENANT_GRACE_SECS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_REAPER_INTERVAL_SECS") {
-            self.reaper_interval_secs = parse("BSS_REAPER_INTERVAL_SECS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_LOG_FORMAT") {
-            self.log_format = v;
-        }
-        if let Some(v) = non_empty("BSS_INSTANCE_ID") {
-            self.instance_id = v;
-        }
-        if let Some(v) = non_empty("BSS_EVENT_RETENTION_SECS") {
-            self.event_retention_secs = parse("BSS_EVENT_RETENTION_SECS", v)?;
-        }
-        if let Some(v) = non_empty("KAFKA_BROKERS") {
-            self.kafka_brokers = Some(v);
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_TOPIC_PER_RESOURCE") {
-            self.kafka_topic_per_resource = parse("BSS_KAFKA_TOPIC_PER_RESOURCE", v)?;
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_CREATE_TOPICS") {
-            self.kafka_create_topics = parse("BSS_KAFKA_CREATE_TOPICS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_PARTITIONS") {
-            self.kafka_partitions = parse("BSS_KAFKA_PARTITIONS", v)?;
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_REPLICATION") {
-            self.kafka_replication = parse("BSS_KAFKA_REPLICATION", v)?;
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_GROUP") {
-            self.kafka_group = v;
-        }
-        if let Some(v) = non_empty("BSS_KAFKA_DEAD_LETTER_TOPIC") {
-            self.kafka_dead_letter_topic = v;
+        from_env! {
+            "BSS_HTTP_ADDR" => http_addr: parsed,
+            "DATABASE_URL" => database_url: some,
+            "BSS_DATABASE_NAME" => database_name: text,
+            "BSS_LOCAL_POSTGRES" => local_postgres: text,
+            "BSS_DATA_DIR" => data_dir: text,
+            "BSS_DB_MAX_CONNECTIONS" => db_max_connections: parsed,
+            "BSS_JWT_SECRET" => jwt_secret: text,
+            "BSS_JWT_ISSUER" => jwt_issuer: some,
+            "BSS_JWT_AUDIENCE" => jwt_audience: some,
+            "AUTH_SERVICE_URL" => auth_service_url: some,
+            "BSS_JWKS_PATH" => jwks_path: text,
+            "VALIDATION_SERVICE_URL" => validation_service_url: some,
+            "BSS_VALIDATION_FALLBACK" => validation_fallback: parsed,
+            "BSS_SERVICE_TIMEOUT_MS" => service_timeout_ms: parsed,
+            "BSS_SERVICE_ATTEMPTS" => service_attempts: parsed,
+            "BSS_MAX_BODY_BYTES" => max_body_bytes: parsed,
+            "BSS_ANALYTICS_ROLE" => analytics_role: text,
+            "BSS_TENANT_GRACE_SECS" => tenant_grace_secs: parsed,
+            "BSS_REAPER_INTERVAL_SECS" => reaper_interval_secs: parsed,
+            "BSS_LOG_FORMAT" => log_format: text,
+            "BSS_INSTANCE_ID" => instance_id: text,
+            "BSS_EVENT_RETENTION_SECS" => event_retention_secs: parsed,
+            "KAFKA_BROKERS" => kafka_brokers: some,
+            "BSS_KAFKA_TOPIC_PER_RESOURCE" => kafka_topic_per_resource: parsed,
+            "BSS_KAFKA_CREATE_TOPICS" => kafka_create_topics: parsed,
+            "BSS_KAFKA_PARTITIONS" => kafka_partitions: parsed,
+            "BSS_KAFKA_REPLICATION" => kafka_replication: parsed,
+            "BSS_KAFKA_GROUP" => kafka_group: text,
+            "BSS_KAFKA_DEAD_LETTER_TOPIC" => kafka_dead_letter_topic: text,
         }
         Ok(())
     }

@@ -307,15 +307,7 @@ async fn writes_keep_committing_while_kafka_is_down_and_events_follow_when_it_re
     // The log (replay, SSE) has them; the broker does not.
     wait_for_events(&app, &token, 6).await;
     let mut db = app.db().await;
-    let (unpublished,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1
-               AND (seq IS NULL OR seq > (SELECT published_seq FROM bss.relay_state))",
-    )
-    .bind(&tenant)
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
-    assert_eq!(unpublished, 6);
+    assert_eq!(unpublished(&mut db, &tenant).await, 6);
 
     // Now the broker comes up on that address.
     let mut broker = std::process::Command::new("tansu")
@@ -332,15 +324,7 @@ async fn writes_keep_committing_while_kafka_is_down_and_events_follow_when_it_re
         .expect("tansu is installed (scripts/test installs it)");
     let mut published = false;
     for _ in 0..300 {
-        let (left,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1
-               AND (seq IS NULL OR seq > (SELECT published_seq FROM bss.relay_state))",
-        )
-        .bind(&tenant)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-        if left == 0 {
+        if unpublished(&mut db, &tenant).await == 0 {
             published = true;
             break;
         }
@@ -352,4 +336,17 @@ async fn writes_keep_committing_while_kafka_is_down_and_events_follow_when_it_re
         published,
         "the backlog was published once the broker answered"
     );
+}
+
+/// The tenant's events not yet acknowledged by the broker.
+async fn unpublished(db: &mut sqlx::PgConnection, tenant: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM bss.outbox WHERE tenant_id = $1
+            AND (seq IS NULL OR seq > (SELECT published_seq FROM bss.relay_state))",
+    )
+    .bind(tenant)
+    .fetch_one(db)
+    .await
+    .unwrap();
+    n
 }
