@@ -14,3 +14,4 @@ mod operations;
 mod records;
 mod schemas;
 mod tenants;
+mod wit;

@@ -99,11 +99,14 @@ pub fn event_context(
 ) -> crate::events::EventContext {
     crate::events::EventContext {
         source: format!("/business-store/{}", state.settings.instance_id),
+        // A caller-chosen request id is kept, within reason.
         correlation_id: headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
-            .to_owned(),
+            .chars()
+            .take(128)
+            .collect(),
     }
 }
 

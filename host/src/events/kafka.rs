@@ -233,7 +233,9 @@ async fn run_consumer(
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("dead-lettering a message: {e}"))?;
         }
-        consumer.commit_message(&msg, CommitMode::Sync)?;
+        // Async: never blocks the runtime; a commit lost in a crash only means
+        // redelivery, and the handlers are idempotent.
+        consumer.commit_message(&msg, CommitMode::Async)?;
         if lag_checked.elapsed() > Duration::from_secs(5) {
             lag_checked = std::time::Instant::now();
             report_lag(consumer.clone(), topic, msg.partition(), msg.offset());
