@@ -23,3 +23,36 @@ fn the_wit_package_parses_and_has_the_three_worlds() {
         );
     }
 }
+
+/// The example plugin, built by `scripts/test` for wasm32-wasip2, is a
+/// component of the validation-hook world (no componentize step needed).
+#[test]
+fn the_example_plugin_builds_to_a_validation_hook_component() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/target/wasm32-wasip2/release/no_negative_totals.wasm");
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test builds it)", path.display()));
+    let decoded = wit_component::decode(&bytes).unwrap();
+    let wit_component::DecodedWasm::Component(resolve, world) = decoded else {
+        panic!("not a component");
+    };
+    let exports: Vec<String> = resolve.worlds[world]
+        .exports
+        .keys()
+        .map(|k| resolve.name_world_key(k))
+        .collect();
+    assert_eq!(exports, vec!["validate".to_owned()]);
+    let imports: Vec<String> = resolve.worlds[world]
+        .imports
+        .keys()
+        .map(|k| resolve.name_world_key(k))
+        .collect();
+    assert!(
+        imports.iter().any(|i| i == "bss:plugin/host@0.1.0"),
+        "{imports:?}"
+    );
+    assert!(
+        bytes.len() < 1024 * 1024,
+        "well under the 5 MiB upload limit"
+    );
+}
