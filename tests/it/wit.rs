@@ -28,8 +28,14 @@ fn the_wit_package_parses_and_has_the_three_worlds() {
 /// component of the validation-hook world (no componentize step needed).
 #[test]
 fn the_example_plugin_builds_to_a_validation_hook_component() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../plugins/target/wasm32-wasip2/release/no_negative_totals.wasm");
+    let dir = std::env::var("BSS_TEST_PLUGINS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../plugins/target/wasm32-wasip2/release"
+        )
+        .to_owned()
+    });
+    let path = std::path::Path::new(&dir).join("no_negative_totals.wasm");
     let bytes = std::fs::read(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (scripts/test builds it)", path.display()));
     let decoded = wit_component::decode(&bytes).unwrap();
