@@ -1,20 +1,8 @@
 //! The real `bss` binary: zero-configuration start on a private PostgreSQL
 //! cluster, and graceful shutdown on SIGTERM.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bss_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|p| p.parent()).unwrap();
-    let bin = dir.join("bss");
-    assert!(
-        bin.exists(),
-        "build the binary first (cargo test --workspace builds it)"
-    );
-    bin
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -41,7 +29,7 @@ async fn wait_ready(url: &str) -> bool {
 async fn with_no_database_configured_it_runs_a_private_cluster_and_stops_it_on_sigterm() {
     let data = std::env::temp_dir().join(format!("bss-private-{}", uuid::Uuid::new_v4().simple()));
     let port = free_port();
-    let mut child = Command::new(bss_binary())
+    let mut child = Command::new(bss_tests::bss_binary())
         .arg("serve")
         .env_remove("DATABASE_URL")
         .env("BSS_LOCAL_POSTGRES", "private")

@@ -14,13 +14,8 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-fn bss_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|p| p.parent()).unwrap().join("bss")
-}
-
 fn start(port: u16, database_url: &str, kafka: &str) -> Child {
-    Command::new(bss_binary())
+    Command::new(bss_tests::bss_binary())
         .arg("serve")
         .env("DATABASE_URL", database_url)
         .env("KAFKA_BROKERS", kafka)

@@ -214,6 +214,24 @@ pub fn mint(claims: &Claims) -> String {
     jwt::mint(SECRET, claims).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The `bss` binary: `BSS_TEST_BIN` (set by `scripts/test`, which builds
+/// it), else next to the test executable's directory.
+pub fn bss_binary() -> std::path::PathBuf {
+    let bin = match std::env::var_os("BSS_TEST_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent()?.parent().map(|d| d.join("bss")))
+            .unwrap_or_default(),
+    };
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with scripts/test (it builds the binary)",
+        bin.display()
+    );
+    bin
+}
+
 /// A minimal Server-Sent Events reader over a streaming response.
 pub struct SseReader {
     resp: Response,
