@@ -120,8 +120,7 @@ async fn full_payload_resources_carry_the_record_without_encrypted_fields() {
     let (_, token) = app.tenant().await;
     let mut schema = invoice_schema();
     schema["x-event-payload"] = json!("full");
-    app.put("/v1/schemas/invoices", &token, &json!({"schema": schema}))
-        .await;
+    app.put_schema("invoices", &token, schema).await;
     app.post(
         "/v1/data/invoices",
         &token,

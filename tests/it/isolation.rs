@@ -76,13 +76,9 @@ async fn a_token_for_a_tenant_that_does_not_exist_sees_nothing() {
     assert_eq!(app.get("/v1/schemas", &ghost).await.status(), 404);
     assert_eq!(app.get("/v1/data/invoices", &ghost).await.status(), 404);
     assert_eq!(
-        app.put(
-            "/v1/schemas/invoices",
-            &ghost,
-            &json!({"schema": invoice_schema()})
-        )
-        .await
-        .status(),
+        app.put_schema("invoices", &ghost, invoice_schema())
+            .await
+            .status(),
         404
     );
     let bad = token("Not_Valid", &["admin"]);

@@ -346,7 +346,7 @@ async fn records_written_under_an_old_schema_version_are_revalidated() {
     let other = TestApp::spawn_with(|s| s.database_url = Some(app.database_url.clone())).await;
     assert_eq!(
         other
-            .put("/v1/schemas/invoices", &token, &json!({"schema": stricter}))
+            .put_schema("invoices", &token, stricter)
             .await
             .status(),
         201

@@ -9,34 +9,20 @@ use serde_json::json;
 async fn every_change_is_a_new_version_and_history_is_kept() {
     let app = TestApp::spawn().await;
     let (_, token) = app.tenant().await;
-    let v1 = app
-        .put(
-            "/v1/schemas/invoices",
-            &token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let v1 = app.put_schema("invoices", &token, invoice_schema()).await;
     assert_eq!(v1.status(), 201);
     let v1 = body(v1).await;
     assert_eq!(v1["version"], 1);
     assert_eq!(v1["resource"], "invoices");
     assert_eq!(v1["createdBy"], "user:tester");
 
-    let same = app
-        .put(
-            "/v1/schemas/invoices",
-            &token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let same = app.put_schema("invoices", &token, invoice_schema()).await;
     assert_eq!(same.status(), 200);
     assert_eq!(body(same).await["version"], 1);
 
     let mut s2 = invoice_schema();
     s2["properties"]["note"] = json!({"type": "string"});
-    let v2 = app
-        .put("/v1/schemas/invoices", &token, &json!({"schema": s2}))
-        .await;
+    let v2 = app.put_schema("invoices", &token, s2).await;
     assert_eq!(v2.status(), 201);
     assert_eq!(body(v2).await["version"], 2);
 
@@ -143,9 +129,7 @@ async fn a_change_that_stored_records_would_violate_is_refused_naming_them() {
     .await;
     let mut stricter = invoice_schema();
     stricter["properties"]["total"]["maximum"] = json!(100);
-    let resp = app
-        .put("/v1/schemas/invoices", &token, &json!({"schema": stricter}))
-        .await;
+    let resp = app.put_schema("invoices", &token, stricter.clone()).await;
     assert_eq!(resp.status(), 409);
     let b = body(resp).await;
     let big_id = big["id"].as_str().unwrap();
@@ -172,9 +156,7 @@ async fn a_change_that_stored_records_would_violate_is_refused_naming_them() {
         )
         .await;
     assert_eq!(fixed.status(), 200);
-    let resp = app
-        .put("/v1/schemas/invoices", &token, &json!({"schema": stricter}))
-        .await;
+    let resp = app.put_schema("invoices", &token, stricter).await;
     assert_eq!(resp.status(), 201);
 }
 
@@ -201,16 +183,14 @@ async fn x_index_fields_get_an_index_and_lose_it_when_unmarked() {
     assert_eq!(count(&app).await, 1);
     let mut s = invoice_schema();
     s["properties"]["status"]["x-index"] = json!(true);
-    app.put("/v1/schemas/invoices", &token, &json!({"schema": s}))
-        .await;
+    app.put_schema("invoices", &token, s).await;
     assert_eq!(count(&app).await, 2);
     let mut s = invoice_schema();
     s["properties"]["total"]
         .as_object_mut()
         .unwrap()
         .remove("x-index");
-    app.put("/v1/schemas/invoices", &token, &json!({"schema": s}))
-        .await;
+    app.put_schema("invoices", &token, s).await;
     assert_eq!(count(&app).await, 0);
 }
 
@@ -221,26 +201,14 @@ async fn the_validation_service_checks_schemas_when_configured() {
     let valid = validation_service(Behaviour::Valid).await;
     let app = TestApp::spawn_with(|s| s.validation_service_url = Some(valid.url.clone())).await;
     let (_, token) = app.tenant().await;
-    let resp = app
-        .put(
-            "/v1/schemas/invoices",
-            &token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let resp = app.put_schema("invoices", &token, invoice_schema()).await;
     assert_eq!(resp.status(), 201);
     assert_eq!(valid.calls(), 1);
 
     let invalid = validation_service(Behaviour::Invalid).await;
     let app = TestApp::spawn_with(|s| s.validation_service_url = Some(invalid.url.clone())).await;
     let (_, token) = app.tenant().await;
-    let resp = app
-        .put(
-            "/v1/schemas/invoices",
-            &token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let resp = app.put_schema("invoices", &token, invoice_schema()).await;
     assert_eq!(resp.status(), 422);
     let b = body(resp).await;
     assert_eq!(b["errors"][0]["message"], "totals must declare a currency");
@@ -248,13 +216,7 @@ async fn the_validation_service_checks_schemas_when_configured() {
 }
 
 async fn assert_unavailable(app: &TestApp, token: &str) {
-    let resp = app
-        .put(
-            "/v1/schemas/invoices",
-            token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let resp = app.put_schema("invoices", token, invoice_schema()).await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().get("retry-after").is_some());
     let b = body(resp).await;
@@ -333,13 +295,7 @@ async fn with_the_fallback_enabled_a_down_service_falls_back_to_the_local_check(
     })
     .await;
     let (_, token) = app.tenant().await;
-    let resp = app
-        .put(
-            "/v1/schemas/invoices",
-            &token,
-            &json!({"schema": invoice_schema()}),
-        )
-        .await;
+    let resp = app.put_schema("invoices", &token, invoice_schema()).await;
     assert_eq!(resp.status(), 201);
     let resp = app
         .put(

@@ -24,12 +24,7 @@ async fn creating_a_tenant_makes_its_schema_and_grants_analytics_read_access() {
     assert_eq!(got["name"], "Acme");
 
     let token = token("acme-1", &["admin"]);
-    app.put(
-        "/v1/schemas/invoices",
-        &token,
-        &json!({"schema": invoice_schema()}),
-    )
-    .await;
+    app.put_schema("invoices", &token, invoice_schema()).await;
     let mut db = app.db().await;
     let (schema_ok, table_ok): (bool, bool) = sqlx::query_as(
         "SELECT has_schema_privilege('bss_analytics', 't_acme_1', 'USAGE'),
@@ -103,13 +98,9 @@ async fn long_tenant_ids_get_a_schema_of_their_own() {
         );
         let t = token(id, &["admin"]);
         assert_eq!(
-            app.put(
-                "/v1/schemas/invoices",
-                &t,
-                &json!({"schema": invoice_schema()})
-            )
-            .await
-            .status(),
+            app.put_schema("invoices", &t, invoice_schema())
+                .await
+                .status(),
             201
         );
     }

@@ -120,6 +120,16 @@ impl TestApp {
         .await
     }
 
+    /// `PUT /v1/schemas/{resource}` with `{"schema": schema}`.
+    pub async fn put_schema(&self, resource: &str, token: &str, schema: Value) -> Response {
+        self.put(
+            &format!("/v1/schemas/{resource}"),
+            token,
+            &json!({ "schema": schema }),
+        )
+        .await
+    }
+
     /// Creates a tenant with a unique id; returns the id and an admin token.
     pub async fn tenant(&self) -> (String, String) {
         let id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -138,13 +148,7 @@ impl TestApp {
     /// A tenant with an `invoices` resource.
     pub async fn tenant_with_invoices(&self) -> (String, String) {
         let (id, token) = self.tenant().await;
-        let resp = self
-            .put(
-                "/v1/schemas/invoices",
-                &token,
-                &json!({"schema": invoice_schema()}),
-            )
-            .await;
+        let resp = self.put_schema("invoices", &token, invoice_schema()).await;
         assert_eq!(resp.status(), 201);
         (id, token)
     }
