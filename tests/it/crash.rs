@@ -149,7 +149,7 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let stored: HashSet<String> = sqlx::query_as::<_, (String,)>(&format!(
+    let stored: HashSet<String> = sqlx::query_scalar(&format!(
         "SELECT id FROM \"t_{}\".invoices",
         tenant.replace('-', "_")
     ))
@@ -157,19 +157,15 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
     .await
     .unwrap()
     .into_iter()
-    .map(|(id,)| id)
     .collect();
-    let logged: Vec<String> = sqlx::query_as::<_, (String,)>(
+    let logged: Vec<String> = sqlx::query_scalar(
         "SELECT envelope->'data'->>'recordId' FROM bss.outbox
           WHERE tenant_id = $1 AND type = 'business_store.data.created'",
     )
     .bind(&tenant)
     .fetch_all(&mut db)
     .await
-    .unwrap()
-    .into_iter()
-    .map(|(id,)| id)
-    .collect();
+    .unwrap();
     let logged_set: HashSet<String> = logged.iter().cloned().collect();
     assert_eq!(
         logged.len(),

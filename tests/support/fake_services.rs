@@ -33,7 +33,8 @@ impl Fake {
     }
 }
 
-async fn serve(router: Router) -> String {
+/// A listener on a free loopback port, and its URL.
+async fn bind_local() -> (tokio::net::TcpListener, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -41,6 +42,11 @@ async fn serve(router: Router) -> String {
         "http://{}",
         listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
     );
+    (listener, url)
+}
+
+async fn serve(router: Router) -> String {
+    let (listener, url) = bind_local().await;
     tokio::spawn(async move { axum::serve(listener, router).await });
     url
 }
@@ -97,13 +103,5 @@ pub async fn auth_service(jwks: Value) -> Fake {
 
 /// A URL where nothing listens.
 pub async fn nothing_listening() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let url = format!(
-        "http://{}",
-        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
-    );
-    drop(listener);
-    url
+    bind_local().await.1
 }

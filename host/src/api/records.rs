@@ -112,8 +112,8 @@ fn record_events(
 ) -> RecordEvents {
     RecordEvents {
         template: envelope::template(&super::event_context(state, headers), tenant),
-        full: schema.event_payload() == "full",
-        hidden: schema.hidden_fields(),
+        full: schema.full_events(),
+        hidden: schema.hidden_fields().to_vec(),
     }
 }
 

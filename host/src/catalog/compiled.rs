@@ -55,6 +55,10 @@ pub struct CompiledSchema {
     pub created_by: String,
     validator: jsonschema::Validator,
     fields: BTreeMap<String, FieldInfo>,
+    /// Top-level `x-encrypted` fields, never copied into events.
+    hidden: Vec<String>,
+    /// `x-event-payload: full`: events carry the record.
+    full_events: bool,
 }
 
 impl CompiledSchema {
@@ -74,6 +78,12 @@ impl CompiledSchema {
             .map_err(|e| vec![FieldError::schema("/schema", e.to_string())])?;
         let mut fields = BTreeMap::new();
         collect_fields(&schema, &mut Vec::new(), &mut fields);
+        let hidden = fields
+            .values()
+            .filter(|f| f.encrypted && f.path.len() == 1)
+            .map(|f| f.path[0].clone())
+            .collect();
+        let full_events = schema.get("x-event-payload").and_then(Value::as_str) == Some("full");
         Ok(Self {
             version,
             schema,
@@ -81,6 +91,8 @@ impl CompiledSchema {
             created_by,
             validator,
             fields,
+            hidden,
+            full_events,
         })
     }
 
@@ -109,20 +121,14 @@ impl CompiledSchema {
     }
 
     /// Top-level fields never copied into events (`x-encrypted`).
-    pub fn hidden_fields(&self) -> Vec<String> {
-        self.fields
-            .values()
-            .filter(|f| f.encrypted && f.path.len() == 1)
-            .map(|f| f.path[0].clone())
-            .collect()
+    pub fn hidden_fields(&self) -> &[String] {
+        &self.hidden
     }
 
-    /// `keys` (default) or `full`: what change events carry.
-    pub fn event_payload(&self) -> &str {
-        self.schema
-            .get("x-event-payload")
-            .and_then(Value::as_str)
-            .unwrap_or("keys")
+    /// Whether change events carry the record (`x-event-payload: full`;
+    /// the default, `keys`, carries only its keys).
+    pub fn full_events(&self) -> bool {
+        self.full_events
     }
 }
 

@@ -56,17 +56,13 @@ pub fn record_events_cte(first: usize) -> String {
 /// single statement).
 pub async fn insert<'e>(
     exec: impl PgExecutor<'e>,
+    id: uuid::Uuid,
     tenant: &str,
     resource: &str,
     kind: &str,
     key: &str,
     envelope: &Value,
 ) -> Result<(), sqlx::Error> {
-    let id = envelope
-        .get("id")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<uuid::Uuid>().ok())
-        .unwrap_or_else(super::envelope::new_event_id);
     sqlx::query(
         "INSERT INTO bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope)
          VALUES ($1, $2, $3, $4, $5, $6)",

@@ -46,16 +46,16 @@ pub struct Target<'a> {
 /// Binds the parameters of [`record_events_cte`]: one event per record id.
 fn bind_events<'q, O>(
     q: QueryAs<'q, Postgres, O, PgArguments>,
-    t: Target<'_>,
-    events: &RecordEvents,
+    t: Target<'q>,
+    events: &'q RecordEvents,
     ids: Vec<String>,
 ) -> QueryAs<'q, Postgres, O, PgArguments> {
     let event_ids: Vec<uuid::Uuid> = ids.iter().map(|_| new_event_id()).collect();
-    q.bind(t.tenant.as_str().to_owned())
-        .bind(t.resource.as_str().to_owned())
-        .bind(events.template.clone())
+    q.bind(t.tenant.as_str())
+        .bind(t.resource.as_str())
+        .bind(&events.template)
         .bind(events.full)
-        .bind(events.hidden.clone())
+        .bind(&events.hidden)
         .bind(ids)
         .bind(event_ids)
 }
@@ -135,11 +135,7 @@ pub async fn create(
     if let Some(replay) = claim_key(&mut tx, t.tenant, key).await? {
         return Ok(replay);
     }
-    let row = insert(&mut *tx, t, events, id, data).await;
-    let row = match row {
-        Err(StorageError::SchemaChanged) => return Err(StorageError::SchemaChanged),
-        other => other?,
-    };
+    let row = insert(&mut *tx, t, events, id, data).await?;
     sqlx::query(&format!(
         "UPDATE {}._idempotency SET status = 201, response = $2 WHERE key = $1",
         t.tenant.schema_ident()

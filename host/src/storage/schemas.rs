@@ -175,10 +175,11 @@ pub async fn apply(
     .await?;
     sync_indexes(&mut tx, tenant, resource, compiled).await?;
     let created = version_row(&mut tx, tenant, resource, next).await?;
+    let event_id = envelope::new_event_id();
     let event = envelope::complete(
         events,
         tenant,
-        envelope::new_event_id(),
+        event_id,
         SCHEMA_UPDATED,
         resource.as_str(),
         serde_json::json!({
@@ -192,6 +193,7 @@ pub async fn apply(
     let key = format!("{tenant}/{resource}");
     outbox::insert(
         &mut *tx,
+        event_id,
         tenant.as_str(),
         resource.as_str(),
         SCHEMA_UPDATED,
