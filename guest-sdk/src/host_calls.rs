@@ -3,6 +3,22 @@
 
 use serde_json::Value;
 
+#[cfg(all(
+    target_arch = "wasm32",
+    feature = "event-enricher",
+    not(feature = "validation-hook")
+))]
+use crate::event_enricher::bss::plugin::host as wit_host;
+/// The host interface of whichever world this plugin is built for.
+#[cfg(all(target_arch = "wasm32", feature = "validation-hook"))]
+use crate::validation_hook::bss::plugin::host as wit_host;
+#[cfg(all(
+    target_arch = "wasm32",
+    feature = "webhook-transformer",
+    not(any(feature = "validation-hook", feature = "event-enricher"))
+))]
+use crate::webhook_transformer::bss::plugin::host as wit_host;
+
 /// Log levels of [`log`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -23,7 +39,7 @@ pub enum Level {
 pub fn log(level: Level, message: &str) {
     #[cfg(target_arch = "wasm32")]
     {
-        use crate::validation_hook::bss::plugin::host::{self, Level as L};
+        use wit_host::Level as L;
         let level = match level {
             Level::Trace => L::Trace,
             Level::Debug => L::Debug,
@@ -31,7 +47,7 @@ pub fn log(level: Level, message: &str) {
             Level::Warn => L::Warn,
             Level::Error => L::Error,
         };
-        host::log(level, message);
+        wit_host::log(level, message);
     }
     #[cfg(not(target_arch = "wasm32"))]
     crate::testing::record_log(level, message);
@@ -43,8 +59,7 @@ pub fn log(level: Level, message: &str) {
 pub fn forward(service: &str, path: &str, body: &Value) -> Result<Value, String> {
     #[cfg(target_arch = "wasm32")]
     {
-        let answer =
-            crate::validation_hook::bss::plugin::host::forward(service, path, &body.to_string())?;
+        let answer = wit_host::forward(service, path, &body.to_string())?;
         serde_json::from_str(&answer)
             .map_err(|e| format!("the {service} service answered non-JSON: {e}"))
     }

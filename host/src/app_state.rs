@@ -11,6 +11,7 @@ use crate::catalog::SchemaCache;
 use crate::config::Settings;
 use crate::events::broker::Broker;
 use crate::events::relay::EventLog;
+use crate::plugins::Plugins;
 use crate::services::ValidationService;
 
 #[derive(Debug)]
@@ -23,6 +24,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub broker: Arc<Broker>,
     pub event_log: EventLog,
+    pub plugins: Arc<Plugins>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -40,6 +40,9 @@ pub struct Settings {
     /// Validation Service base URL (`VALIDATION_SERVICE_URL`); unset means the
     /// built-in meta-schema check.
     pub validation_service_url: Option<String>,
+    /// Task Execution Service base URL (`TASK_SERVICE_URL`); unset means the
+    /// built-in stand-in, which accepts schedules and logs them.
+    pub task_service_url: Option<String>,
     /// Fall back to the local meta-schema check when the Validation Service is
     /// unavailable (`BSS_VALIDATION_FALLBACK=true`) instead of answering 503.
     pub validation_fallback: bool,
@@ -78,6 +81,22 @@ pub struct Settings {
     pub kafka_group: String,
     /// Where malformed consumed messages go (`BSS_KAFKA_DEAD_LETTER_TOPIC`).
     pub kafka_dead_letter_topic: String,
+    /// Where compiled plugins are cached (`BSS_PLUGIN_CACHE_DIR`; default
+    /// `<data dir>/plugin-cache`).
+    pub plugin_cache_dir: Option<PathBuf>,
+    /// Largest plugin module accepted, in bytes (`BSS_PLUGIN_MAX_MODULE_BYTES`).
+    pub plugin_max_module_bytes: usize,
+    /// Longest compilation of an upload, in seconds (`BSS_PLUGIN_COMPILE_TIMEOUT_SECS`).
+    pub plugin_compile_timeout_secs: u64,
+    /// Ceilings on what a manifest may ask for: deadline per call in ms
+    /// (`BSS_PLUGIN_MAX_DEADLINE_MS`), fuel (`BSS_PLUGIN_MAX_FUEL`) and
+    /// linear memory in MiB (`BSS_PLUGIN_MAX_MEMORY_MIB`).
+    pub plugin_max_deadline_ms: u64,
+    pub plugin_max_fuel: u64,
+    pub plugin_max_memory_mib: u64,
+    /// Consecutive failures that trip a plugin, and for how long (seconds).
+    pub plugin_breaker_threshold: u32,
+    pub plugin_breaker_open_secs: u64,
 }
 
 impl Default for Settings {
@@ -118,6 +137,15 @@ impl Default for Settings {
             kafka_replication: 1,
             kafka_group: "business-store".into(),
             kafka_dead_letter_topic: "business_store.dead_letter".into(),
+            task_service_url: None,
+            plugin_cache_dir: None,
+            plugin_max_module_bytes: 5 * 1024 * 1024,
+            plugin_compile_timeout_secs: 60,
+            plugin_max_deadline_ms: 1000,
+            plugin_max_fuel: 100_000_000,
+            plugin_max_memory_mib: 64,
+            plugin_breaker_threshold: 5,
+            plugin_breaker_open_secs: 30,
         }
     }
 }
@@ -160,6 +188,7 @@ impl Settings {
             };
             (@text $key:literal, $v:ident) => { $v.into() };
             (@some $key:literal, $v:ident) => { Some($v) };
+            (@some_path $key:literal, $v:ident) => { Some(PathBuf::from($v)) };
             (@parsed $key:literal, $v:ident) => { parse($key, $v)? };
         }
         from_env! {
@@ -192,12 +221,42 @@ impl Settings {
             "BSS_KAFKA_REPLICATION" => kafka_replication: parsed,
             "BSS_KAFKA_GROUP" => kafka_group: text,
             "BSS_KAFKA_DEAD_LETTER_TOPIC" => kafka_dead_letter_topic: text,
+            "TASK_SERVICE_URL" => task_service_url: some,
+            "BSS_PLUGIN_CACHE_DIR" => plugin_cache_dir: some_path,
+            "BSS_PLUGIN_MAX_MODULE_BYTES" => plugin_max_module_bytes: parsed,
+            "BSS_PLUGIN_COMPILE_TIMEOUT_SECS" => plugin_compile_timeout_secs: parsed,
+            "BSS_PLUGIN_MAX_DEADLINE_MS" => plugin_max_deadline_ms: parsed,
+            "BSS_PLUGIN_MAX_FUEL" => plugin_max_fuel: parsed,
+            "BSS_PLUGIN_MAX_MEMORY_MIB" => plugin_max_memory_mib: parsed,
+            "BSS_PLUGIN_BREAKER_THRESHOLD" => plugin_breaker_threshold: parsed,
+            "BSS_PLUGIN_BREAKER_OPEN_SECS" => plugin_breaker_open_secs: parsed,
         }
         Ok(())
     }
 
     pub fn service_timeout(&self) -> Duration {
         Duration::from_millis(self.service_timeout_ms)
+    }
+
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugin_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugin-cache"))
+    }
+
+    pub fn plugin_settings(&self) -> crate::plugins::PluginSettings {
+        crate::plugins::PluginSettings {
+            ceilings: crate::plugins::Ceilings {
+                deadline_ms: self.plugin_max_deadline_ms,
+                fuel: self.plugin_max_fuel,
+                memory_mib: self.plugin_max_memory_mib,
+                output_bytes: 1024 * 1024,
+            },
+            max_module_bytes: self.plugin_max_module_bytes,
+            compile_timeout: Duration::from_secs(self.plugin_compile_timeout_secs),
+            breaker_threshold: self.plugin_breaker_threshold,
+            breaker_open: Duration::from_secs(self.plugin_breaker_open_secs),
+        }
     }
 }
 

@@ -19,6 +19,10 @@ pub struct FieldError {
     /// (a schema change refused because of existing records).
     #[serde(rename = "recordId", skip_serializing_if = "Option::is_none")]
     pub record_id: Option<String>,
+    /// A stable code for the error, when its source has one (a plugin's
+    /// violation code; the limit a failing plugin hit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl FieldError {
@@ -28,6 +32,7 @@ impl FieldError {
             message: message.into(),
             source: "schema".into(),
             record_id: None,
+            code: None,
         }
     }
 
@@ -37,6 +42,7 @@ impl FieldError {
             message: message.into(),
             source: "request".into(),
             record_id: None,
+            code: None,
         }
     }
 }
@@ -79,6 +85,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{detail}")]
     Unprocessable {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// A tenant's plugin failed (a limit, a trap): the write is refused.
+    #[error("{detail}")]
+    PluginFailed {
         detail: String,
         errors: Vec<FieldError>,
     },
@@ -127,7 +139,9 @@ impl ApiError {
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unprocessable { .. } | Self::PluginFailed { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -144,6 +158,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "payload-too-large",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Unprocessable { .. } => "validation-failed",
+            Self::PluginFailed { .. } => "plugin-failed",
             Self::Unavailable { .. } => "dependency-unavailable",
             Self::Internal(_) => "internal",
         }
@@ -154,7 +169,8 @@ impl ApiError {
         let (detail, errors) = match self {
             Self::BadRequest { detail, errors }
             | Self::Conflict { detail, errors }
-            | Self::Unprocessable { detail, errors } => (detail.clone(), errors.clone()),
+            | Self::Unprocessable { detail, errors }
+            | Self::PluginFailed { detail, errors } => (detail.clone(), errors.clone()),
             Self::Internal(_) => (
                 "the server failed to handle this request; it has been logged".to_owned(),
                 vec![],

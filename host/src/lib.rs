@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod plugins;
 pub mod services;
 pub mod startup;
 pub mod storage;

@@ -16,7 +16,8 @@ use crate::config::{DEV_JWT_SECRET, Settings};
 use crate::events::broker::Broker;
 use crate::events::kafka::{self, KafkaConfig, KafkaPublisher};
 use crate::events::relay::{self, EventLog, RelayConfig};
-use crate::services::{ServiceClient, ValidationService};
+use crate::plugins::{Plugins, Runtime};
+use crate::services::{PlatformServices, ServiceClient, ValidationService};
 use crate::storage::{Database, tenants};
 
 #[derive(Debug)]
@@ -55,6 +56,21 @@ impl Application {
                 None
             }
         };
+        let client = |name: &'static str, url: &Option<String>| {
+            url.as_deref()
+                .map(|u| ServiceClient::new(name, u, &settings))
+                .transpose()
+        };
+        let services = PlatformServices::new(
+            client("validation", &settings.validation_service_url)?,
+            client("task", &settings.task_service_url)?,
+        );
+        let runtime = Runtime::new(&settings.plugin_cache_dir(), Some(Arc::new(services)))?;
+        let plugins = Arc::new(Plugins::new(
+            Arc::new(runtime),
+            database.pool.clone(),
+            settings.plugin_settings(),
+        ));
         let kafka = kafka_config(&settings)
             .map(|c| KafkaPublisher::new(c.clone()).map(|p| (c, Arc::new(p))))
             .transpose()?;
@@ -73,6 +89,7 @@ impl Application {
             metrics: crate::telemetry::metrics(),
             broker: Arc::new(broker),
             event_log: EventLog::default(),
+            plugins,
             settings,
         });
         Ok(Self {
@@ -101,10 +118,12 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let reaper = tokio::spawn(reap_archived_tenants(self.state.clone()));
+        let plugin_changes = tokio::spawn(self.state.plugins.clone().follow_changes());
         let relay = tokio::spawn(relay::run(
             self.state.pool.clone(),
             self.state.broker.clone(),
             self.state.event_log.clone(),
+            self.state.plugins.clone(),
             RelayConfig {
                 database_url_options: self.database.options.clone(),
                 retention_secs: self.state.settings.event_retention_secs,
@@ -121,6 +140,7 @@ impl Application {
             .context("serving HTTP")?;
         reaper.abort();
         relay.abort();
+        plugin_changes.abort();
         if let Some(c) = consumer {
             c.abort();
         }

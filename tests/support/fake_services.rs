@@ -105,3 +105,37 @@ pub async fn auth_service(jwks: Value) -> Fake {
 pub async fn nothing_listening() -> String {
     bind_local().await.1
 }
+
+/// A service that accepts connections and never answers.
+pub async fn hanging_service() -> String {
+    let router = Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        StatusCode::OK
+    });
+    serve(router).await
+}
+
+/// A Task Execution Service that records what it was asked to schedule.
+pub async fn task_service() -> (Fake, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (counter, log) = (calls.clone(), seen.clone());
+    let router = Router::new().route(
+        "/api/task/schedule",
+        post(move |Json(body): Json<Value>| {
+            let (counter, log) = (counter.clone(), log.clone());
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                log.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+                Json(json!({"taskId": format!("task-{n}")}))
+            }
+        }),
+    );
+    (
+        Fake {
+            url: serve(router).await,
+            calls,
+        },
+        seen,
+    )
+}

@@ -59,7 +59,25 @@ pub fn test_settings() -> Settings {
     s.jwt_secret = SECRET.into();
     s.service_timeout_ms = 500;
     s.service_attempts = 2;
+    s.plugin_cache_dir = Some(std::env::temp_dir().join(format!(
+        "bss-test-plugin-cache-{}",
+        uuid::Uuid::new_v4().simple()
+    )));
     s
+}
+
+/// A plugin component built by `scripts/test` (`no_negative_totals`, …).
+pub fn plugin_bytes(name: &str) -> Vec<u8> {
+    let dir = std::env::var("BSS_TEST_PLUGINS").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../plugins/target/wasm32-wasip2/release"
+        )
+        .to_owned()
+    });
+    let path = std::path::Path::new(&dir).join(format!("{name}.wasm"));
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/test builds the plugins)", path.display()))
 }
 
 impl TestApp {
@@ -151,6 +169,39 @@ impl TestApp {
         let resp = self.put_schema("invoices", &token, invoice_schema()).await;
         assert_eq!(resp.status(), 201);
         (id, token)
+    }
+
+    /// `POST /v1/plugins` with a manifest and a module.
+    pub async fn upload_plugin(&self, token: &str, manifest: Value, module: Vec<u8>) -> Response {
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "manifest",
+                reqwest::multipart::Part::text(manifest.to_string())
+                    .mime_str("application/json")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+            .part(
+                "module",
+                reqwest::multipart::Part::bytes(module)
+                    .mime_str("application/wasm")
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
+        send(
+            self.request(Method::POST, "/v1/plugins", Some(token))
+                .multipart(form),
+        )
+        .await
+    }
+
+    /// Uploads a plugin and expects it to be accepted; returns the answer.
+    pub async fn install_plugin(&self, token: &str, manifest: Value, file: &str) -> Value {
+        let resp = self
+            .upload_plugin(token, manifest, plugin_bytes(file))
+            .await;
+        let status = resp.status();
+        let answer = body(resp).await;
+        assert_eq!(status, 201, "{answer:#}");
+        answer
     }
 
     pub async fn db(&self) -> sqlx::PgConnection {

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod events;
 pub mod extract;
 pub mod operations;
+pub mod plugins;
 pub mod records;
 pub mod schemas;
 pub mod tenants;
@@ -33,7 +34,7 @@ use crate::error::ApiError;
 #[openapi(
     info(title = "Business Store", description = "Multi-tenant business data service"),
     modifiers(&BearerAuth),
-    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "operations"))
+    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "plugins"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -61,6 +62,7 @@ pub fn routes() -> (Router<SharedState>, utoipa::openapi::OpenApi) {
         .merge(schemas::router())
         .merge(records::router())
         .merge(events::router())
+        .merge(plugins::router())
         .merge(broker::router())
         .merge(operations::router())
         .split_for_parts()

@@ -25,6 +25,7 @@ use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::events::envelope;
 use crate::events::outbox::RecordEvents;
+use crate::plugins::{WriteCall, WriteDoc};
 use crate::storage::StorageError;
 use crate::storage::query::{ListQuery, project};
 use crate::storage::records::{self, Created, Idempotency, Patch, Record, Target};
@@ -93,6 +94,38 @@ fn validate(schema: &CompiledSchema, resource: &ResourceName, doc: &Value) -> Ap
             errors,
         )
     })
+}
+
+/// Runs the tenant's validation hooks bound to the resource (after the
+/// JSON Schema check): 422 `plugin:<name>` when one refuses, and the write
+/// is refused too when one fails.
+async fn run_hooks(
+    state: &SharedState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    resource: &ResourceName,
+    operation: &'static str,
+    docs: Vec<WriteDoc>,
+) -> ApiResult<()> {
+    let Some(tenant) = principal.tenant.as_ref() else {
+        return Ok(());
+    };
+    let call = WriteCall {
+        tenant,
+        resource: resource.as_str(),
+        operation,
+        actor: principal.actor(),
+        request_id: super::event_context(state, headers).correlation_id,
+    };
+    state.plugins.check_write(call, docs).await
+}
+
+fn one_doc(record: &Value, previous: Option<&Value>) -> Vec<WriteDoc> {
+    vec![WriteDoc {
+        path: String::new(),
+        record: record.to_string(),
+        previous: previous.map(Value::to_string),
+    }]
 }
 
 fn target<'a>(t: &'a TenantId, r: &'a ResourceName, s: &CompiledSchema) -> Target<'a> {
@@ -177,8 +210,18 @@ async fn create_record(
     let id = RecordId::generate();
     let created = with_schema(&state, tenant, &resource, |schema| {
         let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
+        let principal = &principal;
         async move {
             validate(&schema, resource, doc)?;
+            run_hooks(
+                state,
+                principal,
+                headers,
+                resource,
+                "create",
+                one_doc(doc, None),
+            )
+            .await?;
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
             Ok(records::create(&state.pool, t, &events, id, doc, idem).await)
@@ -265,8 +308,21 @@ async fn put_record(
     let expected = if_match(&headers)?;
     let (record, created) = with_schema(&state, tenant, &resource, |schema| {
         let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
+        let principal = &principal;
         async move {
             validate(&schema, resource, doc)?;
+            if state
+                .plugins
+                .hooks_bound(tenant, resource.as_str(), false)
+                .await?
+            {
+                // The stored record as read just before the write.
+                let previous = records::get(&state.pool, target(tenant, resource, &schema), id)
+                    .await?
+                    .map(|r| r.data);
+                let docs = one_doc(doc, previous.as_ref());
+                run_hooks(state, principal, headers, resource, "replace", docs).await?;
+            }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
             Ok(records::put(&state.pool, t, &events, id, doc, expected).await)
@@ -306,6 +362,7 @@ async fn patch_record(
     }
     let record = with_schema(&state, tenant, &resource, |schema| {
         let (id, patch, resource, state, headers) = (&id, &patch, &resource, &state, &headers);
+        let principal = &principal;
         async move {
             let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
                 Ok(tx) => tx,
@@ -322,6 +379,8 @@ async fn patch_record(
             let mut doc = tx.current.data.clone();
             json_patch::merge(&mut doc, patch);
             validate(&schema, resource, &doc)?;
+            let docs = one_doc(&doc, Some(&tx.current.data));
+            run_hooks(state, principal, headers, resource, "patch", docs).await?;
             let events = record_events(state, headers, tenant, &schema);
             Ok(tx.commit(&doc, &events).await)
         }
@@ -347,6 +406,17 @@ async fn delete_record(
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let expected = if_match(&headers)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
+    if state
+        .plugins
+        .hooks_bound(tenant, resource.as_str(), true)
+        .await?
+    {
+        let current = records::get(&state.pool, target(tenant, &resource, &schema), &id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+        let docs = one_doc(&current.data, Some(&current.data));
+        run_hooks(&state, &principal, &headers, &resource, "delete", docs).await?;
+    }
     let events = record_events(&state, &headers, tenant, &schema);
     let t = target(tenant, &resource, &schema);
     records::delete(&state.pool, t, &events, &id, expected).await?;
@@ -397,6 +467,7 @@ async fn create_batch(
         .collect();
     let created = with_schema(&state, tenant, &resource, |schema| {
         let (items, resource, state, headers) = (&items, &resource, &state, &headers);
+        let principal = &principal;
         async move {
             let errors: Vec<FieldError> = items
                 .iter()
@@ -415,6 +486,16 @@ async fn create_batch(
                     errors,
                 ));
             }
+            let docs = items
+                .iter()
+                .enumerate()
+                .map(|(i, (_, doc))| WriteDoc {
+                    path: format!("/items/{i}"),
+                    record: doc.to_string(),
+                    previous: None,
+                })
+                .collect();
+            run_hooks(state, principal, headers, resource, "batch", docs).await?;
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
             Ok(records::create_batch(&state.pool, t, &events, items).await)

@@ -81,19 +81,75 @@ pub async fn insert<'e>(
 const EVENT_COLUMNS: &str =
     "seq, event_id, tenant_id, resource, type, kafka_key, envelope, created_at";
 
+/// Whether the tenant of outbox row `o` has an active event enricher.
+const HAS_ENRICHER: &str = "EXISTS (SELECT 1 FROM bss.plugins p
+     WHERE p.tenant_id = o.tenant_id AND p.kind = 'event-enricher' AND p.active_version IS NOT NULL)";
+
+/// A committed event waiting for its tenant's enrichers.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Unenriched {
+    pub id: i64,
+    pub tenant_id: String,
+    pub resource: String,
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub envelope: Value,
+}
+
+/// Unsequenced events of tenants with enrichers, not yet enriched, in `id` order.
+pub async fn unenriched(pool: &PgPool, limit: i64) -> Result<Vec<Unenriched>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT o.id, o.tenant_id, o.resource, o.type, o.envelope FROM bss.outbox o
+          WHERE o.seq IS NULL AND NOT o.enriched AND {HAS_ENRICHER}
+          ORDER BY o.id LIMIT $1"
+    ))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Records enrichment results: unchanged rows, replaced envelopes, and
+/// events an enricher dropped (deleted before they enter the log).
+pub async fn enriched(
+    pool: &PgPool,
+    unchanged: &[i64],
+    replaced: &[(i64, Value)],
+    dropped: &[i64],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE bss.outbox SET enriched = true WHERE id = ANY($1)")
+        .bind(unchanged)
+        .execute(&mut *tx)
+        .await?;
+    for (id, envelope) in replaced {
+        sqlx::query("UPDATE bss.outbox SET enriched = true, envelope = $2 WHERE id = $1")
+            .bind(id)
+            .bind(envelope)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM bss.outbox WHERE id = ANY($1) AND seq IS NULL")
+        .bind(dropped)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
 /// Gives committed, unsequenced rows the next log positions, in `id` order.
+/// Rows of tenants with enrichers wait until they are enriched.
 /// Returns the highest position assigned, if any.
 pub async fn sequence(pool: &PgPool, after: i64, limit: i64) -> Result<Option<i64>, sqlx::Error> {
-    let (max,): (Option<i64>,) = sqlx::query_as(
+    let (max,): (Option<i64>,) = sqlx::query_as(&format!(
         "WITH next AS (
             SELECT id, $1 + row_number() OVER (ORDER BY id) AS seq
-              FROM (SELECT id FROM bss.outbox WHERE seq IS NULL ORDER BY id LIMIT $2 FOR UPDATE) n
+              FROM (SELECT id FROM bss.outbox o WHERE seq IS NULL AND (enriched OR NOT {HAS_ENRICHER})
+                     ORDER BY id LIMIT $2 FOR UPDATE) n
          ), done AS (
             UPDATE bss.outbox o SET seq = next.seq, sequenced_at = clock_timestamp()
               FROM next WHERE o.id = next.id RETURNING o.seq
          )
-         SELECT max(seq) FROM done",
-    )
+         SELECT max(seq) FROM done"
+    ))
     .bind(after)
     .bind(limit)
     .fetch_one(pool)

@@ -23,11 +23,13 @@ use tokio::sync::{Notify, watch};
 
 use super::broker::Broker;
 use super::outbox;
+use crate::plugins::{Enriched, Plugins};
 
 /// The advisory lock key of relay leadership ("bssrelay").
 const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
+const ENRICH_BATCH: i64 = 100;
 const COALESCE: Duration = Duration::from_millis(2);
 /// A batch not acknowledged by then is retried (at least once, never lost).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,7 +89,13 @@ pub struct RelayConfig {
 }
 
 /// Runs forever: follows the log head, and leads the relay when it can.
-pub async fn run(pool: PgPool, broker: Arc<Broker>, log: EventLog, config: RelayConfig) {
+pub async fn run(
+    pool: PgPool,
+    broker: Arc<Broker>,
+    log: EventLog,
+    plugins: Arc<Plugins>,
+    config: RelayConfig,
+) {
     tokio::spawn(follow_head(pool.clone(), log.clone()));
     tokio::spawn(nudge_leader(pool.clone(), log.clone()));
     loop {
@@ -100,7 +108,7 @@ pub async fn run(pool: PgPool, broker: Arc<Broker>, log: EventLog, config: Relay
                 if matches!(got, Ok((true,))) {
                     tracing::info!(broker = broker.name(), "leading the outbox relay");
                     log.leading.store(true, Ordering::Relaxed);
-                    let led = lead(&pool, &broker, &log, &config, &mut conn).await;
+                    let led = lead(&pool, &broker, &log, &plugins, &config, &mut conn).await;
                     log.leading.store(false, Ordering::Relaxed);
                     if let Err(e) = led {
                         tracing::warn!(error = %e, "outbox relay stopped leading");
@@ -121,11 +129,12 @@ async fn lead(
     pool: &PgPool,
     broker: &Broker,
     log: &EventLog,
+    plugins: &Plugins,
     config: &RelayConfig,
     lock: &mut PgConnection,
 ) -> Result<(), sqlx::Error> {
     tokio::try_join!(
-        sequence_loop(pool, log, config, lock),
+        sequence_loop(pool, log, plugins, config, lock),
         publish_loop(pool, broker, log)
     )?;
     Ok(())
@@ -134,6 +143,7 @@ async fn lead(
 async fn sequence_loop(
     pool: &PgPool,
     log: &EventLog,
+    plugins: &Plugins,
     config: &RelayConfig,
     lock: &mut PgConnection,
 ) -> Result<(), sqlx::Error> {
@@ -144,6 +154,7 @@ async fn sequence_loop(
     let mut checked = Instant::now();
     let mut expired = Instant::now();
     loop {
+        enrich_pending(pool, plugins).await?;
         while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH).await? {
             last = max;
             log.advance(last);
@@ -173,6 +184,31 @@ async fn sequence_loop(
         // Let concurrent commits gather: one sequencing pass then covers many
         // writes instead of one each (a bounded cost in latency).
         tokio::time::sleep(COALESCE).await;
+    }
+}
+
+/// Runs the tenants' event enrichers over committed events before they are
+/// sequenced, so the log (replay, SSE) and the broker see the same event.
+/// A failing enricher leaves its event as it was: nothing is lost.
+async fn enrich_pending(pool: &PgPool, plugins: &Plugins) -> Result<(), sqlx::Error> {
+    loop {
+        let rows = outbox::unenriched(pool, ENRICH_BATCH).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (mut unchanged, mut replaced, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            match plugins
+                .enrich(&row.tenant_id, &row.resource, &row.kind, &row.envelope)
+                .await
+            {
+                Enriched::Unchanged => unchanged.push(row.id),
+                Enriched::Replaced(envelope) => replaced.push((row.id, envelope)),
+                Enriched::Dropped => dropped.push(row.id),
+            }
+        }
+        metrics::counter!("events_dropped_by_plugins_total").increment(dropped.len() as u64);
+        outbox::enriched(pool, &unchanged, &replaced, &dropped).await?;
     }
 }
 

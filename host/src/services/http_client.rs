@@ -68,6 +68,16 @@ impl ServiceClient {
 
     /// POSTs JSON to `path` and returns the JSON answer (`GET` when `body` is None).
     pub async fn call(&self, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
+        self.call_for(path, body, None).await
+    }
+
+    /// Like [`call`](Self::call), on behalf of a tenant (`x-tenant-id`).
+    pub async fn call_for(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        tenant: Option<&str>,
+    ) -> Result<Value, CallError> {
         if let Err(retry_after) = self.breaker.try_acquire() {
             self.count_error("circuit_open");
             return Err(CallError::CircuitOpen {
@@ -81,10 +91,13 @@ impl ServiceClient {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            let request = match body {
+            let mut request = match body {
                 Some(b) => self.http.post(&url).json(b),
                 None => self.http.get(&url),
             };
+            if let Some(t) = tenant {
+                request = request.header("x-tenant-id", t);
+            }
             match request.send().await {
                 Ok(resp) if resp.status().is_success() => {
                     return match resp.json::<Value>().await {

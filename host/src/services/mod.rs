@@ -4,8 +4,10 @@
 
 pub mod circuit_breaker;
 pub mod http_client;
+pub mod platform;
 pub mod validation;
 
 pub use circuit_breaker::{BreakerState, CircuitBreaker};
 pub use http_client::{CallError, ServiceClient};
+pub use platform::PlatformServices;
 pub use validation::{SchemaCheck, ValidationService};

@@ -93,6 +93,7 @@ fn interpret(answer: &Value) -> SchemaCheck {
                         .unwrap_or("invalid")
                         .to_owned(),
                     source: "validation-service".into(),
+                    code: None,
                     record_id: None,
                 })
                 .collect()

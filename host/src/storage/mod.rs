@@ -5,6 +5,7 @@
 
 pub mod database;
 pub mod local_postgres;
+pub mod plugins;
 pub mod query;
 pub mod records;
 pub mod schemas;

@@ -1,0 +1,302 @@
+//! `/v1/plugins…` (admin): upload a plugin version (multipart: `manifest`
+//! JSON + `module` component), list, inspect with stats, switch the active
+//! version (rollback), delete.
+
+use axum::Json;
+use axum::extract::multipart::MultipartError;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::JsonBody;
+use crate::app_state::SharedState;
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::plugins::manifest::valid_name;
+use crate::plugins::{Kind, Manifest, StatsView};
+use crate::storage::plugins as store;
+
+/// Largest manifest part.
+const MANIFEST_MAX: usize = 256 * 1024;
+
+pub fn router() -> OpenApiRouter<SharedState> {
+    OpenApiRouter::new()
+        // Uploads are read part by part, each against its own limit (the
+        // module's is a setting), instead of the general body limit.
+        .routes(routes!(upload_plugin, list_plugins))
+        .layer(DefaultBodyLimit::disable())
+        .routes(routes!(get_plugin, delete_plugin))
+        .routes(routes!(activate_plugin))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Uploaded {
+    name: String,
+    version: i32,
+    kind: Kind,
+    sha256: String,
+    active: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct PluginSummary {
+    name: String,
+    kind: String,
+    active_version: Option<i32>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    stats: StatsView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct PluginList {
+    items: Vec<PluginSummary>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct VersionView {
+    version: i32,
+    sha256: String,
+    size: i32,
+    #[schema(value_type = Object)]
+    manifest: Value,
+    created_at: DateTime<Utc>,
+    created_by: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct PluginDetail {
+    #[serde(flatten)]
+    summary: PluginSummary,
+    versions: Vec<VersionView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Activate {
+    version: i32,
+}
+
+/// The multipart upload, for the OpenAPI document.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+struct UploadForm {
+    /// The manifest (JSON).
+    manifest: Manifest,
+    /// The component (`application/wasm`).
+    #[schema(value_type = String, format = Binary)]
+    module: Vec<u8>,
+}
+
+fn multipart_error(e: MultipartError) -> ApiError {
+    ApiError::bad_request(format!("could not read the multipart upload: {e}"))
+}
+
+/// Reads one part, refusing it (422, naming the limit) past `max` bytes.
+async fn read_part(
+    mut field: axum::extract::multipart::Field<'_>,
+    part: &str,
+    max: usize,
+) -> ApiResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if bytes.len() + chunk.len() > max {
+            return Err(ApiError::unprocessable(
+                format!("the {part} is larger than the limit of {max} bytes"),
+                vec![FieldError::request(
+                    format!("/{part}"),
+                    format!("over {max} bytes"),
+                )],
+            ));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Upload a plugin: its next version, which becomes active.
+#[utoipa::path(post, path = "/v1/plugins", tag = "plugins",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, body = Uploaded),
+              (status = 422, body = Problem, description = "not a component, wrong world, too large, limits above the ceiling"),
+              (status = 409, body = Problem, description = "the name belongs to a plugin of another kind")),
+    security(("bearer" = [])))]
+async fn upload_plugin(
+    State(state): State<SharedState>,
+    principal: Principal,
+    mut form: Multipart,
+) -> ApiResult<(StatusCode, Json<Uploaded>)> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let (mut manifest, mut module) = (None, None);
+    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+        match field.name() {
+            Some("manifest") => {
+                let bytes = read_part(field, "manifest", MANIFEST_MAX).await?;
+                let parsed: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+                    ApiError::unprocessable(
+                        format!("the manifest is not valid: {e}"),
+                        vec![FieldError::request("/manifest", e.to_string())],
+                    )
+                })?;
+                manifest = Some(parsed);
+            }
+            Some("module") => {
+                let max = state.plugins.settings().max_module_bytes;
+                module = Some(read_part(field, "module", max).await?);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unexpected part {:?}; an upload has the parts `manifest` and `module`",
+                    other.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    let missing = |part: &str| {
+        ApiError::unprocessable(
+            format!("the upload has no `{part}` part"),
+            vec![FieldError::request(format!("/{part}"), "missing")],
+        )
+    };
+    let manifest = manifest.ok_or_else(|| missing("manifest"))?;
+    let module = module.ok_or_else(|| missing("module"))?;
+    let kind = manifest.kind;
+    let (name, version, sha256) = state
+        .plugins
+        .upload(tenant, &principal.actor(), manifest, module)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Uploaded {
+            name,
+            version,
+            kind,
+            sha256,
+            active: true,
+        }),
+    ))
+}
+
+fn summary(state: &SharedState, tenant: &str, row: store::PluginRow) -> PluginSummary {
+    PluginSummary {
+        stats: state.plugins.stats_of(tenant, &row.name).view(),
+        name: row.name,
+        kind: row.kind,
+        active_version: row.active_version,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }
+}
+
+/// List the tenant's plugins with their stats.
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
+    responses((status = 200, body = PluginList)),
+    security(("bearer" = [])))]
+async fn list_plugins(
+    State(state): State<SharedState>,
+    principal: Principal,
+) -> ApiResult<Json<PluginList>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let rows = store::list(&state.pool, tenant.as_str()).await?;
+    Ok(Json(PluginList {
+        items: rows
+            .into_iter()
+            .map(|r| summary(&state, tenant.as_str(), r))
+            .collect(),
+    }))
+}
+
+fn plugin_name(name: &str) -> ApiResult<&str> {
+    if valid_name(name) {
+        Ok(name)
+    } else {
+        Err(ApiError::not_found("no such plugin"))
+    }
+}
+
+async fn detail(state: &SharedState, tenant: &str, name: &str) -> ApiResult<PluginDetail> {
+    let (row, versions) = store::get(&state.pool, tenant, name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no plugin named {name}")))?;
+    Ok(PluginDetail {
+        summary: summary(state, tenant, row),
+        versions: versions
+            .into_iter()
+            .map(|v| VersionView {
+                version: v.version,
+                sha256: v.sha256,
+                size: v.size,
+                manifest: v.manifest,
+                created_at: v.created_at,
+                created_by: v.created_by,
+            })
+            .collect(),
+    })
+}
+
+/// A plugin: its versions, the active one, and its stats (calls, failures
+/// by kind, p50/p99 time, last error, circuit breaker).
+#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path)),
+    responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn get_plugin(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<PluginDetail>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    Ok(Json(detail(&state, tenant.as_str(), name).await?))
+}
+
+/// Make another version active (rollback or roll forward).
+#[utoipa::path(put, path = "/v1/plugins/{name}/active", tag = "plugins",
+    params(("name" = String, Path)),
+    request_body = Activate,
+    responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn activate_plugin(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Activate>,
+) -> ApiResult<Json<PluginDetail>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    if !store::activate(&state.pool, tenant.as_str(), name, body.version).await? {
+        return Err(ApiError::not_found(format!(
+            "plugin {name} has no version {}",
+            body.version
+        )));
+    }
+    state.plugins.invalidate(tenant.as_str());
+    Ok(Json(detail(&state, tenant.as_str(), name).await?))
+}
+
+/// Delete a plugin and all its versions.
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn delete_plugin(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    if !store::delete(&state.pool, tenant.as_str(), name).await? {
+        return Err(ApiError::not_found(format!("no plugin named {name}")));
+    }
+    state.plugins.forget(tenant.as_str(), name);
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,615 @@
+//! Tenants' WebAssembly plugins: the registry of each tenant's active
+//! plugins (loaded on first use, reloaded when any replica changes them),
+//! their stats and circuit breakers, and the two places they run: the write
+//! path (validation hooks) and the relay (event enrichers).
+//!
+//! Calls run on blocking threads: a plugin that spins until its deadline
+//! holds one of those, never an async worker.
+
+pub mod bindings;
+pub mod manifest;
+pub mod runtime;
+pub mod sandbox;
+pub mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+
+pub use bindings::{Context, Violation, WebhookRequest};
+pub use manifest::{Ceilings, Kind, Limits, Manifest};
+pub use runtime::{Failure, Loaded, Runtime, UploadError};
+pub use stats::{Stats, StatsView};
+
+use crate::domain::TenantId;
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::storage::plugins as store;
+
+/// How plugins are run and capped (from the settings).
+#[derive(Debug, Clone)]
+pub struct PluginSettings {
+    pub ceilings: Ceilings,
+    pub max_module_bytes: usize,
+    pub compile_timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_open: Duration,
+}
+
+/// One active plugin version of a tenant.
+#[derive(Debug)]
+pub struct Active {
+    pub name: String,
+    pub version: i32,
+    pub manifest: Manifest,
+    /// Err when the stored version cannot be loaded (calls then fail).
+    loaded: Result<Loaded, String>,
+    pub stats: Arc<Stats>,
+}
+
+/// A tenant's active plugins, in name order.
+#[derive(Debug, Default)]
+pub struct TenantSet {
+    plugins: Vec<Arc<Active>>,
+}
+
+impl TenantSet {
+    fn bound(&self, kind: Kind, resource: &str) -> impl Iterator<Item = &Arc<Active>> {
+        self.plugins
+            .iter()
+            .filter(move |p| p.manifest.kind == kind && p.manifest.binds(resource))
+    }
+}
+
+/// A write the validation hooks are asked about.
+#[derive(Debug)]
+pub struct WriteCall<'a> {
+    pub tenant: &'a TenantId,
+    pub resource: &'a str,
+    /// `create`, `replace`, `patch`, `delete` or `batch`.
+    pub operation: &'static str,
+    pub actor: String,
+    pub request_id: String,
+}
+
+/// One document of a write: where it is in the request body (a JSON
+/// Pointer prefix), the document and the stored one it replaces.
+#[derive(Debug)]
+pub struct WriteDoc {
+    pub path: String,
+    pub record: String,
+    pub previous: Option<String>,
+}
+
+/// What the enrichers made of an event.
+#[derive(Debug, PartialEq)]
+pub enum Enriched {
+    Unchanged,
+    Replaced(Value),
+    Dropped,
+}
+
+#[derive(Debug)]
+pub struct Plugins {
+    runtime: Arc<Runtime>,
+    pool: PgPool,
+    settings: PluginSettings,
+    tenants: DashMap<String, Arc<TenantSet>>,
+    /// Bumped by every invalidation: a load that started before one is not kept.
+    generation: AtomicU64,
+    stats: DashMap<(String, String), Arc<Stats>>,
+    compile_gate: Arc<tokio::sync::Semaphore>,
+}
+
+/// Envelope attributes an enricher cannot change.
+const FIXED_ATTRIBUTES: [&str; 7] = [
+    "id",
+    "type",
+    "source",
+    "specversion",
+    "subject",
+    "tenantid",
+    "time",
+];
+
+impl Plugins {
+    pub fn new(runtime: Arc<Runtime>, pool: PgPool, settings: PluginSettings) -> Self {
+        Self {
+            runtime,
+            pool,
+            settings,
+            tenants: DashMap::new(),
+            generation: AtomicU64::new(0),
+            stats: DashMap::new(),
+            compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    pub fn settings(&self) -> &PluginSettings {
+        &self.settings
+    }
+
+    /// Forgets the tenant's loaded plugins (after a change).
+    pub fn invalidate(&self, tenant: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.tenants.remove(tenant);
+    }
+
+    fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.tenants.clear();
+    }
+
+    /// Forgets a deleted plugin's stats.
+    pub fn forget(&self, tenant: &str, name: &str) {
+        self.stats.remove(&(tenant.to_owned(), name.to_owned()));
+        self.invalidate(tenant);
+    }
+
+    pub fn stats_of(&self, tenant: &str, name: &str) -> Arc<Stats> {
+        self.stats
+            .entry((tenant.to_owned(), name.to_owned()))
+            .or_insert_with(|| {
+                Arc::new(Stats::new(
+                    self.settings.breaker_threshold,
+                    self.settings.breaker_open,
+                ))
+            })
+            .clone()
+    }
+
+    /// The tenant's active plugins, loading them on first use.
+    pub async fn set(&self, tenant: &str) -> anyhow::Result<Arc<TenantSet>> {
+        if let Some(s) = self.tenants.get(tenant) {
+            return Ok(s.clone());
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let set = Arc::new(self.load_set(tenant).await?);
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.tenants.insert(tenant.to_owned(), set.clone());
+        }
+        Ok(set)
+    }
+
+    async fn load_set(&self, tenant: &str) -> anyhow::Result<TenantSet> {
+        let rows = store::active(&self.pool, tenant).await?;
+        let mut plugins = Vec::with_capacity(rows.len());
+        for row in rows {
+            let manifest: Manifest = serde_json::from_value(row.manifest)?;
+            let loaded = self
+                .load_one(tenant, &row.name, row.version, &row.sha256, &manifest)
+                .await;
+            if let Err(e) = &loaded {
+                tracing::error!(tenant, plugin = %row.name, version = row.version, error = %e, "cannot load a plugin; its calls fail");
+            }
+            plugins.push(Arc::new(Active {
+                stats: self.stats_of(tenant, &row.name),
+                name: row.name,
+                version: row.version,
+                manifest,
+                loaded,
+            }));
+        }
+        Ok(TenantSet { plugins })
+    }
+
+    async fn load_one(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: i32,
+        sha: &str,
+        manifest: &Manifest,
+    ) -> Result<Loaded, String> {
+        let checked = manifest
+            .clone()
+            .check(&Ceilings {
+                deadline_ms: u64::MAX,
+                fuel: u64::MAX,
+                memory_mib: u64::MAX,
+                output_bytes: usize::MAX,
+            })
+            .map_err(|_| "the stored manifest is no longer valid".to_owned())?;
+        // Ceilings lowered since the upload apply at once.
+        let c = &self.settings.ceilings;
+        let limits = Limits {
+            deadline_ms: checked.limits.deadline_ms.min(c.deadline_ms),
+            fuel: checked.limits.fuel.map(|f| f.min(c.fuel)),
+            memory_mib: checked.limits.memory_mib.min(c.memory_mib),
+            output_bytes: checked.limits.output_bytes.min(c.output_bytes),
+        };
+        let rt = self.runtime.clone();
+        let key = sha.to_owned();
+        let cached = tokio::task::spawn_blocking(move || rt.cached(&key))
+            .await
+            .map_err(|e| e.to_string())?;
+        let component = match cached {
+            Some(c) => c,
+            None => {
+                let bytes = store::module(&self.pool, tenant, name, version)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let rt = self.runtime.clone();
+                let key = sha.to_owned();
+                tokio::task::spawn_blocking(move || rt.compile_stored(&key, &bytes))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let caller = sandbox::Caller {
+            tenant: tenant.to_owned(),
+            plugin: name.to_owned(),
+            version,
+            services: manifest.services.clone(),
+        };
+        self.runtime
+            .load(&component, manifest.kind, limits, checked.config, caller)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Compiles and stores an upload as the plugin's next, active version.
+    pub async fn upload(
+        &self,
+        tenant: &TenantId,
+        actor: &str,
+        manifest: Manifest,
+        module: Vec<u8>,
+    ) -> ApiResult<(String, i32, String)> {
+        let checked = manifest
+            .check(&self.settings.ceilings)
+            .map_err(|errors| ApiError::unprocessable("the manifest is not valid", errors))?;
+        let max = self.settings.max_module_bytes;
+        if module.len() > max {
+            return Err(ApiError::unprocessable(
+                format!(
+                    "the module is {} bytes; the limit is {max} bytes ({} MiB)",
+                    module.len(),
+                    max >> 20
+                ),
+                vec![FieldError::request("/module", "module too large")],
+            ));
+        }
+        let permit = tokio::time::timeout(
+            self.settings.compile_timeout,
+            self.compile_gate.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| ApiError::Unavailable {
+            detail: "other uploads are being compiled; try again shortly".into(),
+            retry_after_secs: 5,
+        })?
+        .map_err(|e| ApiError::Internal(e.into()))?;
+        let kind = checked.manifest.kind;
+        let rt = self.runtime.clone();
+        let module = Arc::new(module);
+        let bytes = module.clone();
+        // The permit goes with the compilation: a compile that outlives the
+        // timeout still holds it, so uploads cannot pile up compilations.
+        let compile = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            rt.compile_upload(&bytes, kind)
+        });
+        let sha = match tokio::time::timeout(self.settings.compile_timeout, compile).await {
+            Err(_) => {
+                return Err(ApiError::unprocessable(
+                    format!(
+                        "compiling the module took longer than {} s",
+                        self.settings.compile_timeout.as_secs()
+                    ),
+                    vec![FieldError::request("/module", "compilation too slow")],
+                ));
+            }
+            Ok(joined) => joined
+                .map_err(|e| ApiError::Internal(e.into()))?
+                .map_err(|e| {
+                    ApiError::unprocessable(
+                        e.to_string(),
+                        vec![FieldError::request("/module", e.to_string())],
+                    )
+                })?,
+        };
+        let manifest_json = serde_json::to_value(&checked.manifest).map_err(anyhow::Error::from)?;
+        let version = store::create_version(
+            &self.pool,
+            store::NewVersion {
+                tenant: tenant.as_str(),
+                name: &checked.manifest.name,
+                kind: kind.as_str(),
+                manifest: &manifest_json,
+                sha256: &sha,
+                module: &module,
+                actor,
+            },
+        )
+        .await?;
+        self.invalidate(tenant.as_str());
+        Ok((checked.manifest.name, version, sha))
+    }
+
+    /// Whether validation hooks run for writes to this resource (for deletes
+    /// when `delete`).
+    pub async fn hooks_bound(
+        &self,
+        tenant: &TenantId,
+        resource: &str,
+        delete: bool,
+    ) -> ApiResult<bool> {
+        let set = self.set(tenant.as_str()).await?;
+        Ok(set
+            .bound(Kind::ValidationHook, resource)
+            .any(|h| !delete || h.manifest.on_delete))
+    }
+
+    /// Runs the validation hooks bound to the resource over the documents
+    /// of a write. Ok when every hook accepted every document.
+    pub async fn check_write(&self, call: WriteCall<'_>, docs: Vec<WriteDoc>) -> ApiResult<()> {
+        let set = self.set(call.tenant.as_str()).await?;
+        let is_delete = call.operation == "delete";
+        let hooks: Vec<Arc<Active>> = set
+            .bound(Kind::ValidationHook, call.resource)
+            .filter(|h| !is_delete || h.manifest.on_delete)
+            .cloned()
+            .collect();
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let docs = Arc::new(docs);
+        for hook in hooks {
+            let source = format!("plugin:{}", hook.name);
+            if let Err(retry) = hook.stats.breaker.try_acquire() {
+                let failure = Failure::Tripped(retry.as_secs().max(1));
+                hook.stats
+                    .failed(call.tenant.as_str(), &hook.name, &failure, Duration::ZERO);
+                return Err(ApiError::Unavailable {
+                    detail: format!(
+                        "plugin {} {failure}; the write was refused and nothing was stored",
+                        hook.name
+                    ),
+                    retry_after_secs: retry.as_secs().max(1),
+                });
+            }
+            let ctx = Context {
+                tenant_id: call.tenant.as_str().to_owned(),
+                resource: call.resource.to_owned(),
+                operation: call.operation.to_owned(),
+                actor: call.actor.clone(),
+                request_id: call.request_id.clone(),
+                config: String::new(),
+            };
+            let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
+            let outcome = tokio::task::spawn_blocking(move || run_hook(&rt, &h, ctx, &docs))
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?;
+            match outcome {
+                Ok(violations) if violations.is_empty() => {}
+                Ok(violations) => {
+                    let errors = violations
+                        .into_iter()
+                        .map(|(prefix, v)| FieldError {
+                            path: format!("{prefix}{}", v.path),
+                            message: v.message,
+                            source: source.clone(),
+                            record_id: None,
+                            code: v.code,
+                        })
+                        .collect();
+                    return Err(ApiError::unprocessable(
+                        format!(
+                            "plugin {} refused the record; nothing was stored",
+                            hook.name
+                        ),
+                        errors,
+                    ));
+                }
+                Err((prefix, failure)) => {
+                    return Err(ApiError::PluginFailed {
+                        detail: format!(
+                            "plugin {} (version {}) {failure}; the write was refused and nothing was stored",
+                            hook.name, hook.version
+                        ),
+                        errors: vec![FieldError {
+                            path: prefix,
+                            message: failure.to_string(),
+                            source,
+                            record_id: None,
+                            code: Some(failure.kind().to_owned()),
+                        }],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the enrichers bound to the event's resource, in name order. A
+    /// failing enricher is skipped (counted): the event goes on as it was.
+    pub async fn enrich(
+        &self,
+        tenant: &str,
+        resource: &str,
+        kind: &str,
+        event: &Value,
+    ) -> Enriched {
+        let set = match self.set(tenant).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "cannot load enrichers; events go unenriched");
+                return Enriched::Unchanged;
+            }
+        };
+        let enrichers: Vec<Arc<Active>> =
+            set.bound(Kind::EventEnricher, resource).cloned().collect();
+        if enrichers.is_empty() {
+            return Enriched::Unchanged;
+        }
+        let ctx = Context {
+            tenant_id: tenant.to_owned(),
+            resource: resource.to_owned(),
+            operation: kind.to_owned(),
+            actor: event["actor"].as_str().unwrap_or_default().to_owned(),
+            request_id: event["correlationid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            config: String::new(),
+        };
+        let rt = self.runtime.clone();
+        let original = event.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut current = original.clone();
+            let mut changed = false;
+            for e in &enrichers {
+                match run_enricher(&rt, e, ctx.clone(), &current, &original) {
+                    Some(Some(next)) => {
+                        current = next;
+                        changed = true;
+                    }
+                    Some(None) => return Enriched::Dropped,
+                    None => {}
+                }
+            }
+            if changed {
+                Enriched::Replaced(current)
+            } else {
+                Enriched::Unchanged
+            }
+        })
+        .await;
+        outcome.unwrap_or(Enriched::Unchanged)
+    }
+
+    /// Follows other replicas' plugin changes (`NOTIFY bss_plugins`).
+    pub async fn follow_changes(self: Arc<Self>) {
+        loop {
+            let result: Result<(), sqlx::Error> = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener.listen("bss_plugins").await?;
+                // Changes missed while not listening.
+                self.invalidate_all();
+                loop {
+                    let n = listener.recv().await?;
+                    self.invalidate(n.payload());
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "following plugin changes failed; retrying");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Calls one hook over every document; the violations with their document's
+/// path, or the failure that stopped it.
+fn run_hook(
+    rt: &Runtime,
+    hook: &Active,
+    mut ctx: Context,
+    docs: &[WriteDoc],
+) -> Result<Vec<(String, Violation)>, (String, Failure)> {
+    let tenant = ctx.tenant_id.clone();
+    let loaded = match &hook.loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let failure = Failure::Unavailable(e.clone());
+            hook.stats
+                .failed(&tenant, &hook.name, &failure, Duration::ZERO);
+            return Err((String::new(), failure));
+        }
+    };
+    ctx.config.clone_from(&loaded.config);
+    let mut found = Vec::new();
+    for doc in docs {
+        let start = Instant::now();
+        match rt.validate(loaded, &ctx, &doc.record, doc.previous.as_deref()) {
+            Ok(Ok(())) => hook
+                .stats
+                .succeeded(&tenant, &hook.name, start.elapsed(), false),
+            Ok(Err(violations)) => {
+                hook.stats
+                    .succeeded(&tenant, &hook.name, start.elapsed(), true);
+                found.extend(violations.into_iter().map(|v| (doc.path.clone(), v)));
+            }
+            Err(failure) => {
+                hook.stats
+                    .failed(&tenant, &hook.name, &failure, start.elapsed());
+                return Err((doc.path.clone(), failure));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One enricher over one event: Some(Some(event)) replaced, Some(None)
+/// dropped, None failed (and counted) or not loadable.
+fn run_enricher(
+    rt: &Runtime,
+    enricher: &Active,
+    mut ctx: Context,
+    event: &Value,
+    original: &Value,
+) -> Option<Option<Value>> {
+    let tenant = ctx.tenant_id.clone();
+    let loaded = match &enricher.loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let failure = Failure::Unavailable(e.clone());
+            enricher
+                .stats
+                .failed(&tenant, &enricher.name, &failure, Duration::ZERO);
+            return None;
+        }
+    };
+    if let Err(retry) = enricher.stats.breaker.try_acquire() {
+        let failure = Failure::Tripped(retry.as_secs().max(1));
+        enricher
+            .stats
+            .failed(&tenant, &enricher.name, &failure, Duration::ZERO);
+        return None;
+    }
+    ctx.config.clone_from(&loaded.config);
+    let start = Instant::now();
+    let result = rt
+        .enrich(loaded, &ctx, &event.to_string())
+        .and_then(|out| match out {
+            None => Ok(None),
+            Some(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(mut map)) => {
+                    for key in FIXED_ATTRIBUTES {
+                        match original.get(key) {
+                            Some(v) => map.insert(key.to_owned(), v.clone()),
+                            None => map.remove(key),
+                        };
+                    }
+                    Ok(Some(Value::Object(map)))
+                }
+                Ok(_) => Err(Failure::Invalid("the event must be a JSON object".into())),
+                Err(e) => Err(Failure::Invalid(format!("the event is not JSON: {e}"))),
+            },
+        });
+    match result {
+        Ok(out) => {
+            enricher
+                .stats
+                .succeeded(&tenant, &enricher.name, start.elapsed(), false);
+            Some(out)
+        }
+        Err(failure) => {
+            tracing::warn!(tenant, plugin = %enricher.name, error = %failure, "enricher failed; the event goes on unchanged");
+            enricher
+                .stats
+                .failed(&tenant, &enricher.name, &failure, start.elapsed());
+            None
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Plugins and their versions (`bss.plugins`, `bss.plugin_versions`).
+//! Every statement is scoped by the tenant; a change notifies the other
+//! replicas (`bss_plugins`, payload the tenant id) so they reload.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::StorageError;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PluginRow {
+    pub name: String,
+    pub kind: String,
+    pub active_version: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct VersionRow {
+    pub name: String,
+    pub version: i32,
+    pub manifest: Value,
+    pub sha256: String,
+    pub size: i32,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+/// An active version, as the registry loads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ActiveRow {
+    pub name: String,
+    pub kind: String,
+    pub version: i32,
+    pub manifest: Value,
+    pub sha256: String,
+}
+
+pub struct NewVersion<'a> {
+    pub tenant: &'a str,
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub manifest: &'a Value,
+    pub sha256: &'a str,
+    pub module: &'a [u8],
+    pub actor: &'a str,
+}
+
+async fn notify(tx: &mut sqlx::PgConnection, tenant: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify('bss_plugins', $1)")
+        .bind(tenant)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Stores the next version of a plugin (creating the plugin) and makes it
+/// active. Returns the version.
+pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<i32, StorageError> {
+    let mut tx = pool.begin().await?;
+    let active: Option<(String,)> = sqlx::query_as(
+        "SELECT id FROM bss.tenants WHERE id = $1 AND status = 'active' FOR KEY SHARE",
+    )
+    .bind(v.tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if active.is_none() {
+        return Err(StorageError::TenantNotFound);
+    }
+    let (kind,): (String,) = sqlx::query_as(
+        "INSERT INTO bss.plugins (tenant_id, name, kind) VALUES ($1, $2, $3)
+         ON CONFLICT (tenant_id, name) DO UPDATE SET updated_at = now()
+         RETURNING kind",
+    )
+    .bind(v.tenant)
+    .bind(v.name)
+    .bind(v.kind)
+    .fetch_one(&mut *tx)
+    .await?;
+    if kind != v.kind {
+        return Err(StorageError::Conflict(format!(
+            "plugin {} is a {kind}; a {} needs another name (or delete this plugin first)",
+            v.name, v.kind
+        )));
+    }
+    let (version,): (i32,) = sqlx::query_as(
+        "INSERT INTO bss.plugin_versions (tenant_id, name, version, manifest, sha256, size, module, created_by)
+         SELECT $1, $2, COALESCE(max(version), 0) + 1, $3, $4, $5, $6, $7
+           FROM bss.plugin_versions WHERE tenant_id = $1 AND name = $2
+         RETURNING version",
+    )
+    .bind(v.tenant)
+    .bind(v.name)
+    .bind(v.manifest)
+    .bind(v.sha256)
+    .bind(v.module.len() as i32)
+    .bind(v.module)
+    .bind(v.actor)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE bss.plugins SET active_version = $3 WHERE tenant_id = $1 AND name = $2")
+        .bind(v.tenant)
+        .bind(v.name)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+    notify(&mut tx, v.tenant).await?;
+    tx.commit().await?;
+    Ok(version)
+}
+
+pub async fn list(pool: &PgPool, tenant: &str) -> Result<Vec<PluginRow>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT name, kind, active_version, created_at, updated_at FROM bss.plugins
+          WHERE tenant_id = $1 ORDER BY name",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn get(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+) -> Result<Option<(PluginRow, Vec<VersionRow>)>, StorageError> {
+    let plugin: Option<PluginRow> = sqlx::query_as(
+        "SELECT name, kind, active_version, created_at, updated_at FROM bss.plugins
+          WHERE tenant_id = $1 AND name = $2",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    let Some(plugin) = plugin else {
+        return Ok(None);
+    };
+    let versions = sqlx::query_as(
+        "SELECT name, version, manifest, sha256, size, created_at, created_by
+           FROM bss.plugin_versions WHERE tenant_id = $1 AND name = $2 ORDER BY version",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some((plugin, versions)))
+}
+
+/// Makes `version` the active one; false if the plugin has no such version.
+pub async fn activate(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+    version: i32,
+) -> Result<bool, StorageError> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE bss.plugins p SET active_version = $3, updated_at = now()
+          WHERE tenant_id = $1 AND name = $2
+            AND EXISTS (SELECT 1 FROM bss.plugin_versions v
+                         WHERE v.tenant_id = $1 AND v.name = $2 AND v.version = $3)",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(version)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    notify(&mut tx, tenant).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Deletes a plugin and all its versions; false if there was none.
+pub async fn delete(pool: &PgPool, tenant: &str, name: &str) -> Result<bool, StorageError> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query("DELETE FROM bss.plugins WHERE tenant_id = $1 AND name = $2")
+        .bind(tenant)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    notify(&mut tx, tenant).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The active version of each of the tenant's plugins (active tenants only).
+pub async fn active(pool: &PgPool, tenant: &str) -> Result<Vec<ActiveRow>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT p.name, p.kind, v.version, v.manifest, v.sha256
+           FROM bss.plugins p
+           JOIN bss.tenants t ON t.id = p.tenant_id AND t.status = 'active'
+           JOIN bss.plugin_versions v
+             ON v.tenant_id = p.tenant_id AND v.name = p.name AND v.version = p.active_version
+          WHERE p.tenant_id = $1
+          ORDER BY p.name",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The uploaded module of a version.
+pub async fn module(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+    version: i32,
+) -> Result<Vec<u8>, StorageError> {
+    let row: Option<(Vec<u8>,)> = sqlx::query_as(
+        "SELECT module FROM bss.plugin_versions WHERE tenant_id = $1 AND name = $2 AND version = $3",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(version)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|(m,)| m)
+        .ok_or_else(|| StorageError::NotFound(format!("plugin {name} version {version}")))
+}

@@ -1,0 +1,124 @@
+//! A hostile validation hook, for the sandbox tests: what it does is set by
+//! `config.mode`. Every mode except `accept`, `write-secret` and the scans
+//! must end in a limit error, never harm the host.
+
+use std::hint::black_box;
+
+use bss_plugin::serde_json::Value;
+use bss_plugin::{Context, ValidationHook, Violation, forward};
+
+/// The hook.
+pub struct Hostile;
+
+impl ValidationHook for Hostile {
+    fn validate(
+        ctx: &Context,
+        _record: &Value,
+        _prev: Option<&Value>,
+    ) -> Result<(), Vec<Violation>> {
+        let text = |key: &str| ctx.config[key].as_str().unwrap_or_default().to_owned();
+        match text("mode").as_str() {
+            // Spins until the deadline (or the fuel budget) stops it.
+            "loop" => {
+                let mut n = 0u64;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
+            // Allocates until the memory limit stops it.
+            "memory" => {
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(black_box(vec![1u8; 1 << 20]));
+                }
+            }
+            "recursion" => {
+                black_box(recurse(black_box(u64::MAX)));
+                Ok(())
+            }
+            // A refusal far larger than the output limit.
+            "huge" => Err(vec![Violation::new("", "x".repeat(2 << 20))]),
+            "trap" => panic!("the hostile plugin traps on purpose"),
+            // A service call that never answers.
+            "hang-forward" => match forward("task", "/hang", &Value::Null) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(vec![Violation::new("", e)]),
+            },
+            // Leaves a secret all over its memory, then accepts.
+            "write-secret" => {
+                let secret = text("secret");
+                let copies: Vec<String> = (0..4096).map(|_| secret.clone()).collect();
+                black_box(&copies);
+                Ok(())
+            }
+            // Looks for a secret in its memory; `needle` is the secret
+            // reversed, so this plugin never holds it in order itself.
+            "scan" => found_or_not(&text("needle")),
+            // The scanner's control: puts the secret in memory, then scans.
+            "scan-self" => {
+                let needle = text("needle");
+                let secret: String = needle.chars().rev().collect();
+                let copies: Vec<String> = (0..64).map(|_| secret.clone()).collect();
+                black_box(&copies);
+                found_or_not(&needle)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn recurse(n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        black_box(recurse(black_box(n - 1))) + 1
+    }
+}
+
+fn found_or_not(reversed: &str) -> Result<(), Vec<Violation>> {
+    if !reversed.is_empty() && scan_memory(reversed.as_bytes()) {
+        Err(vec![
+            Violation::new("", "found the secret").with_code("found"),
+        ])
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether the secret (given reversed) is anywhere in linear memory,
+/// including memory no live allocation covers.
+#[cfg(target_arch = "wasm32")]
+fn scan_memory(reversed: &[u8]) -> bool {
+    // Grow the heap so fresh pages are scanned too.
+    let spare: Vec<u8> = Vec::with_capacity(4 << 20);
+    black_box(&spare);
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    let n = reversed.len();
+    let at = |i: usize| -> u8 {
+        // SAFETY: every address below memory_size is readable in wasm.
+        unsafe { core::ptr::read_volatile(i as *const u8) }
+    };
+    (8..size.saturating_sub(n)).any(|i| (0..n).all(|k| at(i + k) == reversed[n - 1 - k]))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn scan_memory(_reversed: &[u8]) -> bool {
+    false
+}
+
+bss_plugin::export_validation_hook!(Hostile);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bss_plugin::serde_json::json;
+
+    #[test]
+    fn accepts_and_refuses_as_configured() {
+        let run = |config| Hostile::validate(&Context::for_test(config), &json!({}), None);
+        assert!(run(json!({"mode": "accept"})).is_ok());
+        assert!(run(json!({"mode": "write-secret", "secret": "s"})).is_ok());
+        let huge = run(json!({"mode": "huge"})).unwrap_err();
+        assert!(huge[0].message.len() > 1 << 20);
+    }
+}
