@@ -105,6 +105,26 @@ pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
 }
 
 impl Target {
+    /// Uploads a plugin for this target's tenant.
+    pub async fn install_plugin(&self, manifest: &Value, module: Vec<u8>) -> anyhow::Result<()> {
+        let form = reqwest::multipart::Form::new()
+            .text("manifest", manifest.to_string())
+            .part("module", reqwest::multipart::Part::bytes(module));
+        let resp = self
+            .client
+            .post(format!("{}/v1/plugins", self.base))
+            .bearer_auth(&self.token)
+            .multipart(form)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "uploading the plugin: {}",
+            resp.text().await?
+        );
+        Ok(())
+    }
+
     /// Creates `n` records in one batch request.
     pub async fn batch(&self, n: u64) -> anyhow::Result<()> {
         let items: Vec<Value> = (0..n).map(invoice).collect();

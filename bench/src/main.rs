@@ -4,10 +4,14 @@
 //!
 //! Options: `--seconds N` per measurement (default 10), `--clients 16,32,64`,
 //! `--runs N` (median of N runs, default 1), `--database-url URL` (default
-//! the local server). It is a benchmark, not a test: it asserts nothing.
+//! the local server), `--kafka HOST:PORT`, `--only plugins` (the plugin
+//! runtime's figures instead, see `plugins.rs`; `--plugins DIR` names the
+//! built components, default `plugins/target/wasm32-wasip2/release`).
+//! It is a benchmark, not a test: it asserts nothing.
 
 mod http_load;
 mod pgbench;
+mod plugins;
 mod relay;
 
 use std::time::Duration;
@@ -24,6 +28,8 @@ struct Options {
     server_url: String,
     /// Publish to this Kafka (else the built-in broker).
     kafka: Option<String>,
+    only: Option<String>,
+    plugins: std::path::PathBuf,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -33,6 +39,8 @@ fn options() -> anyhow::Result<Options> {
         runs: 1,
         server_url: "postgres://postgres@127.0.0.1:5432".into(),
         kafka: None,
+        only: None,
+        plugins: "plugins/target/wasm32-wasip2/release".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -44,6 +52,8 @@ fn options() -> anyhow::Result<Options> {
             "--runs" => o.runs = v.parse()?,
             "--database-url" => o.server_url = v.trim_end_matches('/').to_owned(),
             "--kafka" => o.kafka = Some(v.clone()),
+            "--only" => o.only = Some(v.clone()),
+            "--plugins" => o.plugins = v.into(),
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -81,6 +91,11 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(app.run_until(std::future::pending()));
 
     let target = http_load::prepare(&base, &settings.jwt_secret).await?;
+    if o.only.as_deref() == Some("plugins") {
+        let hooked = http_load::prepare(&base, &settings.jwt_secret).await?;
+        let seconds = Duration::from_secs(o.seconds);
+        return plugins::run(&o.plugins, o.runs, target, hooked, &o.clients, seconds).await;
+    }
     pgbench::prepare(&o.server_url, DATABASE).await?;
     let seconds = Duration::from_secs(o.seconds);
 

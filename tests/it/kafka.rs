@@ -350,3 +350,40 @@ async fn unpublished(db: &mut sqlx::PgConnection, tenant: &str) -> i64 {
     .unwrap();
     n
 }
+
+#[tokio::test]
+async fn events_reach_kafka_as_the_tenants_enricher_made_them() {
+    // No TASK_SERVICE_URL: the built-in Task Execution stand-in answers.
+    let app = kafka_app(|_| {}).await;
+    let (tenant, token) = app.tenant_with_invoices().await;
+    app.install_plugin(
+        &token,
+        json!({"name": "task-scheduler", "kind": "event-enricher", "resources": ["invoices"],
+               "services": ["task"], "config": {"task": "send-reminder"}}),
+        "task_scheduler",
+    )
+    .await;
+    let created = body(
+        app.post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "1", "total": 1}),
+        )
+        .await,
+    )
+    .await;
+    let subject = format!("invoices/{}", created["id"].as_str().unwrap());
+    let got = read_back(&["business_store.data.created"], 1, |m| {
+        m.headers.get("ce_tenantid") == Some(&tenant) && m.value["subject"] == subject.as_str()
+    })
+    .await;
+    let event = &got[0].value;
+    assert!(
+        event["scheduledtask"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{event:#}"
+    );
+    assert_eq!(event["data"]["task"]["name"], "send-reminder");
+    assert_eq!(got[0].key, format!("{tenant}/{subject}"));
+}

@@ -575,3 +575,68 @@ async fn a_restarted_service_loads_plugins_from_its_disk_cache() {
     }
     assert!(accepted, "the other replica dropped the deleted hook");
 }
+
+/// Webhook deliveries (capability 8) are not built yet; the transformer
+/// world runs through the same runtime, called directly here.
+#[test]
+fn a_webhook_transformer_rewrites_or_cancels_a_delivery() {
+    use bss::plugins::sandbox::Caller;
+    use bss::plugins::{Context, Kind, Limits, Runtime, WebhookRequest};
+    let cache =
+        std::env::temp_dir().join(format!("bss-test-cache-{}", uuid::Uuid::new_v4().simple()));
+    let rt = Runtime::new(&cache, None).unwrap();
+    let bytes = plugin_bytes("webhook_chat");
+    assert!(
+        rt.compile_upload(&bytes, Kind::ValidationHook).is_err(),
+        "not a hook"
+    );
+    let sha = rt.compile_upload(&bytes, Kind::WebhookTransformer).unwrap();
+    let component = rt.cached(&sha).unwrap();
+    let caller = Caller {
+        tenant: "t".into(),
+        plugin: "webhook-chat".into(),
+        version: 1,
+        services: vec![],
+    };
+    let load = |config: &str| {
+        rt.load(
+            &component,
+            Kind::WebhookTransformer,
+            Limits::default(),
+            config.into(),
+            caller.clone(),
+        )
+        .unwrap()
+    };
+    let ctx = |config: &str| Context {
+        tenant_id: "t".into(),
+        resource: "invoices".into(),
+        operation: "business_store.data.created".into(),
+        actor: "user:x".into(),
+        request_id: "r".into(),
+        config: config.into(),
+    };
+    let request = WebhookRequest {
+        method: "POST".into(),
+        path: "/hooks/1".into(),
+        headers: vec![("content-type".into(), "application/cloudevents+json".into())],
+        body: "{}".into(),
+    };
+    let event = json!({"type": "business_store.data.created", "subject": "invoices/7"}).to_string();
+    let out = rt
+        .transform(&load("{}"), &ctx("{}"), &event, &request)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        out.body,
+        r#"{"text":"business_store.data.created invoices/7"}"#
+    );
+    assert_eq!(out.path, "/hooks/1");
+    let skip = r#"{"skip": ["business_store.data.created"]}"#;
+    assert!(
+        rt.transform(&load(skip), &ctx(skip), &event, &request)
+            .unwrap()
+            .is_none()
+    );
+    let _ = std::fs::remove_dir_all(cache);
+}

@@ -7,8 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -109,7 +108,6 @@ pub struct Runtime {
     compiled: Mutex<HashMap<String, Component>>,
     disk: DiskCache,
     services: Option<Arc<PlatformServices>>,
-    stop_ticker: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -120,10 +118,28 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Relaxed);
-    }
+/// The process's one engine, and the thread that advances its epoch. One
+/// engine, one pool of instance slots and one ticker, however many
+/// applications run in the process (the tests run dozens).
+fn shared_engine() -> anyhow::Result<Engine> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let engine = Engine::new(&engine_config()).map_err(|e| e.to_string())?;
+        let ticking = engine.clone();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(engine)
+    });
+    engine
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))
 }
 
 /// The engine configuration every artifact is compiled for.
@@ -148,28 +164,15 @@ fn engine_config() -> Config {
 }
 
 impl Runtime {
-    /// The engine, its epoch ticker and the linker. `cache_dir` keeps
-    /// compiled artifacts across restarts.
+    /// A runtime on the process's engine. `cache_dir` keeps compiled
+    /// artifacts across restarts.
     pub fn new(cache_dir: &Path, services: Option<Arc<PlatformServices>>) -> anyhow::Result<Self> {
-        let engine = Engine::new(&engine_config())
-            .map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))?;
+        let engine = shared_engine()?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
         ValidationHook::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the host interface: {e}"))?;
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        {
-            let (engine, stop) = (engine.clone(), stop_ticker.clone());
-            std::thread::Builder::new()
-                .name("plugin-epoch".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(TICK);
-                        engine.increment_epoch();
-                    }
-                })?;
-        }
         let disk = DiskCache::open(cache_dir, &engine)?;
         Ok(Self {
             engine,
@@ -177,7 +180,6 @@ impl Runtime {
             compiled: Mutex::new(HashMap::new()),
             disk,
             services,
-            stop_ticker,
         })
     }
 
@@ -468,11 +470,15 @@ impl DiskCache {
         let key = match std::fs::read(&key_path) {
             Ok(k) if k.len() == 32 => k,
             _ => {
+                // Written aside and renamed: a reader never sees half a key.
                 let k: [u8; 32] = rand::random();
-                write_private(&key_path, &k)?;
-                k.to_vec()
+                let tmp = dir.join(format!(".key.{}.tmp", std::process::id()));
+                write_private(&tmp, &k)?;
+                std::fs::rename(&tmp, &key_path)?;
+                std::fs::read(&key_path)?
             }
         };
+        anyhow::ensure!(key.len() == 32, "the plugin cache key is damaged");
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let mut fixed = [0u8; 32];
