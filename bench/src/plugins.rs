@@ -257,6 +257,9 @@ pub async fn run(
     );
     let _ = std::fs::remove_dir_all(&cache);
 
+    // Hostile calls: how long until each ends in its error.
+    hostile(plugins_dir, &cache).await?;
+
     // Record creates with one hook vs none.
     hooked
         .install_plugin(
@@ -281,6 +284,78 @@ pub async fn run(
             c,
             w,
             Some(w.rate / wo.rate),
+        );
+    }
+    Ok(())
+}
+
+/// Time from call to error for each hostile mode (deadline 50 ms).
+async fn hostile(plugins_dir: &Path, cache: &Path) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let bytes = std::fs::read(plugins_dir.join("hostile.wasm"))?;
+    // A Task service that accepts connections and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", hang.local_addr()?);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hang.accept().await {
+            held.push(socket);
+        }
+    });
+    let settings = bss::config::Settings::default();
+    let task = bss::services::ServiceClient::new("task", &url, &settings)?;
+    let services = bss::services::PlatformServices::new(None, Some(task));
+    let rt = Arc::new(Runtime::new(cache, Some(Arc::new(services)))?);
+    let sha = rt
+        .compile_upload(&bytes, Kind::ValidationHook)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let component = rt
+        .cached(&sha)
+        .ok_or_else(|| anyhow::anyhow!("not cached"))?;
+    println!(
+        "{:<46} {:>10} {:>10} {:>10}",
+        "hostile call (deadline 50 ms)", "error", "p50 ms", "max ms"
+    );
+    for mode in [
+        "loop",
+        "memory",
+        "recursion",
+        "huge",
+        "trap",
+        "hang-forward",
+    ] {
+        let config = json!({"mode": mode}).to_string();
+        let mut c = caller();
+        c.services = vec!["task".into()];
+        let plugin = Arc::new(rt.load(
+            &component,
+            Kind::ValidationHook,
+            Limits::default(),
+            config.clone(),
+            c,
+        )?);
+        let mut hist = Histogram::<u64>::new(3)?;
+        let mut kind = String::new();
+        for _ in 0..20 {
+            let (rt, plugin, mut ctx) = (rt.clone(), plugin.clone(), context());
+            ctx.config = config.clone();
+            let (took, out) = tokio::task::spawn_blocking(move || {
+                let t0 = Instant::now();
+                let out = rt.validate(&plugin, &ctx, RECORD, None);
+                (t0.elapsed(), out)
+            })
+            .await?;
+            kind = match out {
+                Err(f) => f.kind().to_owned(),
+                Ok(_) => "none!".into(),
+            };
+            hist.record(took.as_micros() as u64)?;
+        }
+        println!(
+            "{:<46} {kind:>10} {:>10.2} {:>10.2}",
+            format!("  {mode}"),
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.max() as f64 / 1000.0
         );
     }
     Ok(())

@@ -23,7 +23,10 @@ fn start(port: u16, database_url: &str, kafka: &str) -> Child {
         .env("BSS_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("BSS_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
-        .env("BSS_DATA_DIR", std::env::temp_dir().join(format!("bss-crash-{port}")))
+        .env(
+            "BSS_DATA_DIR",
+            std::env::temp_dir().join(format!("bss-crash-{port}")),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

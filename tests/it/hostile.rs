@@ -182,12 +182,13 @@ async fn a_secret_in_one_tenants_plugin_never_reaches_another() {
     )
     .await;
     // The scanner works: it finds the secret when it put it there itself.
+    // (Reading all of memory byte by byte needs more than 50 ms under load.)
     let (_, control) = app.tenant_with_invoices().await;
     app.install_plugin(
         &control,
         hostile(
             "scan-self",
-            json!({"config": {"mode": "scan-self", "needle": needle}}),
+            json!({"config": {"mode": "scan-self", "needle": needle}, "limits": {"deadlineMs": 1000}}),
         ),
         "hostile",
     )
@@ -207,7 +208,7 @@ async fn a_secret_in_one_tenants_plugin_never_reaches_another() {
         &snoop,
         hostile(
             "scan",
-            json!({"config": {"mode": "scan", "needle": needle}}),
+            json!({"config": {"mode": "scan", "needle": needle}, "limits": {"deadlineMs": 1000}}),
         ),
         "hostile",
     )

@@ -640,3 +640,160 @@ fn a_webhook_transformer_rewrites_or_cancels_a_delivery() {
     );
     let _ = std::fs::remove_dir_all(cache);
 }
+
+#[tokio::test]
+async fn a_platform_admin_lowers_a_tenants_ceilings() {
+    let app = TestApp::spawn().await;
+    let (tenant, token) = app.tenant_with_invoices().await;
+    let path = format!("/v1/tenants/{tenant}/plugin-ceilings");
+    let platform = platform_token();
+    assert_eq!(
+        app.get(&path, &token).await.status(),
+        403,
+        "not for tenant admins"
+    );
+    let start = body(app.get(&path, &platform).await).await;
+    assert_eq!(start["deadlineMs"], 1000);
+    assert_eq!(start["memoryMib"], 64);
+
+    let above = app
+        .put(&path, &platform, &json!({"deadlineMs": 5000}))
+        .await;
+    assert_eq!(above.status(), 422);
+    assert_eq!(body(above).await["errors"][0]["path"], "/deadlineMs");
+
+    let set = app
+        .put(
+            &path,
+            &platform,
+            &json!({"deadlineMs": 100, "memoryMib": 8}),
+        )
+        .await;
+    assert_eq!(set.status(), 200);
+    let set = body(set).await;
+    assert_eq!(
+        (set["deadlineMs"].clone(), set["memoryMib"].clone()),
+        (json!(100), json!(8))
+    );
+    assert_eq!(set["fuel"], 100_000_000);
+
+    let manifest = json!({"name": "slow", "kind": "validation-hook", "resources": ["*"],
+                          "limits": {"deadlineMs": 200}});
+    let resp = app
+        .upload_plugin(&token, manifest, plugin_bytes("no_negative_totals"))
+        .await;
+    assert_eq!(resp.status(), 422);
+    let problem = body(resp).await;
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ceiling of 100 ms"),
+        "{problem}"
+    );
+    // Defaults (16 MiB) above the tenant's memory ceiling are refused too:
+    // the manifest must ask for what the tenant may have.
+    let fits = json!({"name": "fits", "kind": "validation-hook", "resources": ["*"],
+                      "limits": {"deadlineMs": 100, "memoryMib": 8}});
+    app.install_plugin(&token, fits, "no_negative_totals").await;
+}
+
+#[tokio::test]
+async fn the_default_forwarder_hook_applies_the_validation_services_verdict() {
+    use bss_tests::fake_services::{Behaviour, validation_service};
+    let validation = validation_service(Behaviour::Valid).await;
+    let app =
+        TestApp::spawn_with(|s| s.validation_service_url = Some(validation.url.clone())).await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let manifest = json!({"name": "validation-forwarder", "kind": "validation-hook",
+                          "resources": ["invoices"], "services": ["validation"]});
+    app.install_plugin(&token, manifest, "validation_forwarder")
+        .await;
+    let ok = app
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "A", "total": 100}),
+        )
+        .await;
+    assert_eq!(ok.status(), 201);
+    let refused = app
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "B", "total": 101}),
+        )
+        .await;
+    assert_eq!(refused.status(), 422);
+    let problem = body(refused).await;
+    assert_eq!(
+        problem["errors"][0],
+        json!({"path": "/total", "message": "over the customer's credit limit",
+               "source": "plugin:validation-forwarder", "code": "credit"})
+    );
+
+    // Without the grant, forward answers an error and the hook refuses.
+    let (_, other) = app.tenant_with_invoices().await;
+    let ungranted = json!({"name": "validation-forwarder", "kind": "validation-hook", "resources": ["invoices"]});
+    app.install_plugin(&other, ungranted, "validation_forwarder")
+        .await;
+    let resp = app
+        .post(
+            "/v1/data/invoices",
+            &other,
+            &json!({"number": "A", "total": 1}),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    let message = body(resp).await["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("not granted the \"validation\" service"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_enricher_can_mark_events_and_drop_them() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant().await;
+    let mut schema = invoice_schema();
+    schema["x-event-payload"] = json!("full");
+    schema["properties"]["status"]["enum"] = json!(["draft", "open", "paid", "void"]);
+    assert_eq!(
+        app.put_schema("invoices", &token, schema).await.status(),
+        201
+    );
+    let manifest = json!({"name": "large-invoices", "kind": "event-enricher",
+                          "resources": ["invoices"], "config": {"threshold": 100}});
+    app.install_plugin(&token, manifest, "large_invoices").await;
+    let mut ids = Vec::new();
+    for (total, status) in [(150, "open"), (5, "draft"), (50, "open")] {
+        let doc = json!({"number": total.to_string(), "total": total, "status": status});
+        let created = body(app.post("/v1/data/invoices", &token, &doc).await).await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let log = wait_for_events(&app, &token, 3).await;
+    let created: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["type"] == "business_store.data.created")
+        .collect();
+    let subjects: Vec<String> = created
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            format!("invoices/{}", ids[0]),
+            format!("invoices/{}", ids[2])
+        ],
+        "the draft's event was dropped, the others kept their order"
+    );
+    assert_eq!(created[0]["large"], true);
+    assert_eq!(created[1]["large"], false);
+    let stats = body(app.get("/v1/plugins/large-invoices", &token).await).await["stats"].clone();
+    assert_eq!(stats["calls"], 3);
+}

@@ -54,7 +54,21 @@ async fn serve(router: Router) -> String {
 pub async fn validation_service(behaviour: Behaviour) -> Fake {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
-    let router = Router::new().route(
+    let router = Router::new()
+        .route(
+            "/api/validation/validateRecord",
+            // Refuses totals over 100 (the default validation-forwarder plugin asks).
+            post(|Json(body): Json<Value>| async move {
+                if body["record"]["total"].as_f64().is_some_and(|t| t > 100.0) {
+                    Json(json!({"valid": false, "errors": [
+                        {"path": "/total", "message": "over the customer's credit limit", "code": "credit"}
+                    ]}))
+                } else {
+                    Json(json!({"valid": true, "errors": []}))
+                }
+            }),
+        )
+        .route(
         "/api/validation/validateSchema",
         post(move |Json(_body): Json<Value>| {
             let counter = counter.clone();

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -13,12 +13,81 @@ use crate::app_state::SharedState;
 use crate::auth::Principal;
 use crate::domain::TenantId;
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::plugins::TenantCeilings;
 use crate::storage::tenants::{self, Tenant};
 
 pub fn router() -> OpenApiRouter<SharedState> {
     OpenApiRouter::new()
         .routes(routes!(create_tenant))
         .routes(routes!(get_tenant, delete_tenant))
+        .routes(routes!(get_plugin_ceilings, put_plugin_ceilings))
+}
+
+/// A tenant's plugin ceilings as they apply.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct PluginCeilings {
+    /// What was set for the tenant (absent: the installation's).
+    own: TenantCeilings,
+    deadline_ms: u64,
+    fuel: u64,
+    memory_mib: u64,
+}
+
+async fn ceilings_view(state: &SharedState, id: &TenantId) -> ApiResult<PluginCeilings> {
+    let own = crate::storage::plugins::ceilings(&state.pool, id.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no active tenant {id}")))?;
+    let own: TenantCeilings = serde_json::from_value(own).unwrap_or_default();
+    let applied = state.plugins.settings().ceilings.for_tenant(&own);
+    Ok(PluginCeilings {
+        own,
+        deadline_ms: applied.deadline_ms,
+        fuel: applied.fuel,
+        memory_mib: applied.memory_mib,
+    })
+}
+
+/// The ceilings the tenant's plugin manifests are held to.
+#[utoipa::path(get, path = "/v1/tenants/{id}/plugin-ceilings", tag = "tenants", params(("id" = String, Path)),
+    responses((status = 200, body = PluginCeilings), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn get_plugin_ceilings(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PluginCeilings>> {
+    principal.require_platform_admin()?;
+    let id = TenantId::parse(&id).map_err(|_| ApiError::not_found("tenant not found"))?;
+    Ok(Json(ceilings_view(&state, &id).await?))
+}
+
+/// Set the tenant's own plugin ceilings (each at most the installation's).
+/// Active plugins above them are held to them at once.
+#[utoipa::path(put, path = "/v1/tenants/{id}/plugin-ceilings", tag = "tenants", params(("id" = String, Path)),
+    request_body = TenantCeilings,
+    responses((status = 200, body = PluginCeilings), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+async fn put_plugin_ceilings(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TenantCeilings>,
+) -> ApiResult<Json<PluginCeilings>> {
+    principal.require_platform_admin()?;
+    let id = TenantId::parse(&id).map_err(|_| ApiError::not_found("tenant not found"))?;
+    state
+        .plugins
+        .settings()
+        .ceilings
+        .admit(&body)
+        .map_err(|errors| ApiError::unprocessable("the ceilings are not valid", errors))?;
+    let value = serde_json::to_value(body).map_err(anyhow::Error::from)?;
+    if !crate::storage::plugins::set_ceilings(&state.pool, id.as_str(), &value).await? {
+        return Err(ApiError::not_found(format!("no active tenant {id}")));
+    }
+    state.plugins.invalidate(id.as_str());
+    Ok(Json(ceilings_view(&state, &id).await?))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -105,8 +105,64 @@ impl Default for Ceilings {
     }
 }
 
-/// Fuel when a manifest turns metering on without a figure.
-pub const DEFAULT_FUEL: u64 = 10_000_000;
+/// A tenant's own ceilings, as a platform admin sets them; absent ones are
+/// the installation's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantCeilings {
+    pub deadline_ms: Option<u64>,
+    pub fuel: Option<u64>,
+    pub memory_mib: Option<u64>,
+}
+
+impl Ceilings {
+    /// These ceilings lowered to a tenant's own.
+    pub fn for_tenant(&self, t: &TenantCeilings) -> Self {
+        Self {
+            deadline_ms: t
+                .deadline_ms
+                .map_or(self.deadline_ms, |v| v.min(self.deadline_ms)),
+            fuel: t.fuel.map_or(self.fuel, |v| v.min(self.fuel)),
+            memory_mib: t
+                .memory_mib
+                .map_or(self.memory_mib, |v| v.min(self.memory_mib)),
+            output_bytes: self.output_bytes,
+        }
+    }
+
+    /// Limits lowered to these ceilings (when ceilings drop after an upload).
+    pub fn cap(&self, l: Limits) -> Limits {
+        Limits {
+            deadline_ms: l.deadline_ms.min(self.deadline_ms),
+            fuel: l.fuel.map(|f| f.min(self.fuel)),
+            memory_mib: l.memory_mib.min(self.memory_mib),
+            output_bytes: l.output_bytes.min(self.output_bytes),
+        }
+    }
+
+    /// Whether a tenant's ceilings fit under these; the errors otherwise.
+    pub fn admit(&self, t: &TenantCeilings) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut check = |path: &str, asked: Option<u64>, most: u64| {
+            if let Some(v) = asked
+                && (v == 0 || v > most)
+            {
+                errors.push(FieldError::request(
+                    path,
+                    format!("{v} is not between 1 and the installation's ceiling of {most}"),
+                ));
+            }
+        };
+        check("/deadlineMs", t.deadline_ms, self.deadline_ms);
+        check("/fuel", t.fuel, self.fuel);
+        check("/memoryMib", t.memory_mib, self.memory_mib);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
 
 /// A manifest as uploaded.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

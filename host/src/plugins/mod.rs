@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
 pub use bindings::{Context, Violation, WebhookRequest};
-pub use manifest::{Ceilings, Kind, Limits, Manifest};
+pub use manifest::{Ceilings, Kind, Limits, Manifest, TenantCeilings};
 pub use runtime::{Failure, Loaded, Runtime, UploadError};
 pub use stats::{Stats, StatsView};
 
@@ -166,6 +166,16 @@ impl Plugins {
             .clone()
     }
 
+    /// The ceilings a tenant's manifests are held to: the installation's,
+    /// lowered to the tenant's own.
+    pub async fn ceilings_for(&self, tenant: &str) -> ApiResult<Ceilings> {
+        let own = store::ceilings(&self.pool, tenant)
+            .await?
+            .ok_or_else(|| ApiError::not_found("tenant not found"))?;
+        let own: TenantCeilings = serde_json::from_value(own).unwrap_or_default();
+        Ok(self.settings.ceilings.for_tenant(&own))
+    }
+
     /// The tenant's active plugins, loading them on first use.
     pub async fn set(&self, tenant: &str) -> anyhow::Result<Arc<TenantSet>> {
         if let Some(s) = self.tenants.get(tenant) {
@@ -181,11 +191,25 @@ impl Plugins {
 
     async fn load_set(&self, tenant: &str) -> anyhow::Result<TenantSet> {
         let rows = store::active(&self.pool, tenant).await?;
+        if rows.is_empty() {
+            return Ok(TenantSet::default());
+        }
+        let ceilings = self
+            .ceilings_for(tenant)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut plugins = Vec::with_capacity(rows.len());
         for row in rows {
             let manifest: Manifest = serde_json::from_value(row.manifest)?;
             let loaded = self
-                .load_one(tenant, &row.name, row.version, &row.sha256, &manifest)
+                .load_one(
+                    tenant,
+                    &row.name,
+                    row.version,
+                    &row.sha256,
+                    &manifest,
+                    &ceilings,
+                )
                 .await;
             if let Err(e) = &loaded {
                 tracing::error!(tenant, plugin = %row.name, version = row.version, error = %e, "cannot load a plugin; its calls fail");
@@ -208,6 +232,7 @@ impl Plugins {
         version: i32,
         sha: &str,
         manifest: &Manifest,
+        ceilings: &Ceilings,
     ) -> Result<Loaded, String> {
         let checked = manifest
             .clone()
@@ -219,13 +244,7 @@ impl Plugins {
             })
             .map_err(|_| "the stored manifest is no longer valid".to_owned())?;
         // Ceilings lowered since the upload apply at once.
-        let c = &self.settings.ceilings;
-        let limits = Limits {
-            deadline_ms: checked.limits.deadline_ms.min(c.deadline_ms),
-            fuel: checked.limits.fuel.map(|f| f.min(c.fuel)),
-            memory_mib: checked.limits.memory_mib.min(c.memory_mib),
-            output_bytes: checked.limits.output_bytes.min(c.output_bytes),
-        };
+        let limits = ceilings.cap(checked.limits);
         let rt = self.runtime.clone();
         let key = sha.to_owned();
         let cached = tokio::task::spawn_blocking(move || rt.cached(&key))
@@ -264,8 +283,9 @@ impl Plugins {
         manifest: Manifest,
         module: Vec<u8>,
     ) -> ApiResult<(String, i32, String)> {
+        let ceilings = self.ceilings_for(tenant.as_str()).await?;
         let checked = manifest
-            .check(&self.settings.ceilings)
+            .check(&ceilings)
             .map_err(|errors| ApiError::unprocessable("the manifest is not valid", errors))?;
         let max = self.settings.max_module_bytes;
         if module.len() > max {

@@ -225,3 +225,37 @@ pub async fn module(
     row.map(|(m,)| m)
         .ok_or_else(|| StorageError::NotFound(format!("plugin {name} version {version}")))
 }
+
+/// A tenant's own plugin ceilings (`{}` when none were set); None when
+/// there is no active tenant with this id.
+pub async fn ceilings(pool: &PgPool, tenant: &str) -> Result<Option<Value>, StorageError> {
+    let row: Option<(Value,)> = sqlx::query_as(
+        "SELECT plugin_ceilings FROM bss.tenants WHERE id = $1 AND status = 'active'",
+    )
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(v,)| v))
+}
+
+/// Sets a tenant's own plugin ceilings; false when there is no active tenant.
+pub async fn set_ceilings(
+    pool: &PgPool,
+    tenant: &str,
+    ceilings: &Value,
+) -> Result<bool, StorageError> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE bss.tenants SET plugin_ceilings = $2 WHERE id = $1 AND status = 'active'",
+    )
+    .bind(tenant)
+    .bind(ceilings)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    notify(&mut tx, tenant).await?;
+    tx.commit().await?;
+    Ok(true)
+}
