@@ -17,8 +17,25 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
 static CLEANUP: OnceCell<()> = OnceCell::const_new();
 
-/// Drops test databases left behind by earlier runs (older than an hour).
+/// Drops test databases and plugin caches left behind by earlier runs
+/// (older than an hour).
 async fn drop_stale_databases() {
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600));
+            if stale
+                && entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("bss-test-plugin-cache-")
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let Ok(mut conn) = sqlx::PgConnection::connect(&format!("{SERVER}/postgres")).await else {
         return;
     };

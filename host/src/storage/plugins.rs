@@ -56,6 +56,21 @@ async fn notify(tx: &mut sqlx::PgConnection, tenant: &str) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// Commits a change that touched `rows` rows and tells the other replicas;
+/// false (rolled back) when it touched none.
+async fn finish(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    rows: u64,
+    tenant: &str,
+) -> Result<bool, StorageError> {
+    if rows == 0 {
+        return Ok(false);
+    }
+    notify(&mut tx, tenant).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Stores the next version of a plugin (creating the plugin) and makes it
 /// active. Returns the version.
 pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<i32, StorageError> {
@@ -167,12 +182,7 @@ pub async fn activate(
     .bind(version)
     .execute(&mut *tx)
     .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    notify(&mut tx, tenant).await?;
-    tx.commit().await?;
-    Ok(true)
+    finish(tx, done.rows_affected(), tenant).await
 }
 
 /// Deletes a plugin and all its versions; false if there was none.
@@ -183,12 +193,7 @@ pub async fn delete(pool: &PgPool, tenant: &str, name: &str) -> Result<bool, Sto
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    notify(&mut tx, tenant).await?;
-    tx.commit().await?;
-    Ok(true)
+    finish(tx, done.rows_affected(), tenant).await
 }
 
 /// The active version of each of the tenant's plugins (active tenants only).
@@ -252,10 +257,5 @@ pub async fn set_ceilings(
     .bind(ceilings)
     .execute(&mut *tx)
     .await?;
-    if done.rows_affected() == 0 {
-        return Ok(false);
-    }
-    notify(&mut tx, tenant).await?;
-    tx.commit().await?;
-    Ok(true)
+    finish(tx, done.rows_affected(), tenant).await
 }
