@@ -81,9 +81,16 @@ pub async fn insert<'e>(
 const EVENT_COLUMNS: &str =
     "seq, event_id, tenant_id, resource, type, kafka_key, envelope, created_at";
 
-/// Whether the tenant of outbox row `o` has an active event enricher.
-const HAS_ENRICHER: &str = "EXISTS (SELECT 1 FROM bss.plugins p
-     WHERE p.tenant_id = o.tenant_id AND p.kind = 'event-enricher' AND p.active_version IS NOT NULL)";
+/// The tenants with an active event enricher (usually none or a few).
+pub async fn enricher_tenants(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT tenant_id FROM bss.plugins
+          WHERE kind = 'event-enricher' AND active_version IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(t,)| t).collect())
+}
 
 /// A committed event waiting for its tenant's enrichers.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -96,13 +103,18 @@ pub struct Unenriched {
     pub envelope: Value,
 }
 
-/// Unsequenced events of tenants with enrichers, not yet enriched, in `id` order.
-pub async fn unenriched(pool: &PgPool, limit: i64) -> Result<Vec<Unenriched>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT o.id, o.tenant_id, o.resource, o.type, o.envelope FROM bss.outbox o
-          WHERE o.seq IS NULL AND NOT o.enriched AND {HAS_ENRICHER}
-          ORDER BY o.id LIMIT $1"
-    ))
+/// Unsequenced events of these tenants, not yet enriched, in `id` order.
+pub async fn unenriched(
+    pool: &PgPool,
+    tenants: &[String],
+    limit: i64,
+) -> Result<Vec<Unenriched>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, tenant_id, resource, type, envelope FROM bss.outbox
+          WHERE seq IS NULL AND NOT enriched AND tenant_id = ANY($1)
+          ORDER BY id LIMIT $2",
+    )
+    .bind(tenants)
     .bind(limit)
     .fetch_all(pool)
     .await
@@ -136,22 +148,29 @@ pub async fn enriched(
 }
 
 /// Gives committed, unsequenced rows the next log positions, in `id` order.
-/// Rows of tenants with enrichers wait until they are enriched.
+/// Rows of `waiting` tenants (those with enrichers) wait until enriched.
 /// Returns the highest position assigned, if any.
-pub async fn sequence(pool: &PgPool, after: i64, limit: i64) -> Result<Option<i64>, sqlx::Error> {
-    let (max,): (Option<i64>,) = sqlx::query_as(&format!(
+pub async fn sequence(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+    waiting: &[String],
+) -> Result<Option<i64>, sqlx::Error> {
+    let (max,): (Option<i64>,) = sqlx::query_as(
         "WITH next AS (
             SELECT id, $1 + row_number() OVER (ORDER BY id) AS seq
-              FROM (SELECT id FROM bss.outbox o WHERE seq IS NULL AND (enriched OR NOT {HAS_ENRICHER})
+              FROM (SELECT id FROM bss.outbox
+                     WHERE seq IS NULL AND (enriched OR NOT tenant_id = ANY($3))
                      ORDER BY id LIMIT $2 FOR UPDATE) n
          ), done AS (
             UPDATE bss.outbox o SET seq = next.seq, sequenced_at = clock_timestamp()
               FROM next WHERE o.id = next.id RETURNING o.seq
          )
-         SELECT max(seq) FROM done"
-    ))
+         SELECT max(seq) FROM done",
+    )
     .bind(after)
     .bind(limit)
+    .bind(waiting)
     .fetch_one(pool)
     .await?;
     Ok(max)

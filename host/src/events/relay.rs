@@ -154,8 +154,11 @@ async fn sequence_loop(
     let mut checked = Instant::now();
     let mut expired = Instant::now();
     loop {
-        enrich_pending(pool, plugins).await?;
-        while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH).await? {
+        let waiting = outbox::enricher_tenants(pool).await?;
+        if !waiting.is_empty() {
+            enrich_pending(pool, plugins, &waiting).await?;
+        }
+        while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH, &waiting).await? {
             last = max;
             log.advance(last);
             sqlx::query("SELECT pg_notify('bss_events', $1)")
@@ -190,9 +193,13 @@ async fn sequence_loop(
 /// Runs the tenants' event enrichers over committed events before they are
 /// sequenced, so the log (replay, SSE) and the broker see the same event.
 /// A failing enricher leaves its event as it was: nothing is lost.
-async fn enrich_pending(pool: &PgPool, plugins: &Plugins) -> Result<(), sqlx::Error> {
+async fn enrich_pending(
+    pool: &PgPool,
+    plugins: &Plugins,
+    tenants: &[String],
+) -> Result<(), sqlx::Error> {
     loop {
-        let rows = outbox::unenriched(pool, ENRICH_BATCH).await?;
+        let rows = outbox::unenriched(pool, tenants, ENRICH_BATCH).await?;
         if rows.is_empty() {
             return Ok(());
         }
