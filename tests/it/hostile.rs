@@ -223,3 +223,20 @@ async fn a_secret_in_one_tenants_plugin_never_reaches_another() {
         assert_eq!(resp.status(), 201, "round {i}: {:#}", body(resp).await);
     }
 }
+
+#[tokio::test]
+async fn a_plugin_that_sleeps_is_stopped_at_its_deadline() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let manifest = json!({"name": "hostile", "kind": "validation-hook", "resources": ["*"]});
+    app.install_plugin(&token, manifest, "sleeper").await;
+    let resp = app
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "A", "total": 1}),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    assert_limit(&body(resp).await, "deadline", "deadline of 50 ms");
+}

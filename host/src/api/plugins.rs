@@ -278,7 +278,7 @@ async fn activate_plugin(
             body.version
         )));
     }
-    state.plugins.invalidate(tenant.as_str());
+    state.plugins.changed(tenant.as_str(), name);
     Ok(Json(detail(&state, tenant.as_str(), name).await?))
 }
 

@@ -129,16 +129,18 @@ pub async fn enriched(
     dropped: &[i64],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE bss.outbox SET enriched = true WHERE id = ANY($1)")
+    sqlx::query("UPDATE bss.outbox SET enriched = true WHERE id = ANY($1) AND seq IS NULL")
         .bind(unchanged)
         .execute(&mut *tx)
         .await?;
     for (id, envelope) in replaced {
-        sqlx::query("UPDATE bss.outbox SET enriched = true, envelope = $2 WHERE id = $1")
-            .bind(id)
-            .bind(envelope)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE bss.outbox SET enriched = true, envelope = $2 WHERE id = $1 AND seq IS NULL",
+        )
+        .bind(id)
+        .bind(envelope)
+        .execute(&mut *tx)
+        .await?;
     }
     sqlx::query("DELETE FROM bss.outbox WHERE id = ANY($1) AND seq IS NULL")
         .bind(dropped)

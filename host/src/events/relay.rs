@@ -29,7 +29,8 @@ use crate::plugins::{Enriched, Plugins};
 const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
-const ENRICH_BATCH: i64 = 100;
+const ENRICH_BATCH: i64 = 20;
+const ENRICH_BUDGET: Duration = Duration::from_millis(200);
 const COALESCE: Duration = Duration::from_millis(2);
 /// A batch not acknowledged by then is retried (at least once, never lost).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,9 +156,7 @@ async fn sequence_loop(
     let mut expired = Instant::now();
     loop {
         let waiting = outbox::enricher_tenants(pool).await?;
-        if !waiting.is_empty() {
-            enrich_pending(pool, plugins, &waiting).await?;
-        }
+        let more = !waiting.is_empty() && enrich_pending(pool, plugins, &waiting).await?;
         while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH, &waiting).await? {
             last = max;
             log.advance(last);
@@ -179,10 +178,12 @@ async fn sequence_loop(
             }
             expired = Instant::now();
         }
-        tokio::select! {
-            r = listener.recv() => { r?; }
-            () = log.wake.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        if !more {
+            tokio::select! {
+                r = listener.recv() => { r?; }
+                () = log.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
         // Let concurrent commits gather: one sequencing pass then covers many
         // writes instead of one each (a bounded cost in latency).
@@ -193,15 +194,19 @@ async fn sequence_loop(
 /// Runs the tenants' event enrichers over committed events before they are
 /// sequenced, so the log (replay, SSE) and the broker see the same event.
 /// A failing enricher leaves its event as it was: nothing is lost.
+/// Returns whether events may be left for the next pass.
 async fn enrich_pending(
     pool: &PgPool,
     plugins: &Plugins,
     tenants: &[String],
-) -> Result<(), sqlx::Error> {
-    loop {
+) -> Result<bool, sqlx::Error> {
+    // Bounded per pass: other tenants' events are sequenced in between, so
+    // a slow enricher delays only its own tenant's events.
+    let start = Instant::now();
+    while start.elapsed() < ENRICH_BUDGET {
         let rows = outbox::unenriched(pool, tenants, ENRICH_BATCH).await?;
         if rows.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let (mut unchanged, mut replaced, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
         for row in rows {
@@ -217,6 +222,7 @@ async fn enrich_pending(
         metrics::counter!("events_dropped_by_plugins_total").increment(dropped.len() as u64);
         outbox::enriched(pool, &unchanged, &replaced, &dropped).await?;
     }
+    Ok(true)
 }
 
 async fn publish_loop(pool: &PgPool, broker: &Broker, log: &EventLog) -> Result<(), sqlx::Error> {

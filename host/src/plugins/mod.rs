@@ -105,6 +105,29 @@ pub struct Plugins {
     compile_gate: Arc<tokio::sync::Semaphore>,
 }
 
+/// Largest event an enricher may return.
+const ENRICHED_EVENT_MAX: usize = 512 * 1024;
+
+/// Keys of `data` that say whose change an event is: an enricher cannot
+/// change them.
+const FIXED_DATA: [&str; 5] = [
+    "tenantId",
+    "resource",
+    "recordId",
+    "version",
+    "previousVersion",
+];
+
+/// Puts `keys` back as they were in `original` (removing ones it lacked).
+fn restore(map: &mut serde_json::Map<String, Value>, original: &Value, keys: &[&str]) {
+    for key in keys {
+        match original.get(*key) {
+            Some(v) => map.insert((*key).to_owned(), v.clone()),
+            None => map.remove(*key),
+        };
+    }
+}
+
 /// Envelope attributes an enricher cannot change.
 const FIXED_ATTRIBUTES: [&str; 7] = [
     "id",
@@ -146,6 +169,12 @@ impl Plugins {
     fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.tenants.clear();
+    }
+
+    /// Another version became active: a tripped breaker gives it a chance.
+    pub fn changed(&self, tenant: &str, name: &str) {
+        self.stats_of(tenant, name).breaker.on_success();
+        self.invalidate(tenant);
     }
 
     /// Forgets a deleted plugin's stats.
@@ -351,7 +380,7 @@ impl Plugins {
             },
         )
         .await?;
-        self.invalidate(tenant.as_str());
+        self.changed(tenant.as_str(), &checked.manifest.name);
         Ok((checked.manifest.name, version, sha))
     }
 
@@ -429,6 +458,15 @@ impl Plugins {
                         ),
                         errors,
                     ));
+                }
+                Err((_, Failure::Busy)) => {
+                    return Err(ApiError::Unavailable {
+                        detail: format!(
+                            "plugin {} could not run: too many plugin calls at once; nothing was stored",
+                            hook.name
+                        ),
+                        retry_after_secs: 1,
+                    });
                 }
                 Err((prefix, failure)) => {
                     return Err(ApiError::PluginFailed {
@@ -516,8 +554,12 @@ impl Plugins {
                 // Changes missed while not listening.
                 self.invalidate_all();
                 loop {
-                    let n = listener.recv().await?;
-                    self.invalidate(n.payload());
+                    match listener.try_recv().await? {
+                        Some(n) => self.invalidate(n.payload()),
+                        // The connection dropped (sqlx reconnects on the next
+                        // call): changes may have been missed meanwhile.
+                        None => self.invalidate_all(),
+                    }
                 }
             }
             .await;
@@ -603,13 +645,20 @@ fn run_enricher(
         .enrich(loaded, &ctx, &event.to_string())
         .and_then(|out| match out {
             None => Ok(None),
+            // Kept well under a broker's message size limit.
+            Some(text) if text.len() > ENRICHED_EVENT_MAX => Err(Failure::Output {
+                size: text.len(),
+                limit: ENRICHED_EVENT_MAX,
+            }),
             Some(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(mut map)) => {
-                    for key in FIXED_ATTRIBUTES {
-                        match original.get(key) {
-                            Some(v) => map.insert(key.to_owned(), v.clone()),
-                            None => map.remove(key),
-                        };
+                    restore(&mut map, original, &FIXED_ATTRIBUTES);
+                    match (map.get_mut("data"), original.get("data")) {
+                        (Some(Value::Object(data)), Some(was)) => restore(data, was, &FIXED_DATA),
+                        (_, Some(was)) => {
+                            map.insert("data".into(), was.clone());
+                        }
+                        _ => {}
                     }
                     Ok(Some(Value::Object(map)))
                 }

@@ -53,6 +53,9 @@ pub enum Failure {
     Tripped(u64),
     #[error("could not be started: {0}")]
     Unavailable(String),
+    /// Every call slot (of the host, or of the tenant) is taken.
+    #[error("could not run: too many plugin calls at once")]
+    Busy,
 }
 
 impl Failure {
@@ -68,6 +71,7 @@ impl Failure {
             Self::Invalid(_) => "invalid",
             Self::Tripped(_) => "tripped",
             Self::Unavailable(_) => "unavailable",
+            Self::Busy => "busy",
         }
     }
 }
@@ -181,6 +185,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        sandbox::bound_blocking_calls(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link WASI poll: {e}"))?;
         ValidationHook::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the host interface: {e}"))?;
         let disk = DiskCache::open(cache_dir, &engine)?;
@@ -446,7 +452,7 @@ fn classify(e: &wasmtime::Error, state: &CallState, limits: &Limits) -> Failure 
         None => {
             let text = format!("{e}");
             if text.contains("concurrent") && text.contains("limit") {
-                Failure::Unavailable("too many plugin calls at once".into())
+                Failure::Busy
             } else {
                 Failure::Trap(text)
             }

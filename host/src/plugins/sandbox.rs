@@ -5,9 +5,11 @@
 use std::time::Instant;
 
 use serde_json::Value;
-use wasmtime::component::ResourceTable;
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_io::poll::DynPollable;
 
 use super::bindings::Level;
 use super::bindings::validation::bss::plugin::{host, types};
@@ -67,6 +69,7 @@ impl CallState {
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_max: limits.memory_bytes(),
+                memory_used: 0,
                 memory_hit: false,
             },
             caller,
@@ -97,10 +100,11 @@ impl WasiView for CallState {
     }
 }
 
-/// Caps linear memory per call; tables, instances and memories are capped
-/// per component.
+/// Caps linear memory per call, all memories of the component together;
+/// tables, instances and memories are capped per component.
 struct Limiter {
     memory_max: usize,
+    memory_used: usize,
     memory_hit: bool,
 }
 
@@ -112,16 +116,20 @@ const MAX_MEMORIES: usize = 16;
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_max {
+        let total = self
+            .memory_used
+            .saturating_add(desired.saturating_sub(current));
+        if total > self.memory_max {
             // A trap rather than a failed grow: the guest would abort
             // anyway, and this way the error names the limit.
             self.memory_hit = true;
             return Err(wasmtime::Error::new(HostStop::Memory));
         }
+        self.memory_used = total;
         Ok(true)
     }
 
@@ -199,18 +207,17 @@ impl host::Host for CallState {
             return Err(wasmtime::Error::new(HostStop::HostCallDeadline));
         }
         let tenant = self.caller.tenant.clone();
-        // The call runs on the service runtime; this (blocking) thread waits
-        // for it at most until the plugin's own deadline.
-        let answer = runtime.block_on(async move {
-            tokio::time::timeout(left, async {
-                services.forward(&service, &path, &tenant, &body).await
-            })
-            .await
-        });
-        match answer {
+        // The call runs as its own task on the service runtime, so it always
+        // completes (the client's timeout bounds it, and its breaker sees the
+        // outcome); this (blocking) thread waits for it at most until the
+        // plugin's own deadline.
+        let call =
+            runtime.spawn(async move { services.forward(&service, &path, &tenant, &body).await });
+        match runtime.block_on(tokio::time::timeout(left, call)) {
             Err(_) => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
-            Ok(Err(message)) => Ok(Err(message)),
-            Ok(Ok(value)) => Ok(Ok(value.to_string())),
+            Ok(Err(e)) => Ok(Err(format!("the call failed: {e}"))),
+            Ok(Ok(Err(message))) => Ok(Err(message)),
+            Ok(Ok(Ok(value))) => Ok(Ok(value.to_string())),
         }
     }
 }
@@ -222,4 +229,57 @@ fn valid_path(path: &str) -> bool {
         && path
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+/// The one WASI interface that blocks (`wasi:io/poll`: sleeping, waiting
+/// on streams), replaced by versions that wait at most until the call's
+/// deadline and then stop the call. WASI's own waits inside a host call
+/// would otherwise outlast the epoch deadline.
+pub fn bound_blocking_calls(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi_io::bindings::wasi::io::poll::{Host, HostPollable};
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance("wasi:io/poll@0.2.12")?;
+    poll.func_wrap(
+        "poll",
+        |mut store: StoreContextMut<'_, CallState>, (list,): (Vec<Resource<DynPollable>>,)| {
+            let state = store.data_mut();
+            let (runtime, left) = state.waiting()?;
+            let ready = runtime.block_on(tokio::time::timeout(
+                left,
+                Host::poll(&mut state.table, list),
+            ));
+            match ready {
+                Ok(r) => r.map(|v| (v,)),
+                Err(_) => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
+            }
+        },
+    )?;
+    poll.func_wrap(
+        "[method]pollable.block",
+        |mut store: StoreContextMut<'_, CallState>, (p,): (Resource<DynPollable>,)| {
+            let state = store.data_mut();
+            let (runtime, left) = state.waiting()?;
+            let done = runtime.block_on(tokio::time::timeout(
+                left,
+                HostPollable::block(&mut state.table, p),
+            ));
+            match done {
+                Ok(r) => r,
+                Err(_) => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
+            }
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+impl CallState {
+    /// What a blocking host call may wait on, and for how long.
+    fn waiting(&self) -> wasmtime::Result<(tokio::runtime::Handle, std::time::Duration)> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match &self.runtime {
+            Some(r) if !left.is_zero() => Ok((r.clone(), left)),
+            _ => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
+        }
+    }
 }

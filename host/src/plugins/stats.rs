@@ -103,7 +103,8 @@ impl Stats {
 
     /// A call that failed (a limit, a trap, a tripped breaker).
     pub fn failed(&self, tenant: &str, plugin: &str, failure: &Failure, took: Duration) {
-        if !matches!(failure, Failure::Tripped(_)) {
+        // Refused calls (tripped, no free slot) say nothing of the plugin.
+        if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
             self.breaker.on_failure();
         }
         metrics::counter!("plugin_failures_total", "tenant" => tenant.to_owned(), "plugin" => plugin.to_owned(), "kind" => failure.kind())

@@ -45,7 +45,11 @@ impl PlatformServices {
                         "the {service} service is failing; calls are paused for {} s",
                         retry_after.as_secs().max(1)
                     ),
-                    other => other.to_string(),
+                    // Transport errors name internal addresses: not for plugins.
+                    CallError::Unavailable { .. } => {
+                        format!("the {service} service is unavailable")
+                    }
+                    rejected @ CallError::Rejected { .. } => rejected.to_string(),
                 }),
             None => stand_in(service, path, tenant, body),
         }
