@@ -797,3 +797,40 @@ async fn an_enricher_can_mark_events_and_drop_them() {
     let stats = body(app.get("/v1/plugins/large-invoices", &token).await).await["stats"].clone();
     assert_eq!(stats["calls"], 3);
 }
+
+#[tokio::test]
+async fn an_idempotent_replay_answers_the_first_result_whatever_the_hooks_say_now() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.install_plugin(
+        &token,
+        hook_manifest(json!({"max_total": 1000})),
+        "no_negative_totals",
+    )
+    .await;
+    let create = |key: &'static str| {
+        app.request(reqwest::Method::POST, "/v1/data/invoices", Some(&token))
+            .header("idempotency-key", key)
+            .json(&json!({"number": "A", "total": 500}))
+    };
+    let first = send(create("k-1")).await;
+    assert_eq!(first.status(), 201);
+    let first = body(first).await;
+    // A stricter version now refuses such records, but the replay is the
+    // first result, not a new decision.
+    app.install_plugin(
+        &token,
+        hook_manifest(json!({"max_total": 100})),
+        "no_negative_totals",
+    )
+    .await;
+    let again = send(create("k-1")).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(body(again).await["id"], first["id"]);
+    assert_eq!(
+        send(create("k-2")).await.status(),
+        422,
+        "a new key is checked"
+    );
+}

@@ -213,15 +213,22 @@ async fn create_record(
         let principal = &principal;
         async move {
             validate(&schema, resource, doc)?;
-            run_hooks(
-                state,
-                principal,
-                headers,
-                resource,
-                "create",
-                one_doc(doc, None),
-            )
-            .await?;
+            // A replay answers the first result without asking the hooks again.
+            let replay = match idem {
+                Some(i)
+                    if state
+                        .plugins
+                        .hooks_bound(tenant, resource.as_str(), false)
+                        .await? =>
+                {
+                    records::replays(&state.pool, tenant, i.key).await?
+                }
+                _ => false,
+            };
+            if !replay {
+                let docs = one_doc(doc, None);
+                run_hooks(state, principal, headers, resource, "create", docs).await?;
+            }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
             Ok(records::create(&state.pool, t, &events, id, doc, idem).await)
@@ -364,6 +371,25 @@ async fn patch_record(
         let (id, patch, resource, state, headers) = (&id, &patch, &resource, &state, &headers);
         let principal = &principal;
         async move {
+            // Hooks run before the row is locked (they may take up to their
+            // deadline), on the version read here; the write then applies
+            // only to that version.
+            let mut hooked = None;
+            if state
+                .plugins
+                .hooks_bound(tenant, resource.as_str(), false)
+                .await?
+            {
+                let current = records::get(&state.pool, target(tenant, resource, &schema), id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+                let mut doc = current.data.clone();
+                json_patch::merge(&mut doc, patch);
+                validate(&schema, resource, &doc)?;
+                let docs = one_doc(&doc, Some(&current.data));
+                run_hooks(state, principal, headers, resource, "patch", docs).await?;
+                hooked = Some(current.version);
+            }
             let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
                 Ok(tx) => tx,
                 Err(e) => return Ok(Err(e)),
@@ -376,11 +402,16 @@ async fn patch_record(
                     tx.current.version
                 )));
             }
+            if let Some(v) = hooked
+                && v != tx.current.version
+            {
+                return Err(ApiError::conflict(format!(
+                    "record {id} changed while its plugins checked the patch; send it again"
+                )));
+            }
             let mut doc = tx.current.data.clone();
             json_patch::merge(&mut doc, patch);
             validate(&schema, resource, &doc)?;
-            let docs = one_doc(&doc, Some(&tx.current.data));
-            run_hooks(state, principal, headers, resource, "patch", docs).await?;
             let events = record_events(state, headers, tenant, &schema);
             Ok(tx.commit(&doc, &events).await)
         }

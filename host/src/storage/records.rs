@@ -185,6 +185,21 @@ where
         .ok_or(StorageError::SchemaChanged)
 }
 
+/// Whether a create with this idempotency key already finished within 24 h
+/// (so a new create with it replays that result).
+pub async fn replays(pool: &PgPool, tenant: &TenantId, key: &str) -> Result<bool, StorageError> {
+    let s = tenant.schema_ident();
+    let row: Option<(i32,)> = sqlx::query_as(&format!(
+        "SELECT 1 FROM {s}._idempotency
+          WHERE key = $1 AND status IS NOT NULL AND created_at >= now() - interval '24 hours'"
+    ))
+    .bind(key)
+    .fetch_optional(pool)
+    .await
+    .map_err(StorageError::from_tenant_query)?;
+    Ok(row.is_some())
+}
+
 /// Claims an idempotency key inside `tx`; returns the earlier outcome when
 /// the key was already used (within 24 h) with the same request.
 async fn claim_key(
