@@ -209,6 +209,7 @@ async fn enrich_pending(
             return Ok(false);
         }
         let (mut unchanged, mut replaced, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
+        let mut later = false;
         for row in rows {
             match plugins
                 .enrich(&row.tenant_id, &row.resource, &row.kind, &row.envelope)
@@ -217,10 +218,14 @@ async fn enrich_pending(
                 Enriched::Unchanged => unchanged.push(row.id),
                 Enriched::Replaced(envelope) => replaced.push((row.id, envelope)),
                 Enriched::Dropped => dropped.push(row.id),
+                Enriched::Later => later = true,
             }
         }
         metrics::counter!("events_dropped_by_plugins_total").increment(dropped.len() as u64);
         outbox::enriched(pool, &unchanged, &replaced, &dropped).await?;
+        if later {
+            break;
+        }
     }
     Ok(true)
 }

@@ -91,6 +91,8 @@ pub enum Enriched {
     Unchanged,
     Replaced(Value),
     Dropped,
+    /// Not now (no free call slot): the event waits for the next pass.
+    Later,
 }
 
 #[derive(Debug)]
@@ -103,7 +105,12 @@ pub struct Plugins {
     generation: AtomicU64,
     stats: DashMap<(String, String), Arc<Stats>>,
     compile_gate: Arc<tokio::sync::Semaphore>,
+    /// Call slots per tenant, so no tenant takes the whole pool.
+    slots: DashMap<String, Arc<tokio::sync::Semaphore>>,
 }
+
+/// Plugin calls one tenant may run at once (a quarter of the pool).
+const TENANT_CALLS: usize = 64;
 
 /// Largest event an enricher may return.
 const ENRICHED_EVENT_MAX: usize = 512 * 1024;
@@ -149,6 +156,7 @@ impl Plugins {
             generation: AtomicU64::new(0),
             stats: DashMap::new(),
             compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            slots: DashMap::new(),
         }
     }
 
@@ -158,6 +166,16 @@ impl Plugins {
 
     pub fn settings(&self) -> &PluginSettings {
         &self.settings
+    }
+
+    /// One of the tenant's call slots, if one is free.
+    fn slot(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(TENANT_CALLS)))
+            .clone()
+            .try_acquire_owned()
+            .ok()
     }
 
     /// Forgets the tenant's loaded plugins (after a change).
@@ -435,9 +453,13 @@ impl Plugins {
                 config: String::new(),
             };
             let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
-            let outcome = tokio::task::spawn_blocking(move || run_hook(&rt, &h, ctx, &docs))
-                .await
-                .map_err(|e| ApiError::Internal(e.into()))?;
+            let slot = self.slot(call.tenant.as_str());
+            let outcome = tokio::task::spawn_blocking(move || match slot {
+                Some(_held) => run_hook(&rt, &h, ctx, &docs),
+                None => Err((String::new(), Failure::Busy)),
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
             match outcome {
                 Ok(violations) if violations.is_empty() => {}
                 Ok(violations) => {
@@ -522,7 +544,12 @@ impl Plugins {
         };
         let rt = self.runtime.clone();
         let original = event.clone();
+        let Some(slot) = self.slot(tenant) else {
+            // The tenant's slots are all taken (by its hooks): try again later.
+            return Enriched::Later;
+        };
         let outcome = tokio::task::spawn_blocking(move || {
+            let _held = slot;
             let mut current = original.clone();
             let mut changed = false;
             for e in &enrichers {
