@@ -14,7 +14,7 @@ use bss::plugins::bindings::validation::bss::plugin::{host, types};
 use bss::plugins::bindings::validation::{ValidationHook, ValidationHookPre};
 use bss::plugins::runtime::sha256_hex;
 use bss::plugins::sandbox::Caller;
-use bss::plugins::{Context, Kind, Limits, Runtime};
+use bss::plugins::{Context, Kind, Limits, Loaded, Runtime};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -35,6 +35,17 @@ fn context() -> Context {
         request_id: "r".into(),
         config: "{}".into(),
     }
+}
+
+/// The component as a validation hook with these limits, no config.
+fn hook(rt: &Runtime, component: &Component, limits: Limits) -> anyhow::Result<Loaded> {
+    rt.load(
+        component,
+        Kind::ValidationHook,
+        limits,
+        "{}".into(),
+        caller(),
+    )
 }
 
 fn caller() -> Caller {
@@ -146,22 +157,14 @@ pub async fn run(
     let component = rt
         .cached(&sha)
         .ok_or_else(|| anyhow::anyhow!("not cached"))?;
-    let plugin = rt.load(
+    let plugin = hook(&rt, &component, Limits::default())?;
+    let fueled = hook(
+        &rt,
         &component,
-        Kind::ValidationHook,
-        Limits::default(),
-        "{}".into(),
-        caller(),
-    )?;
-    let fueled = rt.load(
-        &component,
-        Kind::ValidationHook,
         Limits {
             fuel: Some(10_000_000),
             ..Limits::default()
         },
-        "{}".into(),
-        caller(),
     )?;
     let (bare_engine, bare) = bare_pre(&bytes)?;
     let calls = 20_000;
@@ -227,13 +230,7 @@ pub async fn run(
         let component = rt
             .cached(&sha)
             .ok_or_else(|| anyhow::anyhow!("cache miss"))?;
-        let plugin = rt.load(
-            &component,
-            Kind::ValidationHook,
-            Limits::default(),
-            "{}".into(),
-            caller(),
-        )?;
+        let plugin = hook(&rt, &component, Limits::default())?;
         let out = rt
             .validate(&plugin, &ctx, RECORD, None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;

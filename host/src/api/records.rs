@@ -96,28 +96,22 @@ fn validate(schema: &CompiledSchema, resource: &ResourceName, doc: &Value) -> Ap
     })
 }
 
-/// Runs the tenant's validation hooks bound to the resource (after the
-/// JSON Schema check): 422 `plugin:<name>` when one refuses, and the write
-/// is refused too when one fails.
-async fn run_hooks(
+/// Who asks the validation hooks about a write, and about what.
+fn write_call<'a>(
     state: &SharedState,
     principal: &Principal,
     headers: &HeaderMap,
-    resource: &ResourceName,
+    tenant: &'a TenantId,
+    resource: &'a ResourceName,
     operation: &'static str,
-    docs: Vec<WriteDoc>,
-) -> ApiResult<()> {
-    let Some(tenant) = principal.tenant.as_ref() else {
-        return Ok(());
-    };
-    let call = WriteCall {
+) -> WriteCall<'a> {
+    WriteCall {
         tenant,
         resource: resource.as_str(),
         operation,
         actor: principal.actor(),
         request_id: super::event_context(state, headers).correlation_id,
-    };
-    state.plugins.check_write(call, docs).await
+    }
 }
 
 fn one_doc(record: &Value, previous: Option<&Value>) -> Vec<WriteDoc> {
@@ -213,21 +207,23 @@ async fn create_record(
         let principal = &principal;
         async move {
             validate(&schema, resource, doc)?;
-            // A replay answers the first result without asking the hooks again.
-            let replay = match idem {
-                Some(i)
-                    if state
+            if let Some(hooks) = state
+                .plugins
+                .hooks(tenant, resource.as_str(), false)
+                .await?
+            {
+                // A replay answers the first result without asking the hooks again.
+                let replay = match idem {
+                    Some(i) => records::replays(&state.pool, tenant, i.key).await?,
+                    None => false,
+                };
+                if !replay {
+                    let call = write_call(state, principal, headers, tenant, resource, "create");
+                    state
                         .plugins
-                        .hooks_bound(tenant, resource.as_str(), false)
-                        .await? =>
-                {
-                    records::replays(&state.pool, tenant, i.key).await?
+                        .check_write(hooks, call, one_doc(doc, None))
+                        .await?;
                 }
-                _ => false,
-            };
-            if !replay {
-                let docs = one_doc(doc, None);
-                run_hooks(state, principal, headers, resource, "create", docs).await?;
             }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
@@ -318,17 +314,18 @@ async fn put_record(
         let principal = &principal;
         async move {
             validate(&schema, resource, doc)?;
-            if state
+            if let Some(hooks) = state
                 .plugins
-                .hooks_bound(tenant, resource.as_str(), false)
+                .hooks(tenant, resource.as_str(), false)
                 .await?
             {
                 // The stored record as read just before the write.
                 let previous = records::get(&state.pool, target(tenant, resource, &schema), id)
                     .await?
                     .map(|r| r.data);
+                let call = write_call(state, principal, headers, tenant, resource, "replace");
                 let docs = one_doc(doc, previous.as_ref());
-                run_hooks(state, principal, headers, resource, "replace", docs).await?;
+                state.plugins.check_write(hooks, call, docs).await?;
             }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
@@ -375,9 +372,9 @@ async fn patch_record(
             // deadline), on the version read here; the write then applies
             // only to that version.
             let mut hooked = None;
-            if state
+            if let Some(hooks) = state
                 .plugins
-                .hooks_bound(tenant, resource.as_str(), false)
+                .hooks(tenant, resource.as_str(), false)
                 .await?
             {
                 let current = records::get(&state.pool, target(tenant, resource, &schema), id)
@@ -386,8 +383,9 @@ async fn patch_record(
                 let mut doc = current.data.clone();
                 json_patch::merge(&mut doc, patch);
                 validate(&schema, resource, &doc)?;
+                let call = write_call(state, principal, headers, tenant, resource, "patch");
                 let docs = one_doc(&doc, Some(&current.data));
-                run_hooks(state, principal, headers, resource, "patch", docs).await?;
+                state.plugins.check_write(hooks, call, docs).await?;
                 hooked = Some(current.version);
             }
             let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
@@ -437,16 +435,13 @@ async fn delete_record(
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let expected = if_match(&headers)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    if state
-        .plugins
-        .hooks_bound(tenant, resource.as_str(), true)
-        .await?
-    {
+    if let Some(hooks) = state.plugins.hooks(tenant, resource.as_str(), true).await? {
         let current = records::get(&state.pool, target(tenant, &resource, &schema), &id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+        let call = write_call(&state, &principal, &headers, tenant, &resource, "delete");
         let docs = one_doc(&current.data, Some(&current.data));
-        run_hooks(&state, &principal, &headers, &resource, "delete", docs).await?;
+        state.plugins.check_write(hooks, call, docs).await?;
     }
     let events = record_events(&state, &headers, tenant, &schema);
     let t = target(tenant, &resource, &schema);
@@ -517,16 +512,23 @@ async fn create_batch(
                     errors,
                 ));
             }
-            let docs = items
-                .iter()
-                .enumerate()
-                .map(|(i, (_, doc))| WriteDoc {
-                    path: format!("/items/{i}"),
-                    record: doc.to_string(),
-                    previous: None,
-                })
-                .collect();
-            run_hooks(state, principal, headers, resource, "batch", docs).await?;
+            if let Some(hooks) = state
+                .plugins
+                .hooks(tenant, resource.as_str(), false)
+                .await?
+            {
+                let docs = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, doc))| WriteDoc {
+                        path: format!("/items/{i}"),
+                        record: doc.to_string(),
+                        previous: None,
+                    })
+                    .collect();
+                let call = write_call(state, principal, headers, tenant, resource, "batch");
+                state.plugins.check_write(hooks, call, docs).await?;
+            }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
             Ok(records::create_batch(&state.pool, t, &events, items).await)

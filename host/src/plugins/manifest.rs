@@ -116,6 +116,15 @@ pub struct TenantCeilings {
 }
 
 impl Ceilings {
+    /// No ceilings: for re-reading a manifest stored when it was checked;
+    /// the ceilings that apply now cap its limits after (`cap`).
+    pub const NONE: Self = Self {
+        deadline_ms: u64::MAX,
+        fuel: u64::MAX,
+        memory_mib: u64::MAX,
+        output_bytes: usize::MAX,
+    };
+
     /// These ceilings lowered to a tenant's own.
     pub fn for_tenant(&self, t: &TenantCeilings) -> Self {
         Self {

@@ -51,6 +51,18 @@ pub struct Active {
     pub stats: Arc<Stats>,
 }
 
+impl Active {
+    /// The loaded version, or the failure (counted) when it cannot load.
+    fn ready(&self, tenant: &str) -> Result<&Loaded, Failure> {
+        self.loaded.as_ref().map_err(|e| {
+            let failure = Failure::Unavailable(e.clone());
+            self.stats
+                .failed(tenant, &self.name, &failure, Duration::ZERO);
+            failure
+        })
+    }
+}
+
 /// A tenant's active plugins, in name order.
 #[derive(Debug, Default)]
 pub struct TenantSet {
@@ -64,6 +76,10 @@ impl TenantSet {
             .filter(move |p| p.manifest.kind == kind && p.manifest.binds(resource))
     }
 }
+
+/// The validation hooks a write must pass (at least one).
+#[derive(Debug)]
+pub struct Hooks(Vec<Arc<Active>>);
 
 /// A write the validation hooks are asked about.
 #[derive(Debug)]
@@ -283,12 +299,7 @@ impl Plugins {
     ) -> Result<Loaded, String> {
         let checked = manifest
             .clone()
-            .check(&Ceilings {
-                deadline_ms: u64::MAX,
-                fuel: u64::MAX,
-                memory_mib: u64::MAX,
-                output_bytes: usize::MAX,
-            })
+            .check(&Ceilings::NONE)
             .map_err(|_| "the stored manifest is no longer valid".to_owned())?;
         // Ceilings lowered since the upload apply at once.
         let limits = ceilings.cap(checked.limits);
@@ -402,50 +413,53 @@ impl Plugins {
         Ok((checked.manifest.name, version, sha))
     }
 
-    /// Whether validation hooks run for writes to this resource (for deletes
-    /// when `delete`).
-    pub async fn hooks_bound(
+    /// The validation hooks bound to writes of this resource (for a delete,
+    /// those that ask to run before deletes); None when there are none, so
+    /// a write without hooks prepares nothing for them.
+    pub async fn hooks(
         &self,
         tenant: &TenantId,
         resource: &str,
         delete: bool,
-    ) -> ApiResult<bool> {
+    ) -> ApiResult<Option<Hooks>> {
         let set = self.set(tenant.as_str()).await?;
-        Ok(set
-            .bound(Kind::ValidationHook, resource)
-            .any(|h| !delete || h.manifest.on_delete))
-    }
-
-    /// Runs the validation hooks bound to the resource over the documents
-    /// of a write. Ok when every hook accepted every document.
-    pub async fn check_write(&self, call: WriteCall<'_>, docs: Vec<WriteDoc>) -> ApiResult<()> {
-        let set = self.set(call.tenant.as_str()).await?;
-        let is_delete = call.operation == "delete";
         let hooks: Vec<Arc<Active>> = set
-            .bound(Kind::ValidationHook, call.resource)
-            .filter(|h| !is_delete || h.manifest.on_delete)
+            .bound(Kind::ValidationHook, resource)
+            .filter(|h| !delete || h.manifest.on_delete)
             .cloned()
             .collect();
-        if hooks.is_empty() {
-            return Ok(());
-        }
+        Ok((!hooks.is_empty()).then_some(Hooks(hooks)))
+    }
+
+    /// Runs `hooks` over the documents of a write, in name order. Ok when
+    /// every hook accepted every document.
+    pub async fn check_write(
+        &self,
+        hooks: Hooks,
+        call: WriteCall<'_>,
+        docs: Vec<WriteDoc>,
+    ) -> ApiResult<()> {
+        let tenant = call.tenant.as_str();
         let docs = Arc::new(docs);
-        for hook in hooks {
-            let source = format!("plugin:{}", hook.name);
+        for hook in hooks.0 {
+            let refused = |failure: Failure, retry_after_secs: u64| ApiError::Unavailable {
+                detail: format!(
+                    "plugin {} {failure}; the write was refused and nothing was stored",
+                    hook.name
+                ),
+                retry_after_secs,
+            };
             if let Err(retry) = hook.stats.breaker.try_acquire() {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
                 hook.stats
-                    .failed(call.tenant.as_str(), &hook.name, &failure, Duration::ZERO);
-                return Err(ApiError::Unavailable {
-                    detail: format!(
-                        "plugin {} {failure}; the write was refused and nothing was stored",
-                        hook.name
-                    ),
-                    retry_after_secs: retry.as_secs().max(1),
-                });
+                    .failed(tenant, &hook.name, &failure, Duration::ZERO);
+                return Err(refused(failure, retry.as_secs().max(1)));
             }
+            let Some(slot) = self.slot(tenant) else {
+                return Err(refused(Failure::Busy, 1));
+            };
             let ctx = Context {
-                tenant_id: call.tenant.as_str().to_owned(),
+                tenant_id: tenant.to_owned(),
                 resource: call.resource.to_owned(),
                 operation: call.operation.to_owned(),
                 actor: call.actor.clone(),
@@ -453,13 +467,13 @@ impl Plugins {
                 config: String::new(),
             };
             let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
-            let slot = self.slot(call.tenant.as_str());
-            let outcome = tokio::task::spawn_blocking(move || match slot {
-                Some(_held) => run_hook(&rt, &h, ctx, &docs),
-                None => Err((String::new(), Failure::Busy)),
+            let outcome = tokio::task::spawn_blocking(move || {
+                let _held = slot;
+                run_hook(&rt, &h, ctx, &docs)
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
+            let source = format!("plugin:{}", hook.name);
             match outcome {
                 Ok(violations) if violations.is_empty() => {}
                 Ok(violations) => {
@@ -481,15 +495,7 @@ impl Plugins {
                         errors,
                     ));
                 }
-                Err((_, Failure::Busy)) => {
-                    return Err(ApiError::Unavailable {
-                        detail: format!(
-                            "plugin {} could not run: too many plugin calls at once; nothing was stored",
-                            hook.name
-                        ),
-                        retry_after_secs: 1,
-                    });
-                }
+                Err((_, Failure::Busy)) => return Err(refused(Failure::Busy, 1)),
                 Err((prefix, failure)) => {
                     return Err(ApiError::PluginFailed {
                         detail: format!(
@@ -607,15 +613,7 @@ fn run_hook(
     docs: &[WriteDoc],
 ) -> Result<Vec<(String, Violation)>, (String, Failure)> {
     let tenant = ctx.tenant_id.clone();
-    let loaded = match &hook.loaded {
-        Ok(l) => l,
-        Err(e) => {
-            let failure = Failure::Unavailable(e.clone());
-            hook.stats
-                .failed(&tenant, &hook.name, &failure, Duration::ZERO);
-            return Err((String::new(), failure));
-        }
-    };
+    let loaded = hook.ready(&tenant).map_err(|f| (String::new(), f))?;
     ctx.config.clone_from(&loaded.config);
     let mut found = Vec::new();
     for doc in docs {
@@ -649,16 +647,7 @@ fn run_enricher(
     original: &Value,
 ) -> Option<Option<Value>> {
     let tenant = ctx.tenant_id.clone();
-    let loaded = match &enricher.loaded {
-        Ok(l) => l,
-        Err(e) => {
-            let failure = Failure::Unavailable(e.clone());
-            enricher
-                .stats
-                .failed(&tenant, &enricher.name, &failure, Duration::ZERO);
-            return None;
-        }
-    };
+    let loaded = enricher.ready(&tenant).ok()?;
     if let Err(retry) = enricher.stats.breaker.try_acquire() {
         let failure = Failure::Tripped(retry.as_secs().max(1));
         enricher

@@ -91,7 +91,7 @@ pub struct Loaded {
     pre: Pre,
     pub limits: Limits,
     pub config: String,
-    pub caller: Caller,
+    pub caller: Arc<Caller>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -313,7 +313,7 @@ impl Runtime {
             pre,
             limits,
             config,
-            caller,
+            caller: Arc::new(caller),
         })
     }
 

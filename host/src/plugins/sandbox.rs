@@ -45,7 +45,7 @@ pub struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
-    caller: Caller,
+    caller: std::sync::Arc<Caller>,
     services: Option<std::sync::Arc<PlatformServices>>,
     runtime: Option<tokio::runtime::Handle>,
     deadline: Instant,
@@ -55,7 +55,7 @@ pub struct CallState {
 
 impl CallState {
     pub fn new(
-        caller: Caller,
+        caller: std::sync::Arc<Caller>,
         limits: &Limits,
         services: Option<std::sync::Arc<PlatformServices>>,
     ) -> Self {
