@@ -25,6 +25,13 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub event_log: EventLog,
     pub plugins: Arc<Plugins>,
+    /// Per-tenant admission: archived tenants and rate limits.
+    pub gate: crate::api::tenant_gate::TenantGate,
+    /// Turns `true` when the service begins to shut down: long-lived
+    /// responses (SSE streams) end on it.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Event streams open per tenant, against `sse_max_streams_per_tenant`.
+    pub streams: crate::api::events::OpenStreams,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -10,9 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-/// The dev-only signing secret used when `BSS_JWT_SECRET` is unset.
-pub const DEV_JWT_SECRET: &str = "bss-local-dev-secret-change-me";
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -29,8 +26,11 @@ pub struct Settings {
     /// Where a private PostgreSQL cluster keeps its files (`BSS_DATA_DIR`).
     pub data_dir: PathBuf,
     pub db_max_connections: u32,
-    /// HS256 secret for tokens when no Auth Service is configured (`BSS_JWT_SECRET`).
-    pub jwt_secret: String,
+    /// HS256 secret for tokens when no Auth Service is configured
+    /// (`BSS_JWT_SECRET`). Unset: a secret generated into
+    /// `<data_dir>/jwt-secret` on first start, for loopback addresses only
+    /// (see `auth::local_secret`).
+    pub jwt_secret: Option<String>,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     /// Auth Service base URL (`AUTH_SERVICE_URL`): tokens are then verified
@@ -97,6 +97,56 @@ pub struct Settings {
     /// Consecutive failures that trip a plugin, and for how long (seconds).
     pub plugin_breaker_threshold: u32,
     pub plugin_breaker_open_secs: u64,
+    /// Clock skew allowed on a token's `exp`, `nbf` and `iat`, in seconds
+    /// (`BSS_JWT_LEEWAY_SECS`).
+    pub jwt_leeway_secs: u64,
+    /// Longest time a client may take to send a request's headers, in ms
+    /// (`BSS_HTTP_HEADER_TIMEOUT_MS`).
+    pub http_header_timeout_ms: u64,
+    /// Longest time a client may take to send a request's body, in ms
+    /// (`BSS_HTTP_BODY_TIMEOUT_MS`).
+    pub http_body_timeout_ms: u64,
+    /// How long an idle keep-alive connection stays open, in seconds
+    /// (`BSS_HTTP_IDLE_TIMEOUT_SECS`).
+    pub http_idle_timeout_secs: u64,
+    /// Most connections served at once; more wait in the accept queue
+    /// (`BSS_HTTP_MAX_CONNECTIONS`).
+    pub http_max_connections: usize,
+    /// Where operational endpoints (`/metrics`, health) are served when set
+    /// (`BSS_OPS_ADDR`); unset: on the main listener.
+    pub ops_addr: Option<SocketAddr>,
+    /// Longest wait for requests and streams to finish on shutdown, in
+    /// seconds (`BSS_SHUTDOWN_DRAIN_SECS`).
+    pub shutdown_drain_secs: u64,
+    /// Requests per second per tenant, steady rate and burst (0 = no limit)
+    /// (`BSS_RATE_LIMIT_RPS`, `BSS_RATE_LIMIT_BURST`).
+    pub rate_limit_rps: u32,
+    pub rate_limit_burst: u32,
+    /// Plugin uploads per minute per tenant, and burst
+    /// (`BSS_PLUGIN_UPLOADS_PER_MINUTE`, `BSS_PLUGIN_UPLOAD_BURST`).
+    pub plugin_uploads_per_minute: u32,
+    pub plugin_upload_burst: u32,
+    /// Largest response body read from a peer service, in bytes
+    /// (`BSS_SERVICE_MAX_RESPONSE_BYTES`).
+    pub service_max_response_bytes: usize,
+    /// Plugin calls running at once in this replica (`BSS_PLUGIN_MAX_CONCURRENT_CALLS`).
+    pub plugin_max_concurrent_calls: u32,
+    /// How long a call waits for its share of the call slots before it is
+    /// refused, in ms (`BSS_PLUGIN_SLOT_WAIT_MS`).
+    pub plugin_slot_wait_ms: u64,
+    /// Violations kept per document from a hook (`BSS_PLUGIN_MAX_VIOLATIONS`)
+    /// and per response (`BSS_PLUGIN_MAX_RESPONSE_VIOLATIONS`).
+    pub plugin_max_violations: usize,
+    pub plugin_max_response_violations: usize,
+    /// Versions kept per plugin; older inactive ones are pruned (`BSS_PLUGIN_MAX_VERSIONS`).
+    pub plugin_max_versions: u32,
+    /// Compiled components kept in memory (`BSS_PLUGIN_MEMORY_CACHE_ENTRIES`)
+    /// and on disk, in MiB (`BSS_PLUGIN_DISK_CACHE_MIB`).
+    pub plugin_memory_cache_entries: usize,
+    pub plugin_disk_cache_mib: u64,
+    /// Event streams (SSE) one tenant may hold open at once, per replica
+    /// (`BSS_SSE_MAX_STREAMS_PER_TENANT`).
+    pub sse_max_streams_per_tenant: usize,
 }
 
 impl Default for Settings {
@@ -108,7 +158,7 @@ impl Default for Settings {
             local_postgres: "auto".into(),
             data_dir: PathBuf::from(".bss"),
             db_max_connections: 32,
-            jwt_secret: DEV_JWT_SECRET.into(),
+            jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
             auth_service_url: None,
@@ -146,6 +196,26 @@ impl Default for Settings {
             plugin_max_memory_mib: 64,
             plugin_breaker_threshold: 5,
             plugin_breaker_open_secs: 30,
+            jwt_leeway_secs: 30,
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 15_000,
+            http_idle_timeout_secs: 60,
+            http_max_connections: 4096,
+            ops_addr: None,
+            shutdown_drain_secs: 10,
+            rate_limit_rps: 1000,
+            rate_limit_burst: 2000,
+            plugin_uploads_per_minute: 10,
+            plugin_upload_burst: 10,
+            service_max_response_bytes: 1024 * 1024,
+            plugin_max_concurrent_calls: 256,
+            plugin_slot_wait_ms: 200,
+            plugin_max_violations: 100,
+            plugin_max_response_violations: 1000,
+            plugin_max_versions: 10,
+            plugin_memory_cache_entries: 64,
+            plugin_disk_cache_mib: 512,
+            sse_max_streams_per_tenant: 64,
         }
     }
 }
@@ -160,6 +230,7 @@ impl Settings {
             None => Self::default(),
         };
         settings.apply_env(|k| std::env::var(k).ok())?;
+        settings.check()?;
         Ok(settings)
     }
 
@@ -190,6 +261,7 @@ impl Settings {
             (@some $key:literal, $v:ident) => { Some($v) };
             (@some_path $key:literal, $v:ident) => { Some(PathBuf::from($v)) };
             (@parsed $key:literal, $v:ident) => { parse($key, $v)? };
+            (@some_parsed $key:literal, $v:ident) => { Some(parse($key, $v)?) };
         }
         from_env! {
             "BSS_HTTP_ADDR" => http_addr: parsed,
@@ -198,7 +270,7 @@ impl Settings {
             "BSS_LOCAL_POSTGRES" => local_postgres: text,
             "BSS_DATA_DIR" => data_dir: text,
             "BSS_DB_MAX_CONNECTIONS" => db_max_connections: parsed,
-            "BSS_JWT_SECRET" => jwt_secret: text,
+            "BSS_JWT_SECRET" => jwt_secret: some,
             "BSS_JWT_ISSUER" => jwt_issuer: some,
             "BSS_JWT_AUDIENCE" => jwt_audience: some,
             "AUTH_SERVICE_URL" => auth_service_url: some,
@@ -230,8 +302,45 @@ impl Settings {
             "BSS_PLUGIN_MAX_MEMORY_MIB" => plugin_max_memory_mib: parsed,
             "BSS_PLUGIN_BREAKER_THRESHOLD" => plugin_breaker_threshold: parsed,
             "BSS_PLUGIN_BREAKER_OPEN_SECS" => plugin_breaker_open_secs: parsed,
+            "BSS_JWT_LEEWAY_SECS" => jwt_leeway_secs: parsed,
+            "BSS_HTTP_HEADER_TIMEOUT_MS" => http_header_timeout_ms: parsed,
+            "BSS_HTTP_BODY_TIMEOUT_MS" => http_body_timeout_ms: parsed,
+            "BSS_HTTP_IDLE_TIMEOUT_SECS" => http_idle_timeout_secs: parsed,
+            "BSS_HTTP_MAX_CONNECTIONS" => http_max_connections: parsed,
+            "BSS_OPS_ADDR" => ops_addr: some_parsed,
+            "BSS_SHUTDOWN_DRAIN_SECS" => shutdown_drain_secs: parsed,
+            "BSS_RATE_LIMIT_RPS" => rate_limit_rps: parsed,
+            "BSS_RATE_LIMIT_BURST" => rate_limit_burst: parsed,
+            "BSS_PLUGIN_UPLOADS_PER_MINUTE" => plugin_uploads_per_minute: parsed,
+            "BSS_PLUGIN_UPLOAD_BURST" => plugin_upload_burst: parsed,
+            "BSS_SERVICE_MAX_RESPONSE_BYTES" => service_max_response_bytes: parsed,
+            "BSS_PLUGIN_MAX_CONCURRENT_CALLS" => plugin_max_concurrent_calls: parsed,
+            "BSS_PLUGIN_SLOT_WAIT_MS" => plugin_slot_wait_ms: parsed,
+            "BSS_PLUGIN_MAX_VIOLATIONS" => plugin_max_violations: parsed,
+            "BSS_PLUGIN_MAX_RESPONSE_VIOLATIONS" => plugin_max_response_violations: parsed,
+            "BSS_PLUGIN_MAX_VERSIONS" => plugin_max_versions: parsed,
+            "BSS_PLUGIN_MEMORY_CACHE_ENTRIES" => plugin_memory_cache_entries: parsed,
+            "BSS_PLUGIN_DISK_CACHE_MIB" => plugin_disk_cache_mib: parsed,
+            "BSS_SSE_MAX_STREAMS_PER_TENANT" => sse_max_streams_per_tenant: parsed,
         }
         Ok(())
+    }
+
+    /// Refuses settings that would stop the service from serving anyone.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let zero = [
+            (
+                "BSS_HTTP_HEADER_TIMEOUT_MS",
+                self.http_header_timeout_ms == 0,
+            ),
+            ("BSS_HTTP_BODY_TIMEOUT_MS", self.http_body_timeout_ms == 0),
+            ("BSS_HTTP_MAX_CONNECTIONS", self.http_max_connections == 0),
+            ("BSS_SERVICE_TIMEOUT_MS", self.service_timeout_ms == 0),
+        ];
+        match zero.iter().find(|(_, is_zero)| *is_zero) {
+            Some((key, _)) => anyhow::bail!("{key} must be more than 0"),
+            None => Ok(()),
+        }
     }
 
     pub fn service_timeout(&self) -> Duration {
@@ -256,6 +365,13 @@ impl Settings {
             compile_timeout: Duration::from_secs(self.plugin_compile_timeout_secs),
             breaker_threshold: self.plugin_breaker_threshold,
             breaker_open: Duration::from_secs(self.plugin_breaker_open_secs),
+            max_concurrent_calls: self.plugin_max_concurrent_calls as usize,
+            slot_wait: Duration::from_millis(self.plugin_slot_wait_ms),
+            max_violations: self.plugin_max_violations,
+            max_response_violations: self.plugin_max_response_violations,
+            max_versions: self.plugin_max_versions,
+            memory_cache_entries: self.plugin_memory_cache_entries,
+            disk_cache_bytes: self.plugin_disk_cache_mib << 20,
         }
     }
 }

@@ -1,14 +1,18 @@
 //! Small fake peer services on random ports: a Validation Service whose
-//! behaviour a test picks, and an Auth Service serving a JWKS.
+//! behaviour a test picks (for schema checks, and per tenant for records:
+//! failing, slow, huge or refusing answers), and an Auth Service serving a
+//! JWKS.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
@@ -19,17 +23,61 @@ pub enum Behaviour {
     Invalid,
     Failing,
     Slow(Duration),
+    /// A 200 whose body never ends before 400 MB (streamed, no length).
+    Huge,
+    /// A 400 whose body holds [`PEER_SECRET`].
+    Refusing,
 }
 
-/// A fake service; `calls` counts requests it received.
+/// Text the fake puts in the bodies of `Huge` and `Refusing` answers: it
+/// must never reach a tenant.
+pub const PEER_SECRET: &str = "peer-internal-detail-at-10.9.8.7";
+
+/// Size of a `Huge` answer.
+const HUGE_BYTES: usize = 400 * 1024 * 1024;
+
+/// A fake service; `calls` counts requests it received (the Validation
+/// Service: `validateSchema` only; `requests` counts every path).
 pub struct Fake {
     pub url: String,
     pub calls: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    /// Bytes of `Huge` bodies handed to the server to send.
+    pub sent: Arc<AtomicUsize>,
+    /// `validateRecord` answers for these tenants (`x-tenant-id`); others
+    /// get the credit-limit check.
+    records: Arc<Mutex<HashMap<String, Behaviour>>>,
 }
 
 impl Fake {
+    fn new(url: String, calls: Arc<AtomicUsize>) -> Self {
+        Self {
+            url,
+            calls,
+            requests: Arc::default(),
+            sent: Arc::default(),
+            records: Arc::default(),
+        }
+    }
+
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// From now on `validateRecord` answers `tenant` this way.
+    pub fn records_of(&self, tenant: &str, behaviour: Behaviour) {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_owned(), behaviour);
     }
 }
 
@@ -51,48 +99,92 @@ async fn serve(router: Router) -> String {
     url
 }
 
-pub async fn validation_service(behaviour: Behaviour) -> Fake {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    let router = Router::new()
-        .route(
-            "/api/validation/validateRecord",
-            // Refuses totals over 100 (the default validation-forwarder plugin asks).
-            post(|Json(body): Json<Value>| async move {
-                if body["record"]["total"].as_f64().is_some_and(|t| t > 100.0) {
-                    Json(json!({"valid": false, "errors": [
-                        {"path": "/total", "message": "over the customer's credit limit", "code": "credit"}
-                    ]}))
-                } else {
-                    Json(json!({"valid": true, "errors": []}))
-                }
-            }),
+/// The answer of `behaviour`; `ok` is the body of a valid verdict.
+async fn answer(behaviour: Behaviour, ok: Value, sent: Arc<AtomicUsize>) -> Response {
+    match behaviour {
+        Behaviour::Valid => Json(ok).into_response(),
+        Behaviour::Invalid => Json(json!({"valid": false, "errors": [
+            {"path": "/properties/total", "message": "totals must declare a currency"}
+        ]}))
+        .into_response(),
+        Behaviour::Failing => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Behaviour::Slow(d) => {
+            tokio::time::sleep(d).await;
+            Json(ok).into_response()
+        }
+        Behaviour::Huge => huge(sent).into_response(),
+        Behaviour::Refusing => (
+            StatusCode::BAD_REQUEST,
+            format!("{{\"error\": \"{PEER_SECRET}\"}}"),
         )
-        .route(
-        "/api/validation/validateSchema",
-        post(move |Json(_body): Json<Value>| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(1, Ordering::SeqCst);
-                match behaviour {
-                    Behaviour::Valid => Json(json!({"valid": true})).into_response(),
-                    Behaviour::Invalid => Json(json!({"valid": false, "errors": [
-                        {"path": "/properties/total", "message": "totals must declare a currency"}
-                    ]}))
-                    .into_response(),
-                    Behaviour::Failing => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                    Behaviour::Slow(d) => {
-                        tokio::time::sleep(d).await;
-                        Json(json!({"valid": true})).into_response()
-                    }
-                }
-            }
-        }),
-    );
-    Fake {
-        url: serve(router).await,
-        calls,
+            .into_response(),
     }
+}
+
+/// 400 MB of JSON that never closes, produced only as fast as it is sent.
+fn huge(sent: Arc<AtomicUsize>) -> Body {
+    const CHUNK: usize = 64 * 1024;
+    let head = format!("{{\"valid\": true, \"note\": \"{PEER_SECRET}");
+    let chunks = std::iter::once(Bytes::from(head))
+        .chain((0..HUGE_BYTES / CHUNK).map(|_| Bytes::from(vec![b'x'; CHUNK])));
+    Body::from_stream(futures::stream::iter(chunks.map(move |chunk| {
+        sent.fetch_add(chunk.len(), Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>(chunk)
+    })))
+}
+
+/// The verdict on a record for tenants with no set behaviour: totals over
+/// 100 are refused (the default validation-forwarder plugin asks).
+fn credit_check(body: &Value) -> Value {
+    if body["record"]["total"].as_f64().is_some_and(|t| t > 100.0) {
+        json!({"valid": false, "errors": [
+            {"path": "/total", "message": "over the customer's credit limit", "code": "credit"}
+        ]})
+    } else {
+        json!({"valid": true, "errors": []})
+    }
+}
+
+pub async fn validation_service(behaviour: Behaviour) -> Fake {
+    let mut fake = Fake::new(String::new(), Arc::new(AtomicUsize::new(0)));
+    let (requests, records, sent) = (
+        fake.requests.clone(),
+        fake.records.clone(),
+        fake.sent.clone(),
+    );
+    let record = post(
+        move |headers: HeaderMap, Json(body): Json<Value>| async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            let tenant = headers.get("x-tenant-id").and_then(|t| t.to_str().ok());
+            let set = tenant.and_then(|t| {
+                records
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(t)
+                    .copied()
+            });
+            match set {
+                Some(b) => answer(b, json!({"valid": true, "errors": []}), sent).await,
+                None => Json(credit_check(&body)).into_response(),
+            }
+        },
+    );
+    let (counter, requests, sent) = (fake.calls.clone(), fake.requests.clone(), fake.sent.clone());
+    let schema = post(move |Json(_body): Json<Value>| async move {
+        counter.fetch_add(1, Ordering::SeqCst);
+        requests.fetch_add(1, Ordering::SeqCst);
+        answer(behaviour, json!({"valid": true}), sent).await
+    });
+    let requests = fake.requests.clone();
+    let router = Router::new()
+        .route("/api/validation/validateRecord", record)
+        .route("/api/validation/validateSchema", schema)
+        .fallback(move || async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            Json(json!({"valid": true}))
+        });
+    fake.url = serve(router).await;
+    fake
 }
 
 /// An Auth Service serving `jwks` at `/.well-known/jwks.json`.
@@ -109,10 +201,7 @@ pub async fn auth_service(jwks: Value) -> Fake {
             }
         }),
     );
-    Fake {
-        url: serve(router).await,
-        calls,
-    }
+    Fake::new(serve(router).await, calls)
 }
 
 /// A URL where nothing listens.
@@ -145,11 +234,5 @@ pub async fn task_service() -> (Fake, Arc<std::sync::Mutex<Vec<Value>>>) {
             }
         }),
     );
-    (
-        Fake {
-            url: serve(router).await,
-            calls,
-        },
-        seen,
-    )
+    (Fake::new(serve(router).await, calls), seen)
 }

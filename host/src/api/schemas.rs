@@ -64,7 +64,7 @@ async fn put_schema(
     let resource = ResourceName::parse(&resource)?;
     match state
         .validation
-        .check_schema(resource.as_str(), &body.schema)
+        .check_schema_for(tenant.as_str(), resource.as_str(), &body.schema)
         .await
     {
         SchemaCheck::Valid => {}

@@ -3,13 +3,34 @@
 //! Execution Service). Each goes through the resilient client of its service
 //! when its URL is configured; otherwise a built-in stand-in answers, so a
 //! local installation behaves like a platform with permissive peers.
+//!
+//! A plugin reaches only the paths its service serves to plugins
+//! ([`PLUGIN_PATHS`]); anything else is refused here, before any network
+//! call, so a plugin cannot probe a peer's other endpoints. Each tenant's
+//! calls have their own breaker (see [`ServiceClient`]), and the errors a
+//! plugin sees (and may put in a violation) are worded by the host.
 
 use serde_json::{Value, json};
 
 use super::{CallError, ServiceClient};
 
-/// The services a plugin can be granted.
-pub const SERVICES: [&str; 2] = ["validation", "task"];
+/// The paths each service serves to plugins. (`/api/validation/validateSchema`
+/// is the host's own, for schema changes.)
+pub const PLUGIN_PATHS: [(&str, &[&str]); 2] = [
+    ("validation", &["/api/validation/validateRecord"]),
+    ("task", &["/api/task/schedule"]),
+];
+
+/// The services a plugin can be granted: those of [`PLUGIN_PATHS`].
+pub const SERVICES: [&str; PLUGIN_PATHS.len()] = {
+    let mut names = [""; PLUGIN_PATHS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = PLUGIN_PATHS[i].0;
+        i += 1;
+    }
+    names
+};
 
 #[derive(Debug)]
 pub struct PlatformServices {
@@ -36,22 +57,44 @@ impl PlatformServices {
             "task" => self.task.as_ref(),
             other => return Err(format!("no platform service named {other:?}")),
         };
+        check_path(service, path)?;
         match remote {
             Some(client) => client
                 .call_for(path, Some(body), Some(tenant))
                 .await
-                .map_err(|e| match e {
-                    CallError::CircuitOpen { retry_after, .. } => format!(
-                        "the {service} service is failing; calls are paused for {} s",
-                        retry_after.as_secs().max(1)
-                    ),
-                    // Transport errors name internal addresses: not for plugins.
-                    CallError::Unavailable { .. } => {
-                        format!("the {service} service is unavailable")
-                    }
-                    rejected @ CallError::Rejected { .. } => rejected.to_string(),
-                }),
+                .map_err(|e| for_plugin(service, e)),
             None => stand_in(service, path, tenant, body),
+        }
+    }
+}
+
+/// Refuses a path the service does not serve to plugins.
+fn check_path(service: &str, path: &str) -> Result<(), String> {
+    let served = PLUGIN_PATHS
+        .iter()
+        .find(|(s, _)| *s == service)
+        .map_or(&[][..], |(_, paths)| *paths);
+    if served.contains(&path) {
+        return Ok(());
+    }
+    Err(format!(
+        "the {service} service does not serve {path:?} to plugins; it serves {}",
+        served.join(", ")
+    ))
+}
+
+/// The plugin's view of a failed call: never a peer's body or address.
+fn for_plugin(service: &str, e: CallError) -> String {
+    match e {
+        CallError::CircuitOpen { retry_after, .. } => format!(
+            "the {service} service is failing; this tenant's calls are paused for {} s",
+            retry_after.as_secs().max(1)
+        ),
+        CallError::Unavailable { reason, .. } => {
+            format!("the {service} service is unavailable: {reason}")
+        }
+        CallError::Rejected { reason, .. } => {
+            format!("the {service} service refused the request ({reason})")
         }
     }
 }
@@ -72,5 +115,21 @@ fn stand_in(service: &str, path: &str, tenant: &str, body: &Value) -> Result<Val
         _ => Err(format!(
             "the built-in {service} service does not serve {path}; configure its URL to reach the real one"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_reach_only_the_paths_a_service_serves() {
+        assert!(check_path("validation", "/api/validation/validateRecord").is_ok());
+        assert!(check_path("task", "/api/task/schedule").is_ok());
+        let refused = check_path("validation", "/api/validation/validateSchema");
+        assert!(refused.is_err_and(|e| e.contains("serves /api/validation/validateRecord")));
+        assert!(check_path("task", "/api/validation/validateRecord").is_err());
+        assert!(check_path("validation", "/").is_err());
+        assert_eq!(SERVICES, ["validation", "task"]);
     }
 }
