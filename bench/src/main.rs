@@ -84,15 +84,19 @@ async fn main() -> anyhow::Result<()> {
         // Leaves room under max_connections for pgbench's 64 clients.
         db_max_connections: 24,
         kafka_brokers: o.kafka.clone(),
+        // Measures the service, not the per-tenant rate limiter.
+        rate_limit_rps: 0,
         ..Settings::default()
     };
     let app = Application::build(settings.clone()).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until(std::future::pending()));
 
-    let target = http_load::prepare(&base, &settings.jwt_secret).await?;
+    let target =
+        http_load::prepare(&base, bss::auth::LocalSecret::resolve(&settings)?.as_str()).await?;
     if o.only.as_deref() == Some("plugins") {
-        let hooked = http_load::prepare(&base, &settings.jwt_secret).await?;
+        let hooked =
+            http_load::prepare(&base, bss::auth::LocalSecret::resolve(&settings)?.as_str()).await?;
         let seconds = Duration::from_secs(o.seconds);
         return plugins::run(&o.plugins, o.runs, target, hooked, &o.clients, seconds).await;
     }

@@ -1,10 +1,13 @@
 //! The `bss` binary: `bss serve` runs the service; `bss token` mints a local
-//! development token signed with `BSS_JWT_SECRET`.
+//! token signed with `BSS_JWT_SECRET`, or else with the secret the service
+//! generated in its data directory (`BSS_DATA_DIR`). `bss token` only reads
+//! that secret: one it generated itself would sign tokens the service
+//! refuses, so without a secret it fails and says what to do.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use bss::auth::{Claims, jwt};
+use bss::auth::{Claims, LocalSecret, jwt};
 use bss::config::Settings;
 use bss::startup::{Application, shutdown_signal};
 
@@ -19,6 +22,8 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         None | Some("serve") => {
             bss::telemetry::init_logs(&settings.log_format);
+            // Before the database is touched (a private cluster takes seconds).
+            bss::auth::local_secret::refuse_public_address(&settings)?;
             let app = Application::build(settings).await?;
             app.run_until(shutdown_signal()).await
         }
@@ -58,5 +63,10 @@ fn token(settings: &Settings, args: &[String]) -> anyhow::Result<String> {
         }
     }
     claims.exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + ttl;
-    jwt::mint(&settings.jwt_secret, &claims)
+    if settings.auth_service_url.is_some() {
+        eprintln!(
+            "note: AUTH_SERVICE_URL is set, so the service verifies tokens with its JWKS, not this one"
+        );
+    }
+    jwt::mint(LocalSecret::existing(settings)?.as_str(), &claims)
 }

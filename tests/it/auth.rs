@@ -158,3 +158,72 @@ async fn issuer_and_audience_are_checked_when_configured() {
     c.aud = Some("someone-else".into());
     assert_eq!(app.get("/v1/tenants/x", &mint(&c)).await.status(), 401);
 }
+
+/// An RSA key for tests only (generated with `openssl genpkey`).
+const RSA_TEST_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----\n\
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDJJWrCm/bTJqt/\n\
+fJMOheHDUjcg+AXbaIglVWjnO8DizSnNNPA4ds5ObwKkuOSUHt2DC7woCUdlN//f\n\
+t8IARRSVZON0RqeFFUUAbbSg9MyaDQ8y/MEGNAGWtxVO7on4m00o/QQkarEqEST4\n\
+MZ3KlN/UrEoQ9mwCCe9LQYqagblpepUGGjG5foKbePEdnOvTpCaSeblxf/5rPEan\n\
+Umk82YD87eHm/bctS0gHnWNFeYX5JVwsQxI7QhWZrzmQz6lEC5W/tljzgcZHWNPj\n\
+wQaPd5K5wu3yb+yQhws7FwoaoGRn/2QQZC+Uxgv9NtDyebwTVJFnZgcC5C6+WUjY\n\
+c5w3kn2nAgMBAAECggEAFrsBu4hAdlASZU/Alo2Om7H4xOMCVm8To5RpTGg2PesN\n\
+ZEEtPFRAsCBfXhn+yrZKNfrngma6CLgxVCjB5aHo15EVGxi46ZMjvw6msOG5FVeQ\n\
+diSV84uA+nUqFUdjlBKIv68H/s2Hw8c4NEv3FuOH/9KQdCZEwl45CnoXnao3N7IN\n\
+LDGY0Tbelw3YgDmyIybn0EIH/rTvHXxTlB6TpOfGkYAJ8V6APk90ObsMWuC5Lu+N\n\
+N5OLY2Hfl5NtSuoA3YH2YvdSqauptngmTAnWAu8KLxNfHB7UpqJqzrMCWJuz3o0e\n\
+x3pi1HcObqDWwk+FVi0qgwpj1FHAx7PUo60veYmLwQKBgQDyEf5ycCp871bKGvTr\n\
+4Cbn78iqjYyzfGFZF+PxZeIf+wvlnpiRUjbqbTzfSHQW+bXr1eLfIY4ddDk4dk6z\n\
+UnRG8W1zCIwffnES5mRLPPKsfvCk/SFDXYn9bxiuEs7ulij/tn3CoUgJ0zEioiMb\n\
+LbBUys/swuf9GujyXtjSb6NG1wKBgQDUuI7jWIxfVzkNA4xVgjaOpsaedFZd3Gp7\n\
+D3XxUxSSQVNzw+uxwNHFm4Icf6VEbG7Ps7+R60VkSiKrOne0Wm/5iFUCXcdI1Apc\n\
+8pKnYqjyvSca3S6OdpBTpuAct8KmND+0dK74XP5J3blywB3zlzopqXup4lL8s4aW\n\
+O5koiZw1sQKBgQDk81HmqOH2smQy2VYnNiV2Hxt6/FBEfnKQUoE8EzHRL59r+Rmx\n\
+8MGR7emyAZQTGvEOcoiWo+UHRKLOHU+IWYcyhiwPrdjh/LQzvQbFBos7zQAL/IIW\n\
+dgUKV6ZPFej0Tb/PQ6okiGhbKo2BhTqQ/SCWwg/wjdPfVzFV85E9T2ttlwKBgQC1\n\
+Og8yDUx6JXtLZQx4BRmp6tgoQwEZsiFdekyHLrrF57XLWM1CgP22lsgAs5b/dknp\n\
+1j+Nd52E1cw3iPZWxv3C361c+LxBhbTWfysGQ/2f4BqivnFdmhFX00H39W513umv\n\
+OgGfQsq575aA9sANuXcp62SZ1WHSPLia4WeYq7RT4QKBgEFhxNVjAI/e2BRFqfh8\n\
+6fgV6oNVJGsUr4VCMhNacLEarIB4P25lU8du+DCdba3R4/hjdCBnaaP7PhQiroJs\n\
+V7Ud/z0q6lm/oMWpznVtktpdRCE01XUJuvjZ+GrMw+vey/YXOOhuiNcxPn1tVZkw\n\
+RjpS0xFhEBoej3HfarRdpyxq\n\
+-----END PRIVATE KEY-----\n";
+
+#[tokio::test]
+async fn rs256_tokens_verify_by_a_jwks_and_time_claims_are_checked_there_too() {
+    let rsa = EncodingKey::from_rsa_pem(RSA_TEST_KEY.as_bytes()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some("rsa-key-1".into());
+    let mut set = jwks();
+    set["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::to_value(&jwk).unwrap());
+    let auth = auth_service(set).await;
+    let app = TestApp::spawn_with(|s| s.auth_service_url = Some(auth.url.clone())).await;
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-key-1".into());
+    let rs256 = |c: &Value| jsonwebtoken::encode(&header, c, &rsa).unwrap();
+
+    let platform = serde_json::to_value(claims(None, &["platform-admin"])).unwrap();
+    let resp = app
+        .post(
+            "/v1/tenants",
+            &rs256(&platform),
+            &json!({"id": "rsa-tenant"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let mut reader = serde_json::to_value(claims(Some("rsa-tenant"), &["reader"])).unwrap();
+    assert_eq!(status_with(&app, &rs256(&reader)).await, 200);
+    // The ES256 key of the same set still verifies its tokens.
+    let es = es256(&claims(Some("rsa-tenant"), &["reader"]), "test-key-1");
+    assert_eq!(status_with(&app, &es).await, 200);
+
+    reader["nbf"] = json!(now() + 600);
+    assert_eq!(status_with(&app, &rs256(&reader)).await, 401);
+    reader["nbf"] = json!(now() - 600);
+    reader["iat"] = json!(now() + 600);
+    assert_eq!(status_with(&app, &rs256(&reader)).await, 401);
+}

@@ -73,7 +73,7 @@ pub fn test_settings() -> Settings {
         uuid::Uuid::new_v4().simple()
     ));
     s.db_max_connections = 8;
-    s.jwt_secret = SECRET.into();
+    s.jwt_secret = Some(SECRET.into());
     s.service_timeout_ms = 500;
     s.service_attempts = 2;
     s.plugin_cache_dir = Some(std::env::temp_dir().join(format!(

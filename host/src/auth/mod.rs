@@ -3,7 +3,9 @@
 //! comes only from the verified token.
 
 pub mod jwt;
+pub mod local_secret;
 pub mod principal;
 
 pub use jwt::{Authenticator, Claims};
+pub use local_secret::LocalSecret;
 pub use principal::{Principal, Role};
