@@ -1,5 +1,10 @@
 //! Builds the application from settings (database, clients, state, router)
 //! and runs it until a shutdown signal, with the background tasks it owns.
+//! Shutdown is bounded: streams are told to end, requests get
+//! `shutdown_drain_secs` to finish (a second signal cuts that short), then
+//! the background tasks stop before the pool closes.
+
+mod http_server;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,22 +12,28 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal as unix_signal};
 
 use crate::api;
 use crate::app_state::{AppState, SharedState};
 use crate::auth::Authenticator;
 use crate::catalog::SchemaCache;
-use crate::config::{DEV_JWT_SECRET, Settings};
+use crate::config::Settings;
 use crate::events::broker::Broker;
 use crate::events::kafka::{self, KafkaConfig, KafkaPublisher};
 use crate::events::relay::{self, EventLog, RelayConfig};
 use crate::plugins::{Plugins, Runtime};
 use crate::services::{PlatformServices, ServiceClient, ValidationService};
 use crate::storage::{Database, tenants};
+use http_server::{Limits, Server};
+
+/// Connections the operations listener serves at once.
+const OPS_MAX_CONNECTIONS: usize = 64;
 
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
+    ops_listener: Option<TcpListener>,
     state: SharedState,
     database: Database,
     kafka: Option<(KafkaConfig, Arc<KafkaPublisher>)>,
@@ -47,15 +58,7 @@ impl Application {
             Some(url) => Some(ServiceClient::new("validation", url, &settings)?),
             None => None,
         };
-        let auth_client = match &settings.auth_service_url {
-            Some(url) => Some(Arc::new(ServiceClient::new("auth", url, &settings)?)),
-            None => {
-                if settings.jwt_secret == DEV_JWT_SECRET {
-                    tracing::warn!("BSS_JWT_SECRET is not set: using the local development secret");
-                }
-                None
-            }
-        };
+        let auth = Authenticator::new(&settings)?;
         let client = |name: &'static str, url: &Option<String>| {
             url.as_deref()
                 .map(|u| ServiceClient::new(name, u, &settings))
@@ -65,11 +68,16 @@ impl Application {
             client("validation", &settings.validation_service_url)?,
             client("task", &settings.task_service_url)?,
         );
-        let runtime = Runtime::new(&settings.plugin_cache_dir(), Some(Arc::new(services)))?;
+        let plugin_settings = settings.plugin_settings();
+        let runtime = Runtime::with_bounds(
+            &settings.plugin_cache_dir(),
+            Some(Arc::new(services)),
+            plugin_settings.runtime_bounds(),
+        )?;
         let plugins = Arc::new(Plugins::new(
             Arc::new(runtime),
             database.pool.clone(),
-            settings.plugin_settings(),
+            plugin_settings,
         ));
         let kafka = kafka_config(&settings)
             .map(|c| KafkaPublisher::new(c.clone()).map(|p| (c, Arc::new(p))))
@@ -81,8 +89,16 @@ impl Application {
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding {}", settings.http_addr))?;
+        let ops_listener = match settings.ops_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the operations listener {addr}"))?,
+            ),
+            None => None,
+        };
         let state = Arc::new(AppState {
-            auth: Authenticator::new(&settings, auth_client),
+            auth,
             validation: ValidationService::new(validation, settings.validation_fallback),
             pool: database.pool.clone(),
             schemas: SchemaCache::default(),
@@ -90,10 +106,14 @@ impl Application {
             broker: Arc::new(broker),
             event_log: EventLog::default(),
             plugins,
+            gate: crate::api::tenant_gate::TenantGate::new(&settings),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            streams: Default::default(),
             settings,
         });
         Ok(Self {
             listener,
+            ops_listener,
             state,
             database,
             kafka,
@@ -107,50 +127,123 @@ impl Application {
             .unwrap_or_default()
     }
 
+    /// The operations listener's port, when one is configured.
+    pub fn ops_port(&self) -> Option<u16> {
+        let addr = self.ops_listener.as_ref()?.local_addr().ok()?;
+        Some(addr.port())
+    }
+
     pub fn state(&self) -> SharedState {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` resolves, then drains requests, stops the
+    /// Serves until `shutdown` resolves, then drains requests (at most
+    /// `shutdown_drain_secs`, less on a second SIGINT/SIGTERM), stops the
     /// background tasks and, if it started one, the private PostgreSQL.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let reaper = tokio::spawn(reap_archived_tenants(self.state.clone()));
-        let plugin_changes = tokio::spawn(self.state.plugins.clone().follow_changes());
-        let relay = tokio::spawn(relay::run(
-            self.state.pool.clone(),
-            self.state.broker.clone(),
-            self.state.event_log.clone(),
-            self.state.plugins.clone(),
-            RelayConfig {
-                database_url_options: self.database.options.clone(),
-                retention_secs: self.state.settings.event_retention_secs,
-            },
-        ));
-        let consumer = self.kafka.clone().map(|(config, publisher)| {
-            tokio::spawn(kafka::consume(self.state.clone(), config, publisher))
-        });
-        tracing::info!(addr = %self.listener.local_addr()?, "serving");
-        let app = api::app(self.state.clone());
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")?;
-        reaper.abort();
-        relay.abort();
-        plugin_changes.abort();
-        if let Some(c) = consumer {
-            c.abort();
+        let background = self.spawn_background();
+        let Self {
+            listener,
+            ops_listener,
+            state,
+            database,
+            ..
+        } = self;
+        let servers = serve(&state, listener, ops_listener)?;
+        shutdown.await;
+        drain(&state, &servers).await;
+        for task in &background {
+            task.abort();
         }
-        self.state.pool.close().await;
-        if let Some(cluster) = &self.database.cluster {
+        for task in background {
+            let _ = task.await;
+        }
+        // Connections a dropped request still holds are closed, not awaited.
+        let _ = tokio::time::timeout(Duration::from_secs(2), state.pool.close()).await;
+        if let Some(cluster) = &database.cluster {
             cluster.stop();
         }
         tracing::info!("stopped");
         Ok(())
     }
+
+    /// Starts the tasks that live as long as the service.
+    fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let state = &self.state;
+        let mut tasks = vec![
+            tokio::spawn(reap_archived_tenants(state.clone())),
+            tokio::spawn(state.plugins.clone().follow_changes()),
+            tokio::spawn(relay::run(
+                state.pool.clone(),
+                state.broker.clone(),
+                state.event_log.clone(),
+                state.plugins.clone(),
+                RelayConfig {
+                    database_url_options: self.database.options.clone(),
+                    retention_secs: state.settings.event_retention_secs,
+                },
+            )),
+        ];
+        if let Some((config, publisher)) = self.kafka.clone() {
+            tasks.push(tokio::spawn(kafka::consume(
+                state.clone(),
+                config,
+                publisher,
+            )));
+        }
+        tasks
+    }
+}
+
+/// Tells streams to end and waits for open requests, at most
+/// `shutdown_drain_secs` or until a second signal; then closes the rest.
+async fn drain(state: &SharedState, servers: &[Arc<Server>]) {
+    let drain_for = Duration::from_secs(state.settings.shutdown_drain_secs);
+    tracing::info!(
+        drain_secs = drain_for.as_secs(),
+        "draining requests and streams"
+    );
+    state.shutdown.send_replace(true);
+    let until = tokio::time::Instant::now() + drain_for;
+    let mut drained = true;
+    for server in servers {
+        drained &= server.shutdown(until, interrupted()).await;
+    }
+    if !drained {
+        tracing::warn!("connections still open after the drain were closed");
+    }
+}
+
+/// Starts accepting on the API listener and, when configured, the
+/// operations listener.
+fn serve(
+    state: &SharedState,
+    listener: TcpListener,
+    ops_listener: Option<TcpListener>,
+) -> anyhow::Result<Vec<Arc<Server>>> {
+    let settings = &state.settings;
+    let limits = Limits {
+        header: Duration::from_millis(settings.http_header_timeout_ms),
+        idle: Duration::from_secs(settings.http_idle_timeout_secs),
+        max_connections: settings.http_max_connections,
+    };
+    let api = Server::new(limits);
+    tracing::info!(addr = %listener.local_addr()?, "serving");
+    tokio::spawn(api.clone().serve(listener, api::app(state.clone())));
+    let mut servers = vec![api];
+    if let Some(listener) = ops_listener {
+        let ops = Server::new(Limits {
+            max_connections: OPS_MAX_CONNECTIONS,
+            ..limits
+        });
+        tracing::info!(addr = %listener.local_addr()?, "serving operational endpoints");
+        tokio::spawn(ops.clone().serve(listener, api::ops_app(state.clone())));
+        servers.push(ops);
+    }
+    Ok(servers)
 }
 
 /// Drops archived tenants once their grace period has passed.
@@ -166,22 +259,56 @@ async fn reap_archived_tenants(state: SharedState) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Rung by a second SIGINT or SIGTERM: stop draining.
+static INTERRUPTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Resolves when a second signal cuts the drain short.
+async fn interrupted() {
+    INTERRUPTED.notified().await;
+    // Wake the next waiter too (one drain per listener).
+    INTERRUPTED.notify_one();
+}
+
+/// Resolves on SIGINT or SIGTERM; a second one then interrupts the drain
+/// (`run_until` stops at once).
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    // Both kinds are listened to from the start, so no signal is missed.
+    let mut signals = Signals::new();
+    signals.next().await;
+    tracing::info!("shutdown signal received; a second one stops at once");
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!("second shutdown signal: not waiting for open requests");
+        INTERRUPTED.notify_one();
+    });
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            interrupt: unix_signal(SignalKind::interrupt()).ok(),
+            terminate: unix_signal(SignalKind::terminate()).ok(),
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
-    tracing::info!("shutdown signal received");
+
+    async fn next(&mut self) {
+        async fn recv(signal: &mut Option<Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.interrupt) => {},
+            () = recv(&mut self.terminate) => {},
+        }
+    }
 }

@@ -1,5 +1,23 @@
 //! Logs and metrics, installed once per process: JSON logs (or pretty ones
 //! for a terminal) filtered by `RUST_LOG`, and the Prometheus recorder.
+//!
+//! `/metrics` is unauthenticated (serve it on `ops_addr`, off the public
+//! network), so its labels are chosen to reveal nothing about tenants and to
+//! stay bounded with 10,000 of them. What they do reveal:
+//! - `http_requests_total`, `http_request_duration_seconds`: method, route
+//!   template (`/v1/data/{resource}/{id}`, never the raw path) and status;
+//!   the traffic mix and error rates of the whole replica.
+//! - `<service>_service_errors_total`: peer service (a fixed set) and error
+//!   kind.
+//! - `plugin_calls_total`, `plugin_failures_total`,
+//!   `plugin_call_duration_seconds`, `plugin_log_dropped_total`: outcome or
+//!   failure kind only; no tenant and no plugin name.
+//! - `events_*`, `outbox_backlog`, `event_publish_latency_seconds`: totals.
+//! - `consumer_messages_total`, `consumer_errors_total`, `consumer_lag`: the
+//!   consumed topics (a fixed list), partition, outcome or error kind.
+//!
+//! Tenant ids, resource names, record ids and plugin names never appear in
+//! a label; per-tenant figures are in the tenant's own API.
 
 use std::sync::OnceLock;
 

@@ -89,3 +89,172 @@ async fn with_no_database_configured_it_runs_a_private_cluster_and_stops_it_on_s
     assert!(!pid_file.exists(), "the private cluster was stopped");
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// A `bss serve` on a fresh database, its logs (stdout) in a file.
+struct Served {
+    child: std::process::Child,
+    base: String,
+    log: std::path::PathBuf,
+}
+
+async fn serve(drain_secs: u64, body_timeout_ms: u64) -> Served {
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("bss-log-{}.json", uuid::Uuid::new_v4().simple()));
+    let database_url = bss_tests::test_settings().database_url.unwrap();
+    let child = Command::new(bss_tests::bss_binary())
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("BSS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("BSS_JWT_SECRET", bss_tests::SECRET)
+        .env("BSS_SHUTDOWN_DRAIN_SECS", drain_secs.to_string())
+        .env("BSS_HTTP_BODY_TIMEOUT_MS", body_timeout_ms.to_string())
+        .env("BSS_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG")
+        .env_remove("KAFKA_BROKERS")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut served = Served {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        log,
+    };
+    if !wait_ready(&format!("{}/health/ready", served.base)).await {
+        let _ = served.child.kill();
+        panic!("the service did not become ready");
+    }
+    served
+}
+
+impl Served {
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the process to exit; its status and how long that took.
+    async fn exited_within(
+        &mut self,
+        bound: Duration,
+    ) -> (Option<std::process::ExitStatus>, Duration) {
+        let started = Instant::now();
+        while started.elapsed() < bound {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (Some(status), started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        (None, started.elapsed())
+    }
+
+    /// A tenant and an open SSE stream of its events.
+    async fn sse_client(&self) -> reqwest::Response {
+        let id = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let client = reqwest::Client::new();
+        let resp = client
+            .post(format!("{}/v1/tenants", self.base))
+            .bearer_auth(bss_tests::platform_token())
+            .json(&serde_json::json!({"id": id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let resp = client
+            .get(format!("{}/v1/events/stream", self.base))
+            .bearer_auth(bss_tests::token(&id, &["admin"]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp
+    }
+}
+
+/// Reads the stream until it ends; false if it is still open after `wait`.
+async fn stream_ends_within(mut stream: reqwest::Response, wait: Duration) -> bool {
+    let read = async { while let Ok(Some(_)) = stream.chunk().await {} };
+    tokio::time::timeout(wait, read).await.is_ok()
+}
+
+#[tokio::test]
+async fn sigint_with_an_sse_client_connected_ends_the_stream_and_exits_within_the_drain() {
+    let mut served = serve(3, 30_000).await;
+    let stream = served.sse_client().await;
+    served.signal("-INT");
+    let ended = tokio::spawn(stream_ends_within(stream, Duration::from_secs(8)));
+    let (status, took) = served.exited_within(Duration::from_secs(8)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exited cleanly: {status:?} after {took:?}"
+    );
+    assert!(ended.await.unwrap(), "the SSE stream ended");
+    let logs = std::fs::read_to_string(&served.log).unwrap();
+    let after_signal = logs
+        .split_once("shutdown signal received")
+        .map(|(_, rest)| rest)
+        .expect("the signal was logged");
+    let warnings: Vec<&str> = after_signal
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(warnings.is_empty(), "a clean stop logged {warnings:#?}");
+    let _ = std::fs::remove_file(&served.log);
+}
+
+/// A request whose body never arrives: it keeps a drain waiting.
+async fn stuck_request(served: &Served) -> tokio::net::TcpStream {
+    let addr = served.base.trim_start_matches("http://").to_owned();
+    let mut stuck = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        bss_tests::platform_token()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, head.as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stuck
+}
+
+#[tokio::test]
+async fn the_drain_on_sigterm_is_bounded_by_shutdown_drain_secs() {
+    let mut served = serve(2, 60_000).await;
+    let _stuck = stuck_request(&served).await;
+    served.signal("-TERM");
+    let (status, took) = served.exited_within(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500),
+        "waited for the request: {took:?}"
+    );
+    let _ = std::fs::remove_file(&served.log);
+}
+
+#[tokio::test]
+async fn a_second_sigint_while_draining_exits_at_once() {
+    let mut served = serve(60, 60_000).await;
+    let _stuck = stuck_request(&served).await;
+
+    served.signal("-INT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(served.child.try_wait().unwrap().is_none(), "still draining");
+    served.signal("-INT");
+    let (status, took) = served.exited_within(Duration::from_secs(5)).await;
+    assert!(
+        status.is_some(),
+        "exited at once on the second SIGINT ({took:?})"
+    );
+    let _ = std::fs::remove_file(&served.log);
+}

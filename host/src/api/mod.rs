@@ -1,7 +1,8 @@
 //! The HTTP API: one router per area, assembled with the OpenAPI document
 //! (generated from the same handlers, so it cannot drift) and the
 //! middleware every request goes through (request id, trace, metrics, body
-//! limit, panic guard).
+//! limit and deadline, panic guard). Operational endpoints move to their own
+//! router when a separate listener is configured (`ops_addr`).
 
 pub mod broker;
 pub mod events;
@@ -10,12 +11,18 @@ pub mod operations;
 pub mod plugins;
 pub mod records;
 pub mod schemas;
+pub mod tenant_gate;
 pub mod tenants;
 
-use std::time::Instant;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -28,7 +35,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::app_state::SharedState;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -55,8 +62,9 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The routes and their OpenAPI document.
-pub fn routes() -> (Router<SharedState>, utoipa::openapi::OpenApi) {
+/// The routes and their OpenAPI document; `/metrics` is among them unless
+/// operational endpoints have their own listener (`with_metrics`).
+pub fn routes(with_metrics: bool) -> (Router<SharedState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tenants::router())
         .merge(schemas::router())
@@ -64,18 +72,35 @@ pub fn routes() -> (Router<SharedState>, utoipa::openapi::OpenApi) {
         .merge(events::router())
         .merge(plugins::router())
         .merge(broker::router())
-        .merge(operations::router())
+        .merge(operations::router(with_metrics))
         .split_for_parts()
+}
+
+/// The operational endpoints alone (liveness, readiness, metrics), as the
+/// separate listener serves them.
+pub fn ops_app(state: SharedState) -> Router {
+    let (router, _) = OpenApiRouter::new()
+        .merge(operations::router(true))
+        .split_for_parts();
+    router
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
+        .with_state(state)
 }
 
 /// The whole application, as the binary serves it and the tests drive it.
 pub fn app(state: SharedState) -> Router {
-    let (router, openapi) = routes();
+    let (router, openapi) = routes(state.settings.ops_addr.is_none());
     let x_request_id = HeaderName::from_static("x-request-id");
+    let body_timeout = Duration::from_millis(state.settings.http_body_timeout_ms);
     router
         .route("/openapi.json", get(move || async move { Json(openapi) }))
         .route_layer(middleware::from_fn(track_metrics))
+        .route_layer(middleware::from_fn(tenant_gate::rate_limit_headers))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn_with_state(body_timeout, body_deadline))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
@@ -112,7 +137,8 @@ pub fn event_context(
     }
 }
 
-/// Request count and latency per route and status.
+/// Request count and latency per route template (never the raw path, so
+/// the label set stays bounded whatever ids appear in URLs) and status.
 async fn track_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = req
@@ -128,4 +154,93 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     metrics::histogram!("http_request_duration_seconds", &labels)
         .record(start.elapsed().as_secs_f64());
     response
+}
+
+/// Gives the whole request body `limit` from the request's start: a client
+/// that sends its body too slowly gets 408 and the connection is closed
+/// (a per-read timeout would let one byte every few seconds hold it).
+async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let expired = Arc::new(AtomicBool::new(false));
+    let deadline = tokio::time::Instant::now() + limit;
+    let req = req.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            deadline,
+            sleep: None,
+            expired: expired.clone(),
+        })
+    });
+    let response = next.run(req).await;
+    if !expired.load(Ordering::Acquire) {
+        return response;
+    }
+    request_timeout(limit)
+}
+
+/// 408, as a problem document, closing the connection.
+fn request_timeout(limit: Duration) -> Response {
+    let status = StatusCode::REQUEST_TIMEOUT;
+    let problem = Problem {
+        kind: "https://business-store.dev/problems/request-timeout".into(),
+        title: status
+            .canonical_reason()
+            .unwrap_or("Request Timeout")
+            .into(),
+        status: status.as_u16(),
+        detail: format!(
+            "the request body did not arrive within {} ms; send it at once",
+            limit.as_millis()
+        ),
+        errors: vec![],
+    };
+    let mut response = (status, serde_json::to_vec(&problem).unwrap_or_default()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A request body that fails once its deadline has passed.
+struct DeadlineBody {
+    inner: Body,
+    deadline: tokio::time::Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    expired: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(sleep.as_mut().poll(cx));
+        this.expired.store(true, Ordering::Release);
+        Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -1,5 +1,10 @@
-//! Operations endpoints, without auth: liveness, readiness, Prometheus
-//! metrics and the OpenAPI document.
+//! Operations endpoints, without auth: liveness, readiness and Prometheus
+//! metrics. With `ops_addr` set, `/metrics` is served only on that
+//! listener (keep it off the public network); health stays on both so load
+//! balancers can probe the API port.
+//!
+//! What the metric labels reveal, and why they stay bounded: see
+//! `crate::telemetry`.
 
 use std::time::Duration;
 
@@ -13,11 +18,17 @@ use utoipa_axum::routes;
 
 use crate::app_state::SharedState;
 
-pub fn router() -> OpenApiRouter<SharedState> {
-    OpenApiRouter::new()
+/// Liveness and readiness, and `/metrics` when `with_metrics` (it moves to
+/// the operations listener when one is configured).
+pub fn router(with_metrics: bool) -> OpenApiRouter<SharedState> {
+    let router = OpenApiRouter::new()
         .routes(routes!(live))
-        .routes(routes!(ready))
-        .routes(routes!(metrics))
+        .routes(routes!(ready));
+    if with_metrics {
+        router.routes(routes!(metrics))
+    } else {
+        router
+    }
 }
 
 /// The process is up.
@@ -27,8 +38,11 @@ async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready to serve: the database answers. Peer-service breaker states are
-/// reported (an open breaker degrades schema changes, not reads and writes).
+/// Ready to serve: the database answers and the service is not shutting
+/// down (503 `draining` then, so load balancers stop sending requests).
+/// The Validation Service's service-wide breaker state is reported (open
+/// when it cannot be reached; that degrades schema changes, not reads and
+/// writes), with how many tenants' own breakers are open, never which.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses((status = 200, body = Object), (status = 503, body = Object)))]
 async fn ready(State(state): State<SharedState>) -> impl IntoResponse {
@@ -38,11 +52,12 @@ async fn ready(State(state): State<SharedState>) -> impl IntoResponse {
     )
     .await;
     let db_ok = matches!(db, Ok(Ok(1)));
-    let validation = match state.validation.client() {
-        Some(c) => c.breaker.state().as_str(),
-        None => "local",
+    let (validation, paused_tenants) = match state.validation.client() {
+        Some(c) => (c.breaker.state().as_str(), c.breaker.paused_tenants()),
+        None => ("local", 0),
     };
-    let status = if db_ok {
+    let draining = *state.shutdown.borrow();
+    let status = if db_ok && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -50,10 +65,15 @@ async fn ready(State(state): State<SharedState>) -> impl IntoResponse {
     (
         status,
         Json(json!({
-            "status": if db_ok { "ready" } else { "unavailable" },
+            "status": match (draining, db_ok) {
+                (true, _) => "draining",
+                (false, true) => "ready",
+                (false, false) => "unavailable",
+            },
             "checks": {
                 "database": if db_ok { "up" } else { "down" },
                 "validationService": validation,
+                "validationServicePausedTenants": paused_tenants,
             }
         })),
     )
