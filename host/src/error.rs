@@ -94,6 +94,16 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// The tenant is over one of its rate limits: `Retry-After` says when to
+    /// try again; `RateLimit-Policy` and `RateLimit` (IETF httpapi
+    /// ratelimit-headers draft) carry the quota and what is left of it.
+    #[error("{detail}")]
+    RateLimited {
+        detail: String,
+        retry_after_secs: u64,
+        policy: String,
+        limit: String,
+    },
     #[error("{detail}")]
     Unavailable {
         detail: String,
@@ -142,6 +152,7 @@ impl ApiError {
             Self::Unprocessable { .. } | Self::PluginFailed { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -159,6 +170,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Unprocessable { .. } => "validation-failed",
             Self::PluginFailed { .. } => "plugin-failed",
+            Self::RateLimited { .. } => "rate-limited",
             Self::Unavailable { .. } => "dependency-unavailable",
             Self::Internal(_) => "internal",
         }
@@ -205,6 +217,20 @@ impl IntoResponse for ApiError {
         } = self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let Self::RateLimited {
+            retry_after_secs,
+            policy,
+            limit,
+            ..
+        } = &self
+        {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            for (name, value) in [("ratelimit-policy", policy), ("ratelimit", limit)] {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    headers.insert(name, value);
+                }
+            }
         }
         if matches!(self, Self::Unauthorized(_)) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -9,6 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::JsonBody;
+use super::tenant_gate::{RateLimitOverrides, RateLimits, check_overrides};
 use crate::app_state::SharedState;
 use crate::auth::Principal;
 use crate::domain::TenantId;
@@ -21,6 +22,67 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(create_tenant))
         .routes(routes!(get_tenant, delete_tenant))
         .routes(routes!(get_plugin_ceilings, put_plugin_ceilings))
+        .routes(routes!(get_rate_limits, put_rate_limits))
+}
+
+/// A tenant's rate limits as they apply.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct RateLimitsView {
+    /// What was set for the tenant (absent: the installation's).
+    own: RateLimitOverrides,
+    #[serde(flatten)]
+    applied: RateLimits,
+}
+
+async fn rate_limits_view(state: &SharedState, id: &TenantId) -> ApiResult<RateLimitsView> {
+    let own = tenants::rate_limits(&state.pool, id.as_str())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no active tenant {id}")))?;
+    let own: RateLimitOverrides = serde_json::from_value(own).unwrap_or_default();
+    Ok(RateLimitsView {
+        own,
+        applied: state.gate.defaults().with(&own),
+    })
+}
+
+/// The rate limits the tenant's requests and plugin uploads are held to.
+#[utoipa::path(get, path = "/v1/tenants/{id}/rate-limits", tag = "tenants", params(("id" = String, Path)),
+    responses((status = 200, body = RateLimitsView), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn get_rate_limits(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RateLimitsView>> {
+    principal.require_platform_admin()?;
+    let id = TenantId::parse(&id).map_err(|_| ApiError::not_found("tenant not found"))?;
+    Ok(Json(rate_limits_view(&state, &id).await?))
+}
+
+/// Set the tenant's own rate limits, replacing those set before (an absent
+/// one is the installation's; a rate of 0 is no limit). Applies within a
+/// second on every replica.
+#[utoipa::path(put, path = "/v1/tenants/{id}/rate-limits", tag = "tenants", params(("id" = String, Path)),
+    request_body = RateLimitOverrides,
+    responses((status = 200, body = RateLimitsView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+async fn put_rate_limits(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RateLimitOverrides>,
+) -> ApiResult<Json<RateLimitsView>> {
+    principal.require_platform_admin()?;
+    let id = TenantId::parse(&id).map_err(|_| ApiError::not_found("tenant not found"))?;
+    check_overrides(state.gate.defaults(), &body)
+        .map_err(|errors| ApiError::unprocessable("the rate limits are not valid", errors))?;
+    let value = serde_json::to_value(body).map_err(anyhow::Error::from)?;
+    if !tenants::set_rate_limits(&state.pool, id.as_str(), &value).await? {
+        return Err(ApiError::not_found(format!("no active tenant {id}")));
+    }
+    state.gate.refresh(id.as_str());
+    Ok(Json(rate_limits_view(&state, &id).await?))
 }
 
 /// A tenant's plugin ceilings as they apply.
@@ -119,6 +181,7 @@ async fn create_tenant(
         .await?
         .ok_or_else(|| ApiError::conflict(format!("tenant {id} already exists")))?;
     state.schemas.forget_tenant(&id);
+    state.gate.reset(id.as_str());
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 
@@ -154,6 +217,7 @@ async fn delete_tenant(
         return Err(ApiError::not_found(format!("no active tenant {id}")));
     }
     state.schemas.forget_tenant(&id);
+    state.gate.forget(id.as_str());
     let tenant = tenants::get(&state.pool, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("tenant {id} not found")))?;

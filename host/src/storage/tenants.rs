@@ -165,3 +165,33 @@ pub async fn reap(pool: &PgPool) -> Result<u64, StorageError> {
         dropped += 1;
     }
 }
+
+/// An active tenant's own rate limits (`{}`: the installation's); `None`
+/// when there is no active tenant with this id. The gate's one query.
+pub async fn rate_limits(
+    pool: &PgPool,
+    id: &str,
+) -> Result<Option<serde_json::Value>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "SELECT rate_limits FROM bss.tenants WHERE id = $1 AND status = 'active'",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Replaces an active tenant's own rate limits; false when there is no
+/// active tenant with this id.
+pub async fn set_rate_limits(
+    pool: &PgPool,
+    id: &str,
+    limits: &serde_json::Value,
+) -> Result<bool, StorageError> {
+    let done =
+        sqlx::query("UPDATE bss.tenants SET rate_limits = $2 WHERE id = $1 AND status = 'active'")
+            .bind(id)
+            .bind(limits)
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
