@@ -294,9 +294,9 @@ async fn delete_plugin(
 ) -> ApiResult<StatusCode> {
     let tenant = principal.tenant_with(Role::Admin)?;
     let name = plugin_name(&name)?;
-    if !store::delete(&state.pool, tenant.as_str(), name).await? {
+    let Some(unused) = store::delete(&state.pool, tenant.as_str(), name).await? else {
         return Err(ApiError::not_found(format!("no plugin named {name}")));
-    }
-    state.plugins.forget(tenant.as_str(), name);
+    };
+    state.plugins.forget(tenant.as_str(), name, unused).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -245,6 +245,14 @@ impl Manifest {
                 );
             }
         }
+        if let Ok(whole) = serde_json::to_value(&self) {
+            for path in nul_paths(&whole, String::new()) {
+                err(
+                    &path,
+                    "contains a NUL character (\\u0000), which cannot be stored; remove it".into(),
+                );
+            }
+        }
         if self.on_delete && self.kind != Kind::ValidationHook {
             err(
                 "/onDelete",
@@ -331,6 +339,32 @@ impl Manifest {
     }
 }
 
+/// JSON Pointers to every string (or object key) under `value` that holds a
+/// NUL character: PostgreSQL's jsonb cannot store one.
+fn nul_paths(value: &Value, at: String) -> Vec<String> {
+    let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
+    match value {
+        Value::String(s) if s.contains('\0') => vec![at],
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| nul_paths(v, format!("{at}/{i}")))
+            .collect(),
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(k, v)| {
+                let path = format!("{at}/{}", escape(k).replace('\0', "\\u0000"));
+                let mut found = nul_paths(v, path.clone());
+                if k.contains('\0') {
+                    found.insert(0, path);
+                }
+                found
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
@@ -372,6 +406,18 @@ mod tests {
             ]
         );
         assert!(errors[0].message.contains("ceiling of 1000 ms"));
+    }
+
+    #[test]
+    fn nul_characters_anywhere_are_refused_with_their_path() {
+        let errors = manifest(
+            json!({"name": "n", "kind": "validation-hook", "resources": ["*"],
+            "config": {"a": ["ok", "bad\u{0}"], "k\u{0}": 1}}),
+        )
+        .check(&Ceilings::default())
+        .unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/manifest/config/a/1", "/manifest/config/k\\u0000"]);
     }
 
     #[test]

@@ -4,12 +4,18 @@
 //! path (validation hooks) and the relay (event enrichers).
 //!
 //! Calls run on blocking threads: a plugin that spins until its deadline
-//! holds one of those, never an async worker.
+//! holds one of those, never an async worker. Each call holds one of the
+//! replica's call slots, shared fairly by the busy tenants (`slots.rs`), so
+//! tenants flooding a slow hook cannot starve a quiet one. A hook's
+//! refusal is capped (violations per document and per response, the rest
+//! counted as left out), so its size never depends on what a plugin returns.
 
 pub mod bindings;
 pub mod manifest;
+pub mod refusal;
 pub mod runtime;
 pub mod sandbox;
+pub mod slots;
 pub mod stats;
 
 use std::sync::Arc;
@@ -23,7 +29,8 @@ use sqlx::postgres::PgListener;
 
 pub use bindings::{Context, Violation, WebhookRequest};
 pub use manifest::{Ceilings, Kind, Limits, Manifest, TenantCeilings};
-pub use runtime::{Failure, Loaded, Runtime, UploadError};
+pub use runtime::{Failure, Loaded, Refusal, Runtime, RuntimeBounds, UploadError};
+pub use slots::CallSlots;
 pub use stats::{Stats, StatsView};
 
 use crate::domain::TenantId;
@@ -38,6 +45,29 @@ pub struct PluginSettings {
     pub compile_timeout: Duration,
     pub breaker_threshold: u32,
     pub breaker_open: Duration,
+    /// Calls running at once in this replica, shared fairly by busy tenants.
+    pub max_concurrent_calls: usize,
+    /// How long a hook call waits for a slot before the write is refused.
+    pub slot_wait: Duration,
+    /// Violations kept per document, and per response.
+    pub max_violations: usize,
+    pub max_response_violations: usize,
+    /// Versions kept per plugin (older inactive ones are pruned).
+    pub max_versions: u32,
+    /// Compiled components kept in memory, and bytes of them on disk.
+    pub memory_cache_entries: usize,
+    pub disk_cache_bytes: u64,
+}
+
+impl PluginSettings {
+    /// What the runtime's engine and caches are sized by.
+    pub fn runtime_bounds(&self) -> RuntimeBounds {
+        RuntimeBounds {
+            instances: u32::try_from(self.max_concurrent_calls).unwrap_or(u32::MAX),
+            memory_cache_entries: self.memory_cache_entries,
+            disk_cache_bytes: self.disk_cache_bytes,
+        }
+    }
 }
 
 /// One active plugin version of a tenant.
@@ -53,11 +83,10 @@ pub struct Active {
 
 impl Active {
     /// The loaded version, or the failure (counted) when it cannot load.
-    fn ready(&self, tenant: &str) -> Result<&Loaded, Failure> {
+    fn ready(&self) -> Result<&Loaded, Failure> {
         self.loaded.as_ref().map_err(|e| {
             let failure = Failure::Unavailable(e.clone());
-            self.stats
-                .failed(tenant, &self.name, &failure, Duration::ZERO);
+            self.stats.failed(&failure, Duration::ZERO);
             failure
         })
     }
@@ -121,12 +150,9 @@ pub struct Plugins {
     generation: AtomicU64,
     stats: DashMap<(String, String), Arc<Stats>>,
     compile_gate: Arc<tokio::sync::Semaphore>,
-    /// Call slots per tenant, so no tenant takes the whole pool.
-    slots: DashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// The replica's call slots, shared fairly by the busy tenants.
+    slots: Arc<CallSlots>,
 }
-
-/// Plugin calls one tenant may run at once (a quarter of the pool).
-const TENANT_CALLS: usize = 64;
 
 /// Largest event an enricher may return.
 const ENRICHED_EVENT_MAX: usize = 512 * 1024;
@@ -164,15 +190,16 @@ const FIXED_ATTRIBUTES: [&str; 7] = [
 
 impl Plugins {
     pub fn new(runtime: Arc<Runtime>, pool: PgPool, settings: PluginSettings) -> Self {
+        runtime.bound_caches(settings.memory_cache_entries, settings.disk_cache_bytes);
         Self {
             runtime,
             pool,
-            settings,
             tenants: DashMap::new(),
             generation: AtomicU64::new(0),
             stats: DashMap::new(),
             compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
-            slots: DashMap::new(),
+            slots: CallSlots::new(settings.max_concurrent_calls),
+            settings,
         }
     }
 
@@ -184,14 +211,9 @@ impl Plugins {
         &self.settings
     }
 
-    /// One of the tenant's call slots, if one is free.
-    fn slot(&self, tenant: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.slots
-            .entry(tenant.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(TENANT_CALLS)))
-            .clone()
-            .try_acquire_owned()
-            .ok()
+    /// A call slot within the tenant's fair share, waiting at most `wait`.
+    async fn slot(&self, tenant: &str, wait: Duration) -> Option<slots::Slot> {
+        self.slots.acquire(tenant, wait).await
     }
 
     /// Forgets the tenant's loaded plugins (after a change).
@@ -211,10 +233,29 @@ impl Plugins {
         self.invalidate(tenant);
     }
 
-    /// Forgets a deleted plugin's stats.
-    pub fn forget(&self, tenant: &str, name: &str) {
+    /// Forgets a deleted plugin's stats, and the compiled artifacts of
+    /// modules no stored version uses any more.
+    pub async fn forget(&self, tenant: &str, name: &str, unused: Vec<String>) {
         self.stats.remove(&(tenant.to_owned(), name.to_owned()));
         self.invalidate(tenant);
+        self.drop_artifacts(unused).await;
+    }
+
+    /// Drops compiled artifacts (memory and disk) of modules no stored
+    /// version uses any more.
+    async fn drop_artifacts(&self, unused: Vec<String>) {
+        if unused.is_empty() {
+            return;
+        }
+        let rt = self.runtime.clone();
+        let dropped = tokio::task::spawn_blocking(move || {
+            for sha in &unused {
+                rt.forget(sha);
+            }
+        });
+        if let Err(e) = dropped.await {
+            tracing::warn!(error = %e, "cannot drop unused plugin artifacts");
+        }
     }
 
     pub fn stats_of(&self, tenant: &str, name: &str) -> Arc<Stats> {
@@ -396,7 +437,7 @@ impl Plugins {
                 })?,
         };
         let manifest_json = serde_json::to_value(&checked.manifest).map_err(anyhow::Error::from)?;
-        let version = store::create_version(
+        let created = store::create_version(
             &self.pool,
             store::NewVersion {
                 tenant: tenant.as_str(),
@@ -406,11 +447,13 @@ impl Plugins {
                 sha256: &sha,
                 module: &module,
                 actor,
+                keep: self.settings.max_versions,
             },
         )
         .await?;
         self.changed(tenant.as_str(), &checked.manifest.name);
-        Ok((checked.manifest.name, version, sha))
+        self.drop_artifacts(created.unused).await;
+        Ok((checked.manifest.name, created.version, sha))
     }
 
     /// The validation hooks bound to writes of this resource (for a delete,
@@ -451,11 +494,10 @@ impl Plugins {
             };
             if let Err(retry) = hook.stats.breaker.try_acquire() {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
-                hook.stats
-                    .failed(tenant, &hook.name, &failure, Duration::ZERO);
+                hook.stats.failed(&failure, Duration::ZERO);
                 return Err(refused(failure, retry.as_secs().max(1)));
             }
-            let Some(slot) = self.slot(tenant) else {
+            let Some(slot) = self.slot(tenant, self.settings.slot_wait).await else {
                 return Err(refused(Failure::Busy, 1));
             };
             let ctx = Context {
@@ -467,34 +509,21 @@ impl Plugins {
                 config: String::new(),
             };
             let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
+            let caps = Caps {
+                per_doc: self.settings.max_violations,
+                per_response: self.settings.max_response_violations,
+                bytes: RESPONSE_VIOLATION_BYTES,
+            };
             let outcome = tokio::task::spawn_blocking(move || {
                 let _held = slot;
-                run_hook(&rt, &h, ctx, &docs)
+                run_hook(&rt, &h, ctx, &docs, caps)
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
             let source = format!("plugin:{}", hook.name);
             match outcome {
-                Ok(violations) if violations.is_empty() => {}
-                Ok(violations) => {
-                    let errors = violations
-                        .into_iter()
-                        .map(|(prefix, v)| FieldError {
-                            path: format!("{prefix}{}", v.path),
-                            message: v.message,
-                            source: source.clone(),
-                            record_id: None,
-                            code: v.code,
-                        })
-                        .collect();
-                    return Err(ApiError::unprocessable(
-                        format!(
-                            "plugin {} refused the record; nothing was stored",
-                            hook.name
-                        ),
-                        errors,
-                    ));
-                }
+                Ok(found) if found.is_empty() => {}
+                Ok(found) => return Err(found.into_error(&hook.name, &source)),
                 Err((_, Failure::Busy)) => return Err(refused(Failure::Busy, 1)),
                 Err((prefix, failure)) => {
                     return Err(ApiError::PluginFailed {
@@ -550,8 +579,9 @@ impl Plugins {
         };
         let rt = self.runtime.clone();
         let original = event.clone();
-        let Some(slot) = self.slot(tenant) else {
-            // The tenant's slots are all taken (by its hooks): try again later.
+        let Some(slot) = self.slot(tenant, Duration::ZERO).await else {
+            // No slot within the tenant's share now (its hooks hold them, or
+            // the pool is full): the event waits for the next pass.
             return Enriched::Later;
         };
         let outcome = tokio::task::spawn_blocking(move || {
@@ -604,32 +634,100 @@ impl Plugins {
     }
 }
 
+/// Bytes of violation text (paths, messages, codes) one response lists.
+const RESPONSE_VIOLATION_BYTES: usize = 128 * 1024;
+
+/// How many violations a write's refusal lists: per document, per
+/// response, and bytes of their text per response.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    per_doc: usize,
+    per_response: usize,
+    bytes: usize,
+}
+
+/// The violations one hook found over a write's documents (with their
+/// document's path), and how many more it returned that are left out.
+#[derive(Debug, Default)]
+struct Found {
+    listed: Vec<(String, Violation)>,
+    omitted: usize,
+    bytes: usize,
+}
+
+impl Found {
+    fn is_empty(&self) -> bool {
+        self.listed.is_empty() && self.omitted == 0
+    }
+
+    /// Keeps a document's violations while the response caps allow.
+    fn add(&mut self, path: &str, refusal: Refusal, caps: Caps) {
+        self.omitted += refusal.omitted;
+        for v in refusal.violations {
+            let size = v.path.len() + v.message.len() + v.code.as_ref().map_or(0, String::len);
+            if self.listed.len() < caps.per_response && self.bytes + size <= caps.bytes {
+                self.bytes += size;
+                self.listed.push((path.to_owned(), v));
+            } else {
+                self.omitted += 1;
+            }
+        }
+    }
+
+    /// The 422 that lists them, saying how many were left out.
+    fn into_error(self, plugin: &str, source: &str) -> ApiError {
+        let mut detail = format!("plugin {plugin} refused the record; nothing was stored");
+        if self.omitted > 0 {
+            let total = self.listed.len() + self.omitted;
+            detail.push_str(&format!(
+                " ({total} violations: {} listed, {} more left out)",
+                self.listed.len(),
+                self.omitted
+            ));
+        }
+        let errors = self
+            .listed
+            .into_iter()
+            .map(|(prefix, v)| FieldError {
+                path: format!("{prefix}{}", v.path),
+                message: v.message,
+                source: source.to_owned(),
+                record_id: None,
+                code: v.code,
+            })
+            .collect();
+        ApiError::unprocessable(detail, errors)
+    }
+}
+
 /// Calls one hook over every document; the violations with their document's
-/// path, or the failure that stopped it.
+/// path (capped), or the failure that stopped it.
 fn run_hook(
     rt: &Runtime,
     hook: &Active,
     mut ctx: Context,
     docs: &[WriteDoc],
-) -> Result<Vec<(String, Violation)>, (String, Failure)> {
-    let tenant = ctx.tenant_id.clone();
-    let loaded = hook.ready(&tenant).map_err(|f| (String::new(), f))?;
+    caps: Caps,
+) -> Result<Found, (String, Failure)> {
+    let loaded = hook.ready().map_err(|f| (String::new(), f))?;
     ctx.config.clone_from(&loaded.config);
-    let mut found = Vec::new();
+    let mut found = Found::default();
     for doc in docs {
         let start = Instant::now();
-        match rt.validate(loaded, &ctx, &doc.record, doc.previous.as_deref()) {
-            Ok(Ok(())) => hook
-                .stats
-                .succeeded(&tenant, &hook.name, start.elapsed(), false),
-            Ok(Err(violations)) => {
-                hook.stats
-                    .succeeded(&tenant, &hook.name, start.elapsed(), true);
-                found.extend(violations.into_iter().map(|v| (doc.path.clone(), v)));
+        // Every document is still checked once the response is full: its
+        // violations are then only counted.
+        let keep = caps
+            .per_doc
+            .min(caps.per_response.saturating_sub(found.listed.len()));
+        let record = &doc.record;
+        match rt.validate_capped(loaded, &ctx, record, doc.previous.as_deref(), keep) {
+            Ok(Ok(())) => hook.stats.succeeded(start.elapsed(), false),
+            Ok(Err(refusal)) => {
+                hook.stats.succeeded(start.elapsed(), true);
+                found.add(&doc.path, refusal, caps);
             }
             Err(failure) => {
-                hook.stats
-                    .failed(&tenant, &hook.name, &failure, start.elapsed());
+                hook.stats.failed(&failure, start.elapsed());
                 return Err((doc.path.clone(), failure));
             }
         }
@@ -647,12 +745,10 @@ fn run_enricher(
     original: &Value,
 ) -> Option<Option<Value>> {
     let tenant = ctx.tenant_id.clone();
-    let loaded = enricher.ready(&tenant).ok()?;
+    let loaded = enricher.ready().ok()?;
     if let Err(retry) = enricher.stats.breaker.try_acquire() {
         let failure = Failure::Tripped(retry.as_secs().max(1));
-        enricher
-            .stats
-            .failed(&tenant, &enricher.name, &failure, Duration::ZERO);
+        enricher.stats.failed(&failure, Duration::ZERO);
         return None;
     }
     ctx.config.clone_from(&loaded.config);
@@ -684,16 +780,12 @@ fn run_enricher(
         });
     match result {
         Ok(out) => {
-            enricher
-                .stats
-                .succeeded(&tenant, &enricher.name, start.elapsed(), false);
+            enricher.stats.succeeded(start.elapsed(), false);
             Some(out)
         }
         Err(failure) => {
             tracing::warn!(tenant, plugin = %enricher.name, error = %failure, "enricher failed; the event goes on unchanged");
-            enricher
-                .stats
-                .failed(&tenant, &enricher.name, &failure, start.elapsed());
+            enricher.stats.failed(&failure, start.elapsed());
             None
         }
     }

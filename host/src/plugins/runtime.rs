@@ -1,12 +1,14 @@
 //! The sandbox runtime: one wasmtime engine (Cranelift, pooling allocator,
 //! epoch interruption always on, fuel metering available), one linker
 //! granting WASI with nothing in it plus the `host` interface, compiled
-//! components cached by sha256 in memory and on disk, and one call = one
-//! fresh store with the plugin's limits.
+//! components cached by sha256 in memory (a bounded LRU) and on disk
+//! (pruned, oldest first, past its size), and one call = one fresh store
+//! with the plugin's limits.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use super::bindings::transformer::WebhookTransformerPre;
 use super::bindings::validation::{ValidationHook, ValidationHookPre};
 use super::bindings::{Context, Violation, WebhookRequest};
 use super::manifest::{Kind, Limits};
+use super::refusal::{self, Capped};
 use super::sandbox::{self, CallState, Caller, HostStop};
 use crate::services::PlatformServices;
 
@@ -29,8 +32,22 @@ use crate::services::PlatformServices;
 const TICK: Duration = Duration::from_millis(1);
 /// Bytes of each memory and table kept resident between calls.
 const KEEP_RESIDENT: usize = 4 << 20;
-/// Calls that may run at once (pool slots).
-const POOL_INSTANCES: u32 = 256;
+/// Calls that may run at once (pool slots) unless the settings say.
+pub const POOL_INSTANCES: u32 = 256;
+/// Compiled components kept in memory, and bytes of them on disk, unless
+/// the settings say.
+const MEMORY_CACHE_ENTRIES: usize = 64;
+const DISK_CACHE_BYTES: u64 = 512 << 20;
+/// Violations kept from one call when the caller names no cap.
+const MAX_VIOLATIONS: usize = 100;
+/// Guest stacks (Rust's shadow stack, placed first in linear memory by
+/// `wasm-ld --stack-first`) are at most this large: an access this close
+/// below the 4 GiB end of the 32-bit address space is a stack pointer that
+/// went below address 0.
+const GUEST_STACK_MAX: u64 = 8 << 20;
+/// Innermost frames that, all calls of one or two functions, make an
+/// out-of-bounds access a shadow-stack overflow (see `deep_in_recursion`).
+const RECURSION_FRAMES: usize = 16;
 
 /// Why a call produced no answer. Each names the limit it hit.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -43,7 +60,13 @@ pub enum Failure {
     Memory { memory_mib: u64 },
     #[error("returned {size} bytes, more than its output limit of {limit} bytes")]
     Output { size: usize, limit: usize },
-    #[error("overflowed its stack (deep recursion)")]
+    /// The guest's stack overflowed: wasmtime's own limit, or (Rust and C
+    /// guests) the shadow stack at the bottom of linear memory ran below
+    /// address 0.
+    #[error(
+        "overflowed its stack (too deep a recursion, or too large locals): recurse less deeply, \
+         move large values to the heap, or link with a larger stack (`-C link-arg=-zstack-size=…`)"
+    )]
     Stack,
     #[error("trapped: {0}")]
     Trap(String),
@@ -110,10 +133,18 @@ enum Pre {
     Transformer(WebhookTransformerPre<CallState>),
 }
 
+/// A validation hook's refusal: the violations kept (at most the cap, in
+/// the order returned) and how many more it returned, left out unread.
+#[derive(Debug, Default)]
+pub struct Refusal {
+    pub violations: Vec<Violation>,
+    pub omitted: usize,
+}
+
 pub struct Runtime {
     engine: Engine,
     linker: Linker<CallState>,
-    compiled: Mutex<HashMap<String, Component>>,
+    compiled: MemoryCache,
     disk: DiskCache,
     services: Option<Arc<PlatformServices>>,
 }
@@ -126,37 +157,42 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-/// The process's one engine, and the thread that advances its epoch. One
-/// engine, one pool of instance slots and one ticker, however many
-/// applications run in the process (the tests run dozens).
-fn shared_engine() -> anyhow::Result<Engine> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
-    let engine = ENGINE.get_or_init(|| {
-        let engine = Engine::new(&engine_config()).map_err(|e| e.to_string())?;
-        let ticking = engine.clone();
-        std::thread::Builder::new()
-            .name("plugin-epoch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(TICK);
-                    ticking.increment_epoch();
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(engine)
-    });
-    engine
-        .clone()
-        .map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))
+/// The process's engine for a pool of `instances` slots, and the thread
+/// that advances its epoch. One engine, one pool and one ticker per pool
+/// size, however many applications run in the process (the tests run
+/// dozens; a server runs one).
+fn shared_engine(instances: u32) -> anyhow::Result<Engine> {
+    static ENGINES: OnceLock<Mutex<HashMap<u32, Engine>>> = OnceLock::new();
+    let mut engines = ENGINES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(engine) = engines.get(&instances) {
+        return Ok(engine.clone());
+    }
+    let engine = Engine::new(&engine_config(instances))
+        .map_err(|e| anyhow::anyhow!("cannot create the plugin engine: {e}"))?;
+    let ticking = engine.clone();
+    std::thread::Builder::new()
+        .name("plugin-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TICK);
+                ticking.increment_epoch();
+            }
+        })?;
+    engines.insert(instances, engine.clone());
+    Ok(engine)
 }
 
 /// The engine configuration every artifact is compiled for.
-fn engine_config() -> Config {
+fn engine_config(instances: u32) -> Config {
+    let instances = instances.max(1);
     let mut pool = PoolingAllocationConfig::new();
-    pool.total_component_instances(POOL_INSTANCES)
-        .total_core_instances(POOL_INSTANCES * 8)
-        .total_memories(POOL_INSTANCES * 2)
-        .total_tables(POOL_INSTANCES * 4)
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(8))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(4))
         .max_memory_size(64 << 20)
         .max_memories_per_component(8)
         .max_tables_per_component(16)
@@ -177,11 +213,40 @@ fn engine_config() -> Config {
     config
 }
 
+/// How many calls a runtime's engine runs at once and how much compiled
+/// code it keeps (`plugin_max_concurrent_calls`,
+/// `plugin_memory_cache_entries`, `plugin_disk_cache_mib`).
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeBounds {
+    pub instances: u32,
+    pub memory_cache_entries: usize,
+    pub disk_cache_bytes: u64,
+}
+
+impl Default for RuntimeBounds {
+    fn default() -> Self {
+        Self {
+            instances: POOL_INSTANCES,
+            memory_cache_entries: MEMORY_CACHE_ENTRIES,
+            disk_cache_bytes: DISK_CACHE_BYTES,
+        }
+    }
+}
+
 impl Runtime {
-    /// A runtime on the process's engine. `cache_dir` keeps compiled
-    /// artifacts across restarts.
+    /// A runtime on the process's engine with the default bounds.
+    /// `cache_dir` keeps compiled artifacts across restarts.
     pub fn new(cache_dir: &Path, services: Option<Arc<PlatformServices>>) -> anyhow::Result<Self> {
-        let engine = shared_engine()?;
+        Self::with_bounds(cache_dir, services, RuntimeBounds::default())
+    }
+
+    /// A runtime whose engine pool has `bounds.instances` slots.
+    pub fn with_bounds(
+        cache_dir: &Path,
+        services: Option<Arc<PlatformServices>>,
+        bounds: RuntimeBounds,
+    ) -> anyhow::Result<Self> {
+        let engine = shared_engine(bounds.instances)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
@@ -190,13 +255,39 @@ impl Runtime {
         ValidationHook::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the host interface: {e}"))?;
         let disk = DiskCache::open(cache_dir, &engine)?;
-        Ok(Self {
+        let runtime = Self {
             engine,
             linker,
-            compiled: Mutex::new(HashMap::new()),
+            compiled: MemoryCache::default(),
             disk,
             services,
-        })
+        };
+        runtime.bound_caches(bounds.memory_cache_entries, bounds.disk_cache_bytes);
+        Ok(runtime)
+    }
+
+    /// Caps the compiled-component caches: entries kept in memory (least
+    /// recently used go first) and bytes on disk (oldest go first).
+    pub fn bound_caches(&self, memory_entries: usize, disk_bytes: u64) {
+        self.compiled
+            .capacity
+            .store(memory_entries.max(1), Ordering::Relaxed);
+        self.disk.max_bytes.store(disk_bytes, Ordering::Relaxed);
+        self.compiled.trim();
+        self.disk.prune();
+    }
+
+    /// Drops a module's compiled artifact from both caches (no stored
+    /// version uses it any more). A tenant that still has it loaded keeps
+    /// its own reference until it reloads.
+    pub fn forget(&self, sha: &str) {
+        self.compiled.lock().remove(sha);
+        let _ = std::fs::remove_file(self.disk.path(sha));
+    }
+
+    /// Compiled components held in memory now.
+    pub fn cached_in_memory(&self) -> usize {
+        self.compiled.len()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -240,22 +331,14 @@ impl Runtime {
     }
 
     fn remember(&self, sha: &str, component: Component) {
-        self.compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(sha.to_owned(), component);
+        self.compiled.insert(sha, component);
     }
 
     /// The compiled component with this sha256, from memory or from the
     /// disk cache (a restart does not recompile).
     pub fn cached(&self, sha: &str) -> Option<Component> {
-        if let Some(c) = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(sha)
-        {
-            return Some(c.clone());
+        if let Some(c) = self.compiled.get(sha) {
+            return Some(c);
         }
         let c = self.disk.load(sha, &self.engine)?;
         self.remember(sha, c.clone());
@@ -335,7 +418,7 @@ impl Runtime {
         f(&mut store).map_err(|e| classify(&e, store.data(), limits))
     }
 
-    /// Calls a validation hook.
+    /// Calls a validation hook (keeping at most 100 violations).
     pub fn validate(
         &self,
         plugin: &Loaded,
@@ -343,21 +426,46 @@ impl Runtime {
         record: &str,
         previous: Option<&str>,
     ) -> Result<Result<(), Vec<Violation>>, Failure> {
+        let out = self.validate_capped(plugin, ctx, record, previous, MAX_VIOLATIONS)?;
+        Ok(out.map_err(|r| r.violations))
+    }
+
+    /// Calls a validation hook. Only the first `keep` violations are read
+    /// out of the guest (the rest are counted, never copied into the host),
+    /// and those, strings and structure, count against the output limit.
+    pub fn validate_capped(
+        &self,
+        plugin: &Loaded,
+        ctx: &Context,
+        record: &str,
+        previous: Option<&str>,
+        keep: usize,
+    ) -> Result<Result<(), Refusal>, Failure> {
         let Pre::Validation(pre) = &plugin.pre else {
             return Err(Failure::Unavailable("not a validation hook".into()));
         };
+        type Params<'a> = (&'a Context, &'a str, Option<&'a str>);
+        type Answer = (Result<(), Capped>,);
+        let limit = plugin.limits.output_bytes;
         let out = self.run(plugin, |store| {
-            pre.instantiate(&mut *store)?
-                .call_validate(&mut *store, ctx, record, previous)
+            let instance = pre.instance_pre().instantiate(&mut *store)?;
+            let validate =
+                instance.get_typed_func::<Params<'_>, Answer>(&mut *store, "validate")?;
+            // The refusal is lifted inside the call, with these caps.
+            refusal::set_caps(keep, limit);
+            Ok(validate.call(&mut *store, (ctx, record, previous))?.0)
         })?;
-        if let Err(violations) = &out {
-            let size: usize = violations
-                .iter()
-                .map(|v| v.path.len() + v.message.len() + v.code.as_ref().map_or(0, String::len))
-                .sum();
-            check_output(size, &plugin.limits)?;
+        match out {
+            Ok(()) => Ok(Ok(())),
+            Err(Capped {
+                oversize: Some(size),
+                ..
+            }) => Err(Failure::Output { size, limit }),
+            Err(capped) => Ok(Err(Refusal {
+                violations: capped.violations,
+                omitted: capped.omitted,
+            })),
         }
-        Ok(out)
     }
 
     /// Calls an event enricher: the new event, or None to drop it.
@@ -448,6 +556,9 @@ fn classify(e: &wasmtime::Error, state: &CallState, limits: &Limits) -> Failure 
             fuel: limits.fuel.unwrap_or(u64::MAX),
         },
         Some(Trap::StackOverflow) => Failure::Stack,
+        Some(Trap::MemoryOutOfBounds) if below_address_zero(e) || deep_in_recursion(e) => {
+            Failure::Stack
+        }
         Some(trap) => Failure::Trap(trap.to_string()),
         None => {
             let text = format!("{e}");
@@ -460,6 +571,55 @@ fn classify(e: &wasmtime::Error, state: &CallState, limits: &Limits) -> Failure 
     }
 }
 
+/// Whether an out-of-bounds access was just below the end of the 32-bit
+/// address space: a stack pointer that ran below address 0. Rust (and C)
+/// guests keep their own stack at the bottom of linear memory
+/// (`--stack-first`) and grow it downwards, so deep recursion ends in such
+/// an access, never in wasmtime's own stack limit. Wasmtime names the
+/// faulting address in the error's context ("memory fault at wasm address
+/// 0x…"); ordinary stray pointers land just above the memory's size, or
+/// anywhere, not within a stack's size of 4 GiB.
+fn below_address_zero(e: &wasmtime::Error) -> bool {
+    const MARK: &str = "memory fault at wasm address 0x";
+    e.chain().any(|cause| {
+        let text = cause.to_string();
+        let Some(at) = text.find(MARK) else {
+            return false;
+        };
+        let hex: String = text[at + MARK.len()..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        u64::from_str_radix(&hex, 16).is_ok_and(|addr| {
+            (1u64 << 32).saturating_sub(GUEST_STACK_MAX) <= addr && addr < (1u64 << 32) + (1 << 16)
+        })
+    })
+}
+
+/// Whether an out-of-bounds access happened deep inside a recursion: the
+/// innermost `RECURSION_FRAMES` frames of the trap's backtrace are calls of
+/// one function (or two, calling each other). When the access is made by
+/// the host on the guest's behalf (`memory.fill` zeroing a large local, a
+/// `memory.copy`) there is no faulting address to look at, but the guest's
+/// own stack pointer ran below address 0 all the same; an ordinary stray
+/// pointer is not found at the bottom of a 16-deep self-recursion.
+fn deep_in_recursion(e: &wasmtime::Error) -> bool {
+    let Some(trace) = e.downcast_ref::<wasmtime::WasmBacktrace>() else {
+        return false;
+    };
+    let frames = trace.frames();
+    if frames.len() < RECURSION_FRAMES {
+        return false;
+    }
+    let mut funcs: Vec<u32> = frames[..RECURSION_FRAMES]
+        .iter()
+        .map(|f| f.func_index())
+        .collect();
+    funcs.sort_unstable();
+    funcs.dedup();
+    funcs.len() <= 2
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -467,14 +627,70 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Compiled components by sha256, at most `capacity`, the least recently
+/// used dropped first. A component still loaded by a tenant stays alive
+/// through that tenant's `Loaded`; the cache only stops holding it.
+#[derive(Default)]
+struct MemoryCache {
+    capacity: AtomicUsize,
+    entries: Mutex<HashMap<String, (Component, u64)>>,
+    clock: AtomicU64,
+}
+
+impl MemoryCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Component, u64)>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn get(&self, sha: &str) -> Option<Component> {
+        let now = self.tick();
+        let mut entries = self.lock();
+        let (component, used) = entries.get_mut(sha)?;
+        *used = now;
+        Some(component.clone())
+    }
+
+    fn insert(&self, sha: &str, component: Component) {
+        let now = self.tick();
+        self.lock().insert(sha.to_owned(), (component, now));
+        self.trim();
+    }
+
+    fn trim(&self) {
+        let capacity = self.capacity.load(Ordering::Relaxed).max(1);
+        let mut entries = self.lock();
+        while entries.len() > capacity {
+            let oldest = entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(sha, _)| sha.clone());
+            match oldest {
+                Some(sha) => entries.remove(&sha),
+                None => break,
+            };
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// Compiled artifacts on disk, `<sha256>.cwasm`, each sealed with an HMAC
 /// under a key only this installation has (`.key`, created 0600) over the
 /// engine's compatibility hash, the sha256 and the artifact. A file that
 /// does not verify is never deserialized: the plugin is compiled again.
+/// Past `max_bytes` of artifacts, the oldest files are deleted (an
+/// artifact whose version is pruned or deleted goes at once).
 struct DiskCache {
     dir: PathBuf,
     key: [u8; 32],
     engine_id: u64,
+    max_bytes: AtomicU64,
 }
 
 type Seal = Hmac<Sha256>;
@@ -503,6 +719,7 @@ impl DiskCache {
             dir: dir.to_owned(),
             key: fixed,
             engine_id: hasher.finish(),
+            max_bytes: AtomicU64::new(DISK_CACHE_BYTES),
         })
     }
 
@@ -532,6 +749,39 @@ impl DiskCache {
         if let Err(e) = written {
             tracing::warn!(error = %e, "cannot write the plugin cache; plugins will be recompiled after a restart");
             let _ = std::fs::remove_file(&tmp);
+        }
+        self.prune();
+    }
+
+    /// The cached artifacts, oldest first, with their sizes.
+    fn artifacts(&self) -> Vec<(PathBuf, u64)> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<(PathBuf, u64, std::time::SystemTime)> = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((e.path(), meta.len(), meta.modified().ok()?))
+            })
+            .collect();
+        files.sort_by_key(|(_, _, modified)| *modified);
+        files.into_iter().map(|(p, len, _)| (p, len)).collect()
+    }
+
+    /// Deletes the oldest artifacts until the rest fit in `max_bytes`.
+    fn prune(&self) {
+        let max = self.max_bytes.load(Ordering::Relaxed);
+        let files = self.artifacts();
+        let mut total: u64 = files.iter().map(|(_, len)| len).sum();
+        for (path, len) in files {
+            if total <= max {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total = total.saturating_sub(len);
+            }
         }
     }
 

@@ -46,6 +46,8 @@ pub struct NewVersion<'a> {
     pub sha256: &'a str,
     pub module: &'a [u8],
     pub actor: &'a str,
+    /// Versions kept: older ones (never the active one) are pruned.
+    pub keep: u32,
 }
 
 async fn notify(tx: &mut sqlx::PgConnection, tenant: &str) -> Result<(), sqlx::Error> {
@@ -71,9 +73,18 @@ async fn finish(
     Ok(true)
 }
 
-/// Stores the next version of a plugin (creating the plugin) and makes it
-/// active. Returns the version.
-pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<i32, StorageError> {
+/// A stored version and what pruning freed.
+#[derive(Debug)]
+pub struct Created {
+    pub version: i32,
+    /// Modules (sha256) of pruned versions that no stored version uses any
+    /// more: their compiled artifacts can go.
+    pub unused: Vec<String>,
+}
+
+/// Stores the next version of a plugin (creating the plugin), makes it
+/// active and prunes the versions beyond `keep`.
+pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<Created, StorageError> {
     let mut tx = pool.begin().await?;
     let active: Option<(String,)> = sqlx::query_as(
         "SELECT id FROM bss.tenants WHERE id = $1 AND status = 'active' FOR KEY SHARE",
@@ -121,9 +132,57 @@ pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<i32, Sto
         .bind(version)
         .execute(&mut *tx)
         .await?;
+    let pruned = prune(&mut tx, v.tenant, v.name, v.keep).await?;
+    let unused = unused(&mut tx, pruned).await?;
     notify(&mut tx, v.tenant).await?;
     tx.commit().await?;
-    Ok(version)
+    Ok(Created { version, unused })
+}
+
+/// Those of `shas` that no stored version (of any tenant) uses.
+async fn unused(
+    tx: &mut sqlx::PgConnection,
+    mut shas: Vec<String>,
+) -> Result<Vec<String>, StorageError> {
+    shas.sort();
+    shas.dedup();
+    if shas.is_empty() {
+        return Ok(shas);
+    }
+    let used: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT sha256 FROM bss.plugin_versions WHERE sha256 = ANY($1)")
+            .bind(&shas)
+            .fetch_all(tx)
+            .await?;
+    shas.retain(|s| !used.iter().any(|(u,)| u == s));
+    Ok(shas)
+}
+
+/// Deletes the plugin's versions beyond the newest `keep`, except the
+/// active one: uploads cannot grow a tenant's stored modules without bound.
+/// Returns the pruned versions' sha256.
+async fn prune(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    name: &str,
+    keep: u32,
+) -> Result<Vec<String>, StorageError> {
+    let pruned: Vec<(String,)> = sqlx::query_as(
+        "DELETE FROM bss.plugin_versions v
+          WHERE v.tenant_id = $1 AND v.name = $2
+            AND v.version <> (SELECT active_version FROM bss.plugins
+                               WHERE tenant_id = $1 AND name = $2)
+            AND v.version NOT IN (SELECT version FROM bss.plugin_versions
+                                   WHERE tenant_id = $1 AND name = $2
+                                   ORDER BY version DESC LIMIT $3)
+          RETURNING v.sha256",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(i64::from(keep.max(1)))
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(pruned.into_iter().map(|(s,)| s).collect())
 }
 
 pub async fn list(pool: &PgPool, tenant: &str) -> Result<Vec<PluginRow>, StorageError> {
@@ -185,15 +244,30 @@ pub async fn activate(
     finish(tx, done.rows_affected(), tenant).await
 }
 
-/// Deletes a plugin and all its versions; false if there was none.
-pub async fn delete(pool: &PgPool, tenant: &str, name: &str) -> Result<bool, StorageError> {
+/// Deletes a plugin and all its versions; None if there was none, else
+/// the modules (sha256) no stored version uses any more.
+pub async fn delete(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+) -> Result<Option<Vec<String>>, StorageError> {
     let mut tx = pool.begin().await?;
+    let versions: Vec<(String,)> = sqlx::query_as(
+        "DELETE FROM bss.plugin_versions WHERE tenant_id = $1 AND name = $2 RETURNING sha256",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_all(&mut *tx)
+    .await?;
     let done = sqlx::query("DELETE FROM bss.plugins WHERE tenant_id = $1 AND name = $2")
         .bind(tenant)
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    finish(tx, done.rows_affected(), tenant).await
+    let unused = unused(&mut tx, versions.into_iter().map(|(s,)| s).collect()).await?;
+    Ok(finish(tx, done.rows_affected(), tenant)
+        .await?
+        .then_some(unused))
 }
 
 /// The active version of each of the tenant's plugins (active tenants only).

@@ -1,6 +1,7 @@
 //! A hostile validation hook, for the sandbox tests: what it does is set by
-//! `config.mode`. Every mode except `accept`, `write-secret` and the scans
-//! must end in a limit error, never harm the host.
+//! `config.mode`. Every mode except `accept`, `sleep`, `write-secret` and
+//! the scans must end in a limit error (or a bounded refusal), never harm
+//! the host.
 
 use std::hint::black_box;
 
@@ -32,15 +33,43 @@ impl ValidationHook for Hostile {
                     hoard.push(black_box(vec![1u8; 1 << 20]));
                 }
             }
+            // Exhausts wasmtime's own call stack.
             "recursion" => {
                 black_box(recurse(black_box(u64::MAX)));
                 Ok(())
             }
+            // Recursion with a large local on the shadow stack (Rust's stack
+            // in linear memory, below the data): it runs past address 0
+            // long before wasmtime's call stack is exhausted.
+            "big-frames" => {
+                black_box(recurse_big(black_box(u64::MAX)));
+                Ok(())
+            }
+            // The same without zeroing the local: the first store into the
+            // new frame faults (no host call between).
+            "big-frames-raw" => {
+                black_box(recurse_raw(black_box(u64::MAX)));
+                Ok(())
+            }
+            // Sleeps `ms` milliseconds (default 200), then accepts: a slow
+            // hook that succeeds, holding a call slot all the while.
+            "sleep" => {
+                let ms = ctx.config["ms"].as_u64().unwrap_or(200);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            // `count` empty violations (default 400,000): tiny strings, a
+            // huge structure.
+            "violations" => {
+                let count = ctx.config["count"].as_u64().unwrap_or(400_000) as usize;
+                Err((0..count).map(|_| Violation::new("", "")).collect())
+            }
             // A refusal far larger than the output limit.
             "huge" => Err(vec![Violation::new("", "x".repeat(2 << 20))]),
             "trap" => panic!("the hostile plugin traps on purpose"),
-            // A service call that never answers.
-            "hang-forward" => match forward("task", "/hang", &Value::Null) {
+            // A service call that never answers (on a path the task
+            // service serves, so the host lets it through).
+            "hang-forward" => match forward("task", "/api/task/schedule", &Value::Null) {
                 Ok(_) => Ok(()),
                 Err(e) => Err(vec![Violation::new("", e)]),
             },
@@ -72,6 +101,28 @@ fn recurse(n: u64) -> u64 {
         0
     } else {
         black_box(recurse(black_box(n - 1))) + 1
+    }
+}
+
+fn recurse_big(n: u64) -> u64 {
+    let mut frame = [0u8; 4096];
+    frame[(n % 4096) as usize] = n as u8;
+    let frame = black_box(&mut frame);
+    if n == 0 {
+        0
+    } else {
+        u64::from(frame[0]) + black_box(recurse_big(black_box(n - 1)))
+    }
+}
+
+fn recurse_raw(n: u64) -> u64 {
+    let mut frame = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    frame[(n % 4096) as usize].write(n as u8);
+    let frame = black_box(&mut frame);
+    if n == 0 {
+        0
+    } else {
+        black_box(frame.len() as u64) + black_box(recurse_raw(black_box(n - 1)))
     }
 }
 
