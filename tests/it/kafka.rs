@@ -387,3 +387,32 @@ async fn events_reach_kafka_as_the_tenants_enricher_made_them() {
     assert_eq!(event["data"]["task"]["name"], "send-reminder");
     assert_eq!(got[0].key, format!("{tenant}/{subject}"));
 }
+
+#[tokio::test]
+async fn a_message_the_database_cannot_store_is_dead_lettered_and_the_next_one_applied() {
+    let app = kafka_app(|_| {}).await;
+    read_topics_exist(&["auth.tenant.created", "business_store.dead_letter"]).await;
+    let id = format!("n-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let poisoned = json!({"tenantId": id, "name": "Nul\u{0}Corp"}).to_string();
+    produce("auth.tenant.created", &id, &poisoned).await;
+    produce(
+        "auth.tenant.created",
+        &id,
+        &json!({"tenantId": id, "name": "Clean Corp"}).to_string(),
+    )
+    .await;
+    // Not stuck behind the poisoned message: the next one is applied.
+    wait_status(&app, &id, Some("active")).await;
+    let dead = read_back(&["business_store.dead_letter"], 1, |m| m.raw == poisoned).await;
+    assert!(dead[0].headers["dlq_reason"].contains("U+0000"), "{dead:?}");
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("consumer_messages_total"), "counted");
+}

@@ -33,7 +33,9 @@ impl FromRequestParts<SharedState> for Principal {
                 ApiError::Unauthorized("the Authorization header must be 'Bearer <token>'".into())
             })?;
         let claims = state.auth.verify(token).await?;
-        Principal::from_claims(claims)
+        let principal = Principal::from_claims(claims)?;
+        state.gate.admit(state, &principal, parts).await?;
+        Ok(principal)
     }
 }
 
@@ -56,7 +58,43 @@ impl<S: Send + Sync> FromRequest<S> for JsonDocument {
         })?;
         let value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        refuse_nul(&value)?;
         Ok(Self(value))
+    }
+}
+
+/// Refuses a document with U+0000 in any string or key (PostgreSQL cannot
+/// store it), naming the first place as a JSON Pointer.
+pub fn refuse_nul(value: &Value) -> Result<(), ApiError> {
+    match nul_path(value) {
+        None => Ok(()),
+        Some(path) => Err(ApiError::unprocessable(
+            "the body contains the character U+0000, which cannot be stored; remove it",
+            vec![crate::error::FieldError::request(
+                if path.is_empty() { "/" } else { &path },
+                "contains U+0000 (\\u0000)",
+            )],
+        )),
+    }
+}
+
+/// The JSON Pointer of the first string or key holding U+0000.
+fn nul_path(value: &Value) -> Option<String> {
+    let escape = |k: &str| k.replace('~', "~0").replace('/', "~1");
+    match value {
+        Value::String(s) => s.contains('\0').then(String::new),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v).map(|p| format!("/{i}{p}"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(format!("/{}", escape(k).replace('\0', "\\u0000")))
+            } else {
+                nul_path(v).map(|p| format!("/{}{p}", escape(k)))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -112,9 +150,18 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let q = parts.uri.query().unwrap_or_default();
-        serde_urlencoded::from_str(q)
-            .map(QueryPairs)
-            .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+        if let Some((k, _)) = pairs
+            .iter()
+            .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(ApiError::bad_request(format!(
+                "the query parameter {:?} contains U+0000 (%00), which cannot be used; remove it",
+                k.replace('\0', "\\u0000")
+            )));
+        }
+        Ok(QueryPairs(pairs))
     }
 }
 

@@ -21,6 +21,7 @@ use super::extract::{JsonBody, JsonDocument, QueryPairs, etag, if_match};
 use crate::app_state::SharedState;
 use crate::auth::{Principal, Role};
 use crate::catalog::CompiledSchema;
+use crate::catalog::compiled::{HEAVY_DOCUMENT, document_weight};
 use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::events::envelope;
@@ -32,6 +33,8 @@ use crate::storage::records::{self, Created, Idempotency, Patch, Record, Target}
 
 /// Most items in one batch write.
 pub const MAX_BATCH: usize = 1000;
+/// Most schema errors reported for one batch.
+const MAX_BATCH_ERRORS: usize = 1000;
 /// Times a write is retried when the schema changes under it.
 const SCHEMA_RETRIES: usize = 3;
 
@@ -84,8 +87,20 @@ where
     Err(StorageError::SchemaChanged.into())
 }
 
-fn validate(schema: &CompiledSchema, resource: &ResourceName, doc: &Value) -> ApiResult<()> {
-    schema.validate(doc).map_err(|errors| {
+/// Validates a document against the schema; a heavy document is validated
+/// on a blocking thread, so no tenant's document occupies an async worker.
+async fn validate(
+    schema: &Arc<CompiledSchema>,
+    resource: &ResourceName,
+    doc: &Value,
+) -> ApiResult<()> {
+    let checked = if document_weight(doc) > HEAVY_DOCUMENT {
+        let (schema, doc) = (schema.clone(), doc.clone());
+        off_worker(move || schema.validate(&doc)).await?
+    } else {
+        schema.validate(doc)
+    };
+    checked.map_err(|errors| {
         ApiError::unprocessable(
             format!(
                 "the record does not match the schema of {resource} (version {})",
@@ -94,6 +109,43 @@ fn validate(schema: &CompiledSchema, resource: &ResourceName, doc: &Value) -> Ap
             errors,
         )
     })
+}
+
+/// Validates every item of a batch; errors point at `/items/<i>/…`.
+async fn validate_batch(
+    schema: &Arc<CompiledSchema>,
+    items: &[(RecordId, Value)],
+) -> ApiResult<Vec<FieldError>> {
+    fn check(schema: &CompiledSchema, docs: &[&Value]) -> Vec<FieldError> {
+        docs.iter()
+            .enumerate()
+            .filter_map(|(i, doc)| schema.validate(doc).err().map(|e| (i, e)))
+            .flat_map(|(i, errs)| {
+                errs.into_iter().map(move |e| FieldError {
+                    path: format!("/items/{i}{}", e.path),
+                    ..e
+                })
+            })
+            .take(MAX_BATCH_ERRORS)
+            .collect()
+    }
+    let weight: usize = items.iter().map(|(_, d)| document_weight(d)).sum();
+    if weight <= HEAVY_DOCUMENT {
+        return Ok(check(
+            schema,
+            &items.iter().map(|(_, d)| d).collect::<Vec<_>>(),
+        ));
+    }
+    let schema = schema.clone();
+    let docs: Vec<Value> = items.iter().map(|(_, d)| d.clone()).collect();
+    off_worker(move || check(&schema, &docs.iter().collect::<Vec<_>>())).await
+}
+
+/// Runs CPU-bound work on a blocking thread.
+async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("validation did not finish: {e}")))
 }
 
 /// Who asks the validation hooks about a write, and about what.
@@ -206,7 +258,7 @@ async fn create_record(
         let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
         let principal = &principal;
         async move {
-            validate(&schema, resource, doc)?;
+            validate(&schema, resource, doc).await?;
             if let Some(hooks) = state
                 .plugins
                 .hooks(tenant, resource.as_str(), false)
@@ -313,7 +365,7 @@ async fn put_record(
         let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
         let principal = &principal;
         async move {
-            validate(&schema, resource, doc)?;
+            validate(&schema, resource, doc).await?;
             if let Some(hooks) = state
                 .plugins
                 .hooks(tenant, resource.as_str(), false)
@@ -382,7 +434,7 @@ async fn patch_record(
                     .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
                 let mut doc = current.data.clone();
                 json_patch::merge(&mut doc, patch);
-                validate(&schema, resource, &doc)?;
+                validate(&schema, resource, &doc).await?;
                 let call = write_call(state, principal, headers, tenant, resource, "patch");
                 let docs = one_doc(&doc, Some(&current.data));
                 state.plugins.check_write(hooks, call, docs).await?;
@@ -409,7 +461,7 @@ async fn patch_record(
             }
             let mut doc = tx.current.data.clone();
             json_patch::merge(&mut doc, patch);
-            validate(&schema, resource, &doc)?;
+            validate(&schema, resource, &doc).await?;
             let events = record_events(state, headers, tenant, &schema);
             Ok(tx.commit(&doc, &events).await)
         }
@@ -495,17 +547,7 @@ async fn create_batch(
         let (items, resource, state, headers) = (&items, &resource, &state, &headers);
         let principal = &principal;
         async move {
-            let errors: Vec<FieldError> = items
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (_, doc))| schema.validate(doc).err().map(|e| (i, e)))
-                .flat_map(|(i, errs)| {
-                    errs.into_iter().map(move |e| FieldError {
-                        path: format!("/items/{i}{}", e.path),
-                        ..e
-                    })
-                })
-                .collect();
+            let errors = validate_batch(&schema, items).await?;
             if !errors.is_empty() {
                 return Err(ApiError::unprocessable(
                     "some items do not match the schema; nothing was stored",

@@ -72,8 +72,13 @@ impl CompiledSchema {
         created_by: String,
     ) -> Result<Self, Vec<FieldError>> {
         check_document(&schema)?;
+        // Patterns run on the linear-time `regex` engine: no tenant's pattern
+        // can backtrack for seconds (`check_document` refused those already).
         let validator = jsonschema::draft202012::options()
             .should_validate_formats(true)
+            .with_pattern_options(
+                jsonschema::PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT),
+            )
             .build(&schema)
             .map_err(|e| vec![FieldError::schema("/schema", e.to_string())])?;
         let mut fields = BTreeMap::new();
@@ -97,6 +102,8 @@ impl CompiledSchema {
     }
 
     /// Validates a record document; each error points into the document.
+    /// Cheap for small documents; see [`document_weight`] for when to move
+    /// it off the async workers.
     pub fn validate(&self, document: &Value) -> Result<(), Vec<FieldError>> {
         let errors: Vec<FieldError> = self
             .validator
@@ -148,6 +155,11 @@ pub fn check_document(schema: &Value) -> Result<(), Vec<FieldError>> {
             format!("not a valid JSON Schema (draft 2020-12): {e}"),
         )]);
     }
+    let mut errors = Vec::new();
+    check_patterns(schema, &mut "/schema".to_owned(), &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     match schema.get("type") {
         Some(Value::String(t)) if t == "object" => {}
         _ => {
@@ -169,6 +181,105 @@ pub fn check_document(schema: &Value) -> Result<(), Vec<FieldError>> {
     }
     Ok(())
 }
+
+/// Largest compiled size of one pattern, in bytes.
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// Refuses every `pattern` and `patternProperties` key that the linear-time
+/// engine cannot run (backreferences, look-around) or that compiles too
+/// large, naming it by its JSON Pointer in the request body.
+fn check_patterns(schema: &Value, path: &mut String, errors: &mut Vec<FieldError>) {
+    let Value::Object(map) = schema else {
+        if let Value::Array(items) = schema {
+            for (i, item) in items.iter().enumerate() {
+                within(path, &i.to_string(), |p| check_patterns(item, p, errors));
+            }
+        }
+        return;
+    };
+    for (key, value) in map {
+        match (key.as_str(), value) {
+            ("pattern", Value::String(pattern)) => {
+                within(path, key, |p| check_pattern(pattern, p, errors));
+            }
+            ("patternProperties", Value::Object(props)) => within(path, key, |p| {
+                for (pattern, sub) in props {
+                    within(p, pattern, |p| {
+                        check_pattern(pattern, p, errors);
+                        check_patterns(sub, p, errors);
+                    });
+                }
+            }),
+            // Instances, not schemas: a `pattern` key there is data.
+            ("enum" | "const" | "default" | "examples", _) => {}
+            ("properties" | "$defs" | "definitions" | "dependentSchemas", Value::Object(subs)) => {
+                within(path, key, |p| {
+                    for (name, sub) in subs {
+                        within(p, name, |p| check_patterns(sub, p, errors));
+                    }
+                });
+            }
+            (_, Value::Object(_) | Value::Array(_)) => {
+                within(path, key, |p| check_patterns(value, p, errors));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn check_pattern(pattern: &str, path: &str, errors: &mut Vec<FieldError>) {
+    if let Err(e) = regex::RegexBuilder::new(pattern)
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+    {
+        let why = match e {
+            regex::Error::CompiledTooBig(_) => "it compiles too large".to_owned(),
+            other => format!("{other}")
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        };
+        errors.push(FieldError::schema(
+            path,
+            format!(
+                "the pattern {pattern:?} cannot be used: patterns run on a linear-time engine \
+                 (no backreferences or look-around), and {why}"
+            ),
+        ));
+    }
+}
+
+/// Runs `f` with `segment` appended to the JSON Pointer `path`.
+fn within(path: &mut String, segment: &str, f: impl FnOnce(&mut String)) {
+    let len = path.len();
+    path.push('/');
+    path.push_str(&segment.replace('~', "~0").replace('/', "~1"));
+    f(path);
+    path.truncate(len);
+}
+
+/// A cheap measure of how much work validating a document can be: its
+/// string bytes plus a few per value. Documents above
+/// [`HEAVY_DOCUMENT`] are validated on a blocking thread, never on an
+/// async worker.
+pub fn document_weight(doc: &Value) -> usize {
+    match doc {
+        Value::String(s) => 8 + s.len(),
+        Value::Array(items) => 8 + items.iter().map(document_weight).sum::<usize>(),
+        Value::Object(map) => {
+            8 + map
+                .iter()
+                .map(|(k, v)| k.len() + document_weight(v))
+                .sum::<usize>()
+        }
+        _ => 8,
+    }
+}
+
+/// The weight above which validation leaves the async workers.
+pub const HEAVY_DOCUMENT: usize = 8 * 1024;
 
 /// Walks `properties` (nested objects too) and records every field whose
 /// name is a plain identifier, so that dotted query paths resolve.
@@ -249,5 +360,25 @@ mod tests {
         assert!(errors[0].path.starts_with("/schema"), "{errors:?}");
         assert!(compile(json!({"type": "string"})).is_err());
         assert!(compile(json!({"type": "object", "x-event-payload": "all"})).is_err());
+    }
+
+    #[test]
+    fn backtracking_patterns_are_refused_by_path() {
+        let errors = compile(json!({"type": "object", "properties": {
+            "tags": {"type": "array", "items": {"type": "string", "pattern": "^(\\w+\\s?)*\\1$"}}
+        }}))
+        .err()
+        .unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "/schema/properties/tags/items/pattern");
+        assert!(errors[0].message.contains("linear-time"), "{errors:?}");
+        let errors = compile(json!({"type": "object", "patternProperties": {"^(?=a)": {}}}))
+            .err()
+            .unwrap_or_default();
+        assert_eq!(errors[0].path, "/schema/patternProperties/^(?=a)");
+        let fine = compile(json!({"type": "object",
+            "properties": {"pattern": {"type": "string", "pattern": "^[A-Z]{3}-\\d+$"}},
+            "enum": [{"pattern": "(a)\\1"}]}));
+        assert!(fine.is_ok(), "{:?}", fine.err());
     }
 }

@@ -50,6 +50,9 @@ fn parse(payload: &[u8]) -> Result<(TenantId, Option<String>), String> {
         .ok_or("no string tenantId")?;
     let id = TenantId::parse(id).map_err(|e| e.0)?;
     let name = body.get("name").and_then(Value::as_str).map(str::to_owned);
+    if name.as_deref().is_some_and(|n| n.contains('\0')) {
+        return Err("the name contains U+0000, which cannot be stored".into());
+    }
     Ok((id, name))
 }
 
@@ -71,6 +74,7 @@ pub async fn handle(
             {
                 Some(_) => {
                     state.schemas.forget_tenant(&tenant);
+                    state.gate.reset(tenant.as_str());
                     Ok(Outcome::Provisioned)
                 }
                 None => Ok(Outcome::AlreadyExisted),
@@ -79,6 +83,7 @@ pub async fn handle(
         TENANT_DELETED => {
             if tenants::archive(&state.pool, &tenant, state.settings.tenant_grace_secs).await? {
                 state.schemas.forget_tenant(&tenant);
+                state.gate.forget(tenant.as_str());
                 Ok(Outcome::Archived)
             } else {
                 Ok(Outcome::AlreadyGone)
@@ -88,11 +93,34 @@ pub async fn handle(
     }
 }
 
-/// Applies a message, retrying transient failures until it is done.
+/// Whether a failure will pass if the message is tried again: the database
+/// unreachable or busy, not a message it refuses (bad data, constraint).
+fn transient(e: &StorageError) -> bool {
+    let StorageError::Db(e) = e else {
+        return false;
+    };
+    match crate::storage::database::pg_code(e) {
+        // Data exceptions, integrity constraints, syntax or access rules:
+        // the same message fails the same way every time.
+        Some(code) => !matches!(&code[..2], "22" | "23" | "42" | "2B" | "44"),
+        None => true,
+    }
+}
+
+/// Applies a message, retrying transient failures until it is done. A
+/// message the database refuses for what it says is not retried: it is
+/// reported as malformed (dead-lettered by the caller).
 pub async fn handle_until_done(state: &SharedState, topic: &str, payload: &[u8]) -> Outcome {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match handle(state, topic, payload).await {
+        let result = match handle(state, topic, payload).await {
+            Err(e) if !transient(&e) => {
+                metrics::counter!("consumer_errors_total", "kind" => "permanent").increment(1);
+                Ok(Outcome::Malformed(format!("cannot be applied: {e}")))
+            }
+            other => other,
+        };
+        match result {
             Ok(outcome) => {
                 metrics::counter!("consumer_messages_total", "topic" => topic.to_owned(), "outcome" => outcome.label())
                     .increment(1);
@@ -126,5 +154,6 @@ mod tests {
         assert!(parse(b"nope").is_err());
         assert!(parse(br#"{"tenantId": "Bad_Id"}"#).is_err());
         assert!(parse(br#"{"tenant": "x"}"#).is_err());
+        assert!(parse(br#"{"tenantId": "x", "name": "a\u0000b"}"#).is_err());
     }
 }

@@ -92,6 +92,22 @@ pub async fn enricher_tenants(pool: &PgPool) -> Result<Vec<String>, sqlx::Error>
     Ok(rows.into_iter().map(|(t,)| t).collect())
 }
 
+/// Which of these tenants have committed events waiting for their
+/// enrichers (found by the index on unenriched rows).
+pub async fn tenants_to_enrich(
+    pool: &PgPool,
+    tenants: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT tenant_id FROM bss.outbox
+          WHERE seq IS NULL AND NOT enriched AND tenant_id = ANY($1)",
+    )
+    .bind(tenants)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(t,)| t).collect())
+}
+
 /// A committed event waiting for its tenant's enrichers.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Unenriched {

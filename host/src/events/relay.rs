@@ -30,7 +30,10 @@ const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
 const ENRICH_BATCH: i64 = 20;
-const ENRICH_BUDGET: Duration = Duration::from_millis(200);
+/// A tenant's enrichment worker stores what it has done at least this often.
+const ENRICH_FLUSH: Duration = Duration::from_millis(100);
+/// Tenants enriched at once; more wait for a later pass.
+const ENRICH_WORKERS: usize = 64;
 const COALESCE: Duration = Duration::from_millis(2);
 /// A batch not acknowledged by then is retried (at least once, never lost).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,6 +92,17 @@ pub struct RelayConfig {
     pub retention_secs: u64,
 }
 
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Runs forever: follows the log head, and leads the relay when it can.
 pub async fn run(
     pool: PgPool,
@@ -97,8 +111,11 @@ pub async fn run(
     plugins: Arc<Plugins>,
     config: RelayConfig,
 ) {
-    tokio::spawn(follow_head(pool.clone(), log.clone()));
-    tokio::spawn(nudge_leader(pool.clone(), log.clone()));
+    // Stopped with the relay (aborting `run` drops this guard).
+    let _helpers = AbortOnDrop(vec![
+        tokio::spawn(follow_head(pool.clone(), log.clone())),
+        tokio::spawn(nudge_leader(pool.clone(), log.clone())),
+    ]);
     loop {
         match PgConnection::connect_with(&config.database_url_options).await {
             Ok(mut conn) => {
@@ -130,7 +147,7 @@ async fn lead(
     pool: &PgPool,
     broker: &Broker,
     log: &EventLog,
-    plugins: &Plugins,
+    plugins: &Arc<Plugins>,
     config: &RelayConfig,
     lock: &mut PgConnection,
 ) -> Result<(), sqlx::Error> {
@@ -144,7 +161,7 @@ async fn lead(
 async fn sequence_loop(
     pool: &PgPool,
     log: &EventLog,
-    plugins: &Plugins,
+    plugins: &Arc<Plugins>,
     config: &RelayConfig,
     lock: &mut PgConnection,
 ) -> Result<(), sqlx::Error> {
@@ -154,9 +171,12 @@ async fn sequence_loop(
     log.advance(last);
     let mut checked = Instant::now();
     let mut expired = Instant::now();
+    let mut workers = EnrichWorkers::default();
     loop {
         let waiting = outbox::enricher_tenants(pool).await?;
-        let more = !waiting.is_empty() && enrich_pending(pool, plugins, &waiting).await?;
+        if !waiting.is_empty() {
+            workers.start(pool, plugins, log, &waiting).await?;
+        }
         while let Some(max) = outbox::sequence(pool, last, SEQUENCE_BATCH, &waiting).await? {
             last = max;
             log.advance(last);
@@ -178,12 +198,10 @@ async fn sequence_loop(
             }
             expired = Instant::now();
         }
-        if !more {
-            tokio::select! {
-                r = listener.recv() => { r?; }
-                () = log.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+        tokio::select! {
+            r = listener.recv() => { r?; }
+            () = log.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         // Let concurrent commits gather: one sequencing pass then covers many
         // writes instead of one each (a bounded cost in latency).
@@ -191,43 +209,120 @@ async fn sequence_loop(
     }
 }
 
-/// Runs the tenants' event enrichers over committed events before they are
-/// sequenced, so the log (replay, SSE) and the broker see the same event.
-/// A failing enricher leaves its event as it was: nothing is lost.
-/// Returns whether events may be left for the next pass.
-async fn enrich_pending(
-    pool: &PgPool,
-    plugins: &Plugins,
-    tenants: &[String],
-) -> Result<bool, sqlx::Error> {
-    // Bounded per pass: other tenants' events are sequenced in between, so
-    // a slow enricher delays only its own tenant's events.
-    let start = Instant::now();
-    while start.elapsed() < ENRICH_BUDGET {
-        let rows = outbox::unenriched(pool, tenants, ENRICH_BATCH).await?;
-        if rows.is_empty() {
-            return Ok(false);
-        }
-        let (mut unchanged, mut replaced, mut dropped) = (Vec::new(), Vec::new(), Vec::new());
-        let mut later = false;
-        for row in rows {
-            match plugins
-                .enrich(&row.tenant_id, &row.resource, &row.kind, &row.envelope)
-                .await
-            {
-                Enriched::Unchanged => unchanged.push(row.id),
-                Enriched::Replaced(envelope) => replaced.push((row.id, envelope)),
-                Enriched::Dropped => dropped.push(row.id),
-                Enriched::Later => later = true,
+/// One enrichment worker per tenant with events waiting for its enrichers,
+/// each its own task: a slow enricher holds up only its own tenant's
+/// events, never the sequencer or another tenant's. Dropping this (the
+/// leader stepping down) stops them all.
+#[derive(Default)]
+struct EnrichWorkers {
+    running: std::collections::HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+impl EnrichWorkers {
+    /// Starts a worker for each tenant that has unenriched events and none.
+    async fn start(
+        &mut self,
+        pool: &PgPool,
+        plugins: &Arc<Plugins>,
+        log: &EventLog,
+        tenants: &[String],
+    ) -> Result<(), sqlx::Error> {
+        self.running.retain(|_, w| !w.is_finished());
+        for tenant in outbox::tenants_to_enrich(pool, tenants).await? {
+            if self.running.len() >= ENRICH_WORKERS {
+                break;
             }
+            if self.running.contains_key(&tenant) {
+                continue;
+            }
+            let worker = enrich_tenant(pool.clone(), plugins.clone(), log.clone(), tenant.clone());
+            self.running.insert(tenant, tokio::spawn(worker));
         }
-        metrics::counter!("events_dropped_by_plugins_total").increment(dropped.len() as u64);
-        outbox::enriched(pool, &unchanged, &replaced, &dropped).await?;
-        if later {
-            break;
+        Ok(())
+    }
+}
+
+impl Drop for EnrichWorkers {
+    fn drop(&mut self) {
+        for worker in self.running.values() {
+            worker.abort();
         }
     }
-    Ok(true)
+}
+
+/// Runs a tenant's enrichers over its committed events, in `id` order,
+/// until none is left, storing results at least every [`ENRICH_FLUSH`] and
+/// waking the sequencer. A failing enricher leaves its event as it was:
+/// nothing is lost.
+async fn enrich_tenant(pool: PgPool, plugins: Arc<Plugins>, log: EventLog, tenant: String) {
+    let result: Result<(), sqlx::Error> = async {
+        loop {
+            let rows =
+                outbox::unenriched(&pool, std::slice::from_ref(&tenant), ENRICH_BATCH).await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let mut done = EnrichedBatch::default();
+            for row in rows {
+                let outcome = plugins
+                    .enrich(&row.tenant_id, &row.resource, &row.kind, &row.envelope)
+                    .await;
+                if matches!(outcome, Enriched::Later) {
+                    // No free call slot: store what is done, retry next pass.
+                    return done.store(&pool, &log).await;
+                }
+                done.add(row.id, outcome);
+                if done.since.elapsed() >= ENRICH_FLUSH {
+                    done.store(&pool, &log).await?;
+                }
+            }
+            done.store(&pool, &log).await?;
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(tenant, error = %e, "enriching events failed; retrying next pass");
+    }
+}
+
+/// Enrichment results not yet stored.
+struct EnrichedBatch {
+    since: Instant,
+    unchanged: Vec<i64>,
+    replaced: Vec<(i64, serde_json::Value)>,
+    dropped: Vec<i64>,
+}
+
+impl Default for EnrichedBatch {
+    fn default() -> Self {
+        Self {
+            since: Instant::now(),
+            unchanged: Vec::new(),
+            replaced: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
+}
+
+impl EnrichedBatch {
+    fn add(&mut self, id: i64, outcome: Enriched) {
+        match outcome {
+            Enriched::Unchanged | Enriched::Later => self.unchanged.push(id),
+            Enriched::Replaced(envelope) => self.replaced.push((id, envelope)),
+            Enriched::Dropped => self.dropped.push(id),
+        }
+    }
+
+    async fn store(&mut self, pool: &PgPool, log: &EventLog) -> Result<(), sqlx::Error> {
+        let done = std::mem::take(self);
+        if done.unchanged.is_empty() && done.replaced.is_empty() && done.dropped.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!("events_dropped_by_plugins_total").increment(done.dropped.len() as u64);
+        outbox::enriched(pool, &done.unchanged, &done.replaced, &done.dropped).await?;
+        log.wake.notify_one();
+        Ok(())
+    }
 }
 
 async fn publish_loop(pool: &PgPool, broker: &Broker, log: &EventLog) -> Result<(), sqlx::Error> {
@@ -303,6 +398,9 @@ async fn follow_head(pool: PgPool, log: EventLog) {
             }
         }
         .await;
+        if pool.is_closed() {
+            return; // shutting down
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "following the event log failed; retrying");
         }

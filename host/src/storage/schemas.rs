@@ -253,7 +253,7 @@ async fn create_resource(
     ))
     .execute(&mut **tx)
     .await?;
-    let created_idx = quote_ident(&format!("{}_created", truncate(resource.as_str(), 50)));
+    let created_idx = quote_ident(&format!("{}created", index_prefix(resource)));
     sqlx::query(&format!(
         "CREATE INDEX {created_idx} ON {table} (created_at, id)"
     ))
@@ -277,7 +277,14 @@ async fn check_records(
     let mut rows = sqlx::query_as::<_, (String, Value)>(&sql).fetch(&mut **tx);
     let mut offending = Vec::new();
     let mut records = 0;
+    let mut ran = std::time::Instant::now();
     while let Some((id, data)) = rows.try_next().await? {
+        // Checking many records is CPU work on an async worker: give other
+        // requests their turn every couple of milliseconds.
+        if ran.elapsed() > std::time::Duration::from_millis(2) {
+            tokio::task::yield_now().await;
+            ran = std::time::Instant::now();
+        }
         if let Err(errors) = compiled.validate(&data) {
             records += 1;
             offending.extend(errors.into_iter().map(|e| FieldError {
@@ -318,6 +325,18 @@ fn truncate(s: &str, n: usize) -> &str {
     &s[..s.len().min(n)]
 }
 
+/// The start of every index name generated for a resource. Resource (and
+/// so table) names begin with a letter, and these with `_ix_`, so an index
+/// never takes a table's name; the hash of the whole resource name keeps two
+/// resources with a common prefix apart. At most 48 characters, leaving room
+/// for a suffix within PostgreSQL's 63.
+fn index_prefix(resource: &ResourceName) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(resource.as_str().as_bytes());
+    let hex: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("_ix_{}_{hex}_", truncate(resource.as_str(), 30))
+}
+
 /// Creates an index per `x-index` field and drops those no longer marked.
 async fn sync_indexes(
     tx: &mut Transaction<'_, Postgres>,
@@ -326,7 +345,9 @@ async fn sync_indexes(
     compiled: &CompiledSchema,
 ) -> Result<(), StorageError> {
     use sha2::{Digest, Sha256};
-    let prefix = format!("xi_{}_", truncate(resource.as_str(), 40));
+    let prefix = format!("{}x", index_prefix(resource));
+    // Names of releases before collision-free names, dropped when unmarked.
+    let legacy = format!("xi_{}_", truncate(resource.as_str(), 40));
     let mut wanted = Vec::new();
     for field in compiled.indexed_fields() {
         let expr = field_expr(&field.path, field.kind);
@@ -345,11 +366,13 @@ async fn sync_indexes(
         wanted.push(name);
     }
     let existing: Vec<(String,)> = sqlx::query_as(
-        "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 AND starts_with(indexname, $3)",
+        "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = $2
+            AND (starts_with(indexname, $3) OR starts_with(indexname, $4))",
     )
     .bind(tenant.schema_name())
     .bind(resource.as_str())
     .bind(&prefix)
+    .bind(&legacy)
     .fetch_all(&mut **tx)
     .await?;
     for (name,) in existing.into_iter().filter(|(n,)| !wanted.contains(n)) {
