@@ -140,6 +140,8 @@ pub struct Settings {
     pub plugin_max_response_violations: usize,
     /// Versions kept per plugin; older inactive ones are pruned (`BSS_PLUGIN_MAX_VERSIONS`).
     pub plugin_max_versions: u32,
+    /// Plugins one tenant may have (`BSS_PLUGIN_MAX_PER_TENANT`).
+    pub plugin_max_per_tenant: u32,
     /// Compiled components kept in memory (`BSS_PLUGIN_MEMORY_CACHE_ENTRIES`)
     /// and on disk, in MiB (`BSS_PLUGIN_DISK_CACHE_MIB`).
     pub plugin_memory_cache_entries: usize,
@@ -213,6 +215,7 @@ impl Default for Settings {
             plugin_max_violations: 100,
             plugin_max_response_violations: 1000,
             plugin_max_versions: 10,
+            plugin_max_per_tenant: 50,
             plugin_memory_cache_entries: 64,
             plugin_disk_cache_mib: 512,
             sse_max_streams_per_tenant: 64,
@@ -319,6 +322,7 @@ impl Settings {
             "BSS_PLUGIN_MAX_VIOLATIONS" => plugin_max_violations: parsed,
             "BSS_PLUGIN_MAX_RESPONSE_VIOLATIONS" => plugin_max_response_violations: parsed,
             "BSS_PLUGIN_MAX_VERSIONS" => plugin_max_versions: parsed,
+            "BSS_PLUGIN_MAX_PER_TENANT" => plugin_max_per_tenant: parsed,
             "BSS_PLUGIN_MEMORY_CACHE_ENTRIES" => plugin_memory_cache_entries: parsed,
             "BSS_PLUGIN_DISK_CACHE_MIB" => plugin_disk_cache_mib: parsed,
             "BSS_SSE_MAX_STREAMS_PER_TENANT" => sse_max_streams_per_tenant: parsed,
@@ -336,6 +340,14 @@ impl Settings {
             ("BSS_HTTP_BODY_TIMEOUT_MS", self.http_body_timeout_ms == 0),
             ("BSS_HTTP_MAX_CONNECTIONS", self.http_max_connections == 0),
             ("BSS_SERVICE_TIMEOUT_MS", self.service_timeout_ms == 0),
+            (
+                "BSS_RATE_LIMIT_BURST (while BSS_RATE_LIMIT_RPS is set)",
+                self.rate_limit_rps > 0 && self.rate_limit_burst == 0,
+            ),
+            (
+                "BSS_PLUGIN_UPLOAD_BURST (while BSS_PLUGIN_UPLOADS_PER_MINUTE is set)",
+                self.plugin_uploads_per_minute > 0 && self.plugin_upload_burst == 0,
+            ),
         ];
         match zero.iter().find(|(_, is_zero)| *is_zero) {
             Some((key, _)) => anyhow::bail!("{key} must be more than 0"),
@@ -370,6 +382,7 @@ impl Settings {
             max_violations: self.plugin_max_violations,
             max_response_violations: self.plugin_max_response_violations,
             max_versions: self.plugin_max_versions,
+            max_per_tenant: self.plugin_max_per_tenant,
             memory_cache_entries: self.plugin_memory_cache_entries,
             disk_cache_bytes: self.plugin_disk_cache_mib << 20,
         }

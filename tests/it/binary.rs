@@ -4,13 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use bss_tests::free_port;
 
 async fn wait_ready(url: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -405,14 +405,6 @@ async fn a_message_the_database_cannot_store_is_dead_lettered_and_the_next_one_a
     wait_status(&app, &id, Some("active")).await;
     let dead = read_back(&["business_store.dead_letter"], 1, |m| m.raw == poisoned).await;
     assert!(dead[0].headers["dlq_reason"].contains("U+0000"), "{dead:?}");
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("consumer_messages_total"), "counted");
 }

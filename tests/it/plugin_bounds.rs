@@ -395,3 +395,97 @@ async fn plugin_metrics_name_no_tenant_or_plugin() {
         assert!(!line.contains(&tenant), "{line}");
     }
 }
+
+/// The tenant's `business_store.data.created` events marked by the slow
+/// enricher.
+async fn enriched_creations(app: &TestApp, token: &str) -> usize {
+    event_log(app, token)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "business_store.data.created" && e["slow"] == true)
+        .count()
+}
+
+#[tokio::test]
+async fn an_enricher_gets_its_share_while_another_tenant_floods_a_slow_hook() {
+    let app = TestApp::spawn_with(|s| {
+        s.plugin_max_concurrent_calls = 8;
+        s.plugin_slot_wait_ms = 1000;
+        s.db_max_connections = 16;
+    })
+    .await;
+    let (_, flooder) = app.tenant_with_invoices().await;
+    let slow = hostile("sleep", json!({"ms": 200}), json!({"deadlineMs": 1000}));
+    app.install_plugin(&flooder, slow, "hostile").await;
+    let (_, enriching) = app.tenant_with_invoices().await;
+    let manifest = json!({"name": "marker", "kind": "event-enricher", "resources": ["invoices"],
+                          "config": {"sleepMs": 5}});
+    app.install_plugin(&enriching, manifest, "slow_enricher")
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 60 writers on 8 slots: every slot is taken for the whole test.
+    let floods = flood(&app, &flooder, &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    for i in 0..3 {
+        let resp = app.post("/v1/data/invoices", &enriching, &invoice(i)).await;
+        assert_eq!(resp.status(), 201);
+    }
+    let mut enriched = 0;
+    while enriched < 3 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        enriched = enriched_creations(&app, &enriching).await;
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.await.unwrap();
+    }
+    eprintln!("enriched {enriched} of 3 events in {took:?} during the flood");
+    assert_eq!(enriched, 3, "events left unenriched during the flood");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+fn named_hook(name: &str) -> Value {
+    json!({"name": name, "kind": "validation-hook", "resources": ["invoices"], "config": {}})
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_have_more_plugins_than_the_cap() {
+    let app = TestApp::spawn_with(|s| s.plugin_max_per_tenant = 2).await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let module = plugin_bytes("no_negative_totals");
+    for name in ["first", "second"] {
+        let resp = app
+            .upload_plugin(&token, named_hook(name), module.clone())
+            .await;
+        assert_eq!(resp.status(), 201, "{name}");
+    }
+    let resp = app
+        .upload_plugin(&token, named_hook("third"), module.clone())
+        .await;
+    assert_eq!(resp.status(), 409);
+    let problem = body(resp).await;
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("(2)"), "the cap is named: {detail}");
+    // A new version of an existing plugin is still fine.
+    let resp = app
+        .upload_plugin(&token, named_hook("second"), module.clone())
+        .await;
+    assert_eq!(resp.status(), 201);
+    let plugin = body(app.get("/v1/plugins/second", &token).await).await;
+    assert_eq!(plugin["activeVersion"], 2);
+    let listed = body(app.get("/v1/plugins", &token).await).await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(2));
+    // Deleting one makes room; another tenant has its own cap.
+    assert_eq!(app.delete("/v1/plugins/first", &token).await.status(), 204);
+    let resp = app
+        .upload_plugin(&token, named_hook("third"), module.clone())
+        .await;
+    assert_eq!(resp.status(), 201);
+    let (_, other) = app.tenant_with_invoices().await;
+    let resp = app
+        .upload_plugin(&other, named_hook("fourth"), module)
+        .await;
+    assert_eq!(resp.status(), 201);
+}

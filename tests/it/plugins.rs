@@ -471,15 +471,7 @@ async fn a_failing_enricher_lets_the_original_event_through_and_is_counted() {
             .unwrap()
             .contains("fuel budget of 1")
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("plugin_failures_total{"),
         "per-plugin failure metric"

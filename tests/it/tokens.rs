@@ -143,14 +143,6 @@ async fn a_nul_character_in_a_claim_is_refused_with_401_not_500() {
 
 // --- The real binary and its local secret ---------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn temp_data_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bss-secret-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -130,6 +130,15 @@ impl TestApp {
         req
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        send(self.request(Method::GET, "/metrics", None))
+            .await
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("reading /metrics: {e}"))
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> Response {
         send(self.request(Method::GET, path, Some(token))).await
     }
@@ -288,6 +297,14 @@ pub fn mint(claims: &Claims) -> String {
 
 /// The `bss` binary: `BSS_TEST_BIN` (set by `scripts/test`, which builds
 /// it), else next to the test executable's directory.
+/// A port nothing listens on now, for a process the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+}
+
 pub fn bss_binary() -> std::path::PathBuf {
     let bin = match std::env::var_os("BSS_TEST_BIN") {
         Some(p) => std::path::PathBuf::from(p),

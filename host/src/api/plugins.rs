@@ -127,7 +127,7 @@ async fn read_part(
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, body = Uploaded),
               (status = 422, body = Problem, description = "not a component, wrong world, too large, limits above the ceiling"),
-              (status = 409, body = Problem, description = "the name belongs to a plugin of another kind")),
+              (status = 409, body = Problem, description = "the name belongs to a plugin of another kind, or a new name would exceed the plugins a tenant may have")),
     security(("bearer" = [])))]
 async fn upload_plugin(
     State(state): State<SharedState>,

@@ -93,14 +93,15 @@ pub async fn enricher_tenants(pool: &PgPool) -> Result<Vec<String>, sqlx::Error>
 }
 
 /// Which of these tenants have committed events waiting for their
-/// enrichers (found by the index on unenriched rows).
+/// enrichers (found by the index on unenriched rows), longest waiting first.
 pub async fn tenants_to_enrich(
     pool: &PgPool,
     tenants: &[String],
 ) -> Result<Vec<String>, sqlx::Error> {
     let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT DISTINCT tenant_id FROM bss.outbox
-          WHERE seq IS NULL AND NOT enriched AND tenant_id = ANY($1)",
+        "SELECT tenant_id FROM bss.outbox
+          WHERE seq IS NULL AND NOT enriched AND tenant_id = ANY($1)
+          GROUP BY tenant_id ORDER BY min(id)",
     )
     .bind(tenants)
     .fetch_all(pool)

@@ -54,6 +54,8 @@ pub struct PluginSettings {
     pub max_response_violations: usize,
     /// Versions kept per plugin (older inactive ones are pruned).
     pub max_versions: u32,
+    /// Plugins (names) one tenant may have.
+    pub max_per_tenant: u32,
     /// Compiled components kept in memory, and bytes of them on disk.
     pub memory_cache_entries: usize,
     pub disk_cache_bytes: u64,
@@ -150,6 +152,10 @@ pub struct Plugins {
     generation: AtomicU64,
     stats: DashMap<(String, String), Arc<Stats>>,
     compile_gate: Arc<tokio::sync::Semaphore>,
+    /// Recompiles of stored modules (neither cache had them), one at a
+    /// time: a tenant with many plugins takes one core at most, and never
+    /// waits behind another tenant's upload.
+    recompile_gate: Arc<tokio::sync::Semaphore>,
     /// The replica's call slots, shared fairly by the busy tenants.
     slots: Arc<CallSlots>,
 }
@@ -190,7 +196,7 @@ const FIXED_ATTRIBUTES: [&str; 7] = [
 
 impl Plugins {
     pub fn new(runtime: Arc<Runtime>, pool: PgPool, settings: PluginSettings) -> Self {
-        runtime.bound_caches(settings.memory_cache_entries, settings.disk_cache_bytes);
+        // The runtime's caches are bounded where it is built (`with_bounds`).
         Self {
             runtime,
             pool,
@@ -198,6 +204,7 @@ impl Plugins {
             generation: AtomicU64::new(0),
             stats: DashMap::new(),
             compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
+            recompile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             slots: CallSlots::new(settings.max_concurrent_calls),
             settings,
         }
@@ -357,10 +364,19 @@ impl Plugins {
                     .map_err(|e| e.to_string())?;
                 let rt = self.runtime.clone();
                 let key = sha.to_owned();
-                tokio::task::spawn_blocking(move || rt.compile_stored(&key, &bytes))
+                let permit = self
+                    .recompile_gate
+                    .clone()
+                    .acquire_owned()
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    rt.compile_stored(&key, &bytes)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
             }
         };
         let caller = sandbox::Caller {
@@ -448,6 +464,7 @@ impl Plugins {
                 module: &module,
                 actor,
                 keep: self.settings.max_versions,
+                max_plugins: self.settings.max_per_tenant,
             },
         )
         .await?;
@@ -492,14 +509,16 @@ impl Plugins {
                 ),
                 retry_after_secs,
             };
+            // The slot first: a half-open breaker's trial, once granted, is
+            // always reported (the call runs to its end on its own thread).
+            let Some(slot) = self.slot(tenant, self.settings.slot_wait).await else {
+                return Err(refused(Failure::Busy, 1));
+            };
             if let Err(retry) = hook.stats.breaker.try_acquire() {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
                 hook.stats.failed(&failure, Duration::ZERO);
                 return Err(refused(failure, retry.as_secs().max(1)));
             }
-            let Some(slot) = self.slot(tenant, self.settings.slot_wait).await else {
-                return Err(refused(Failure::Busy, 1));
-            };
             let ctx = Context {
                 tenant_id: tenant.to_owned(),
                 resource: call.resource.to_owned(),
@@ -579,9 +598,12 @@ impl Plugins {
         };
         let rt = self.runtime.clone();
         let original = event.clone();
-        let Some(slot) = self.slot(tenant, Duration::ZERO).await else {
-            // No slot within the tenant's share now (its hooks hold them, or
-            // the pool is full): the event waits for the next pass.
+        // Waiting (bounded) counts the tenant as busy, so it gets its share
+        // even while others flood the pool; it holds up only this tenant's
+        // own enrichment task.
+        let Some(slot) = self.slot(tenant, self.settings.slot_wait).await else {
+            // No slot within the tenant's share in time: the event waits
+            // for the next pass.
             return Enriched::Later;
         };
         let outcome = tokio::task::spawn_blocking(move || {

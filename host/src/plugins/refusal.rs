@@ -26,6 +26,9 @@ thread_local! {
     /// The caps of the call running on this thread: violations kept, and
     /// bytes they may take. Set right before the call (lifting happens
     /// inside it, on the same thread).
+    /// This relies on the call being synchronous (`call`, on one blocking
+    /// thread): with `call_async` the lift could run on another thread, or
+    /// interleave with another call on this one, and read the wrong caps.
     static CAPS: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
 }
 

@@ -3,8 +3,10 @@
 //! slots); each tenant that is busy (running or waiting) gets an equal
 //! share, `total / busy tenants` (at least one), so tenants that flood the
 //! pool with slow calls shrink to their share as soon as a quiet tenant
-//! shows up, and the quiet tenant's calls get the next free slot. A call
-//! waits (bounded) for a slot before it is refused.
+//! shows up, and the quiet tenant's calls get the next free slot. A tenant
+//! may go over its share while slots are free and no waiting tenant is
+//! below its own, so the pool is never left idle while calls are refused. A
+//! call waits (bounded) for a slot before it is refused.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,13 +18,16 @@ use tokio::sync::Notify;
 pub struct CallSlots {
     total: usize,
     state: Mutex<State>,
-    /// Signalled whenever a slot is freed or a tenant stops waiting.
+    /// Signalled when a change can let a waiter in: a slot freed or a
+    /// tenant no longer busy or no longer waiting, while calls wait.
     freed: Notify,
 }
 
 #[derive(Debug, Default)]
 struct State {
     running: usize,
+    /// Calls waiting, over all tenants.
+    waiting: usize,
     /// Busy tenants only: an entry goes when it runs and waits for nothing.
     tenants: HashMap<String, Busy>,
 }
@@ -65,8 +70,16 @@ impl CallSlots {
         let busy = state.tenants.len() + usize::from(!state.tenants.contains_key(tenant));
         let share = (self.total / busy.max(1)).max(1);
         let running = state.running;
+        let others_need = || {
+            state
+                .tenants
+                .iter()
+                .any(|(t, b)| t != tenant && b.waiting > 0 && b.running < share)
+        };
+        let under_share = state.tenants.get(tenant).map_or(0, |b| b.running) < share;
+        let allowed = running < self.total && (under_share || !others_need());
         let own = state.tenants.entry(tenant.to_owned()).or_default();
-        if running < self.total && own.running < share {
+        if allowed {
             own.running += 1;
             state.running += 1;
             true
@@ -91,11 +104,11 @@ impl CallSlots {
             return None;
         }
         let deadline = tokio::time::Instant::now() + wait;
-        self.lock()
-            .tenants
-            .entry(tenant.to_owned())
-            .or_default()
-            .waiting += 1;
+        {
+            let mut state = self.lock();
+            state.waiting += 1;
+            state.tenants.entry(tenant.to_owned()).or_default().waiting += 1;
+        }
         // Counts as busy from here: the others' shares shrink at once.
         let _waiter = Waiter {
             slots: self,
@@ -119,24 +132,35 @@ impl CallSlots {
         self.lock().running
     }
 
+    /// Frees a slot (`running`) or a wait, waking the waiters only when
+    /// that can let one of them in.
     fn release(&self, tenant: &str, running: bool) {
-        {
+        let wake = {
             let mut state = self.lock();
             if running {
                 state.running = state.running.saturating_sub(1);
+            } else {
+                state.waiting = state.waiting.saturating_sub(1);
             }
+            let mut changed = running;
             if let Some(own) = state.tenants.get_mut(tenant) {
                 if running {
                     own.running = own.running.saturating_sub(1);
                 } else {
                     own.waiting = own.waiting.saturating_sub(1);
+                    // Others may now borrow over their share.
+                    changed |= own.waiting == 0;
                 }
                 if own.running == 0 && own.waiting == 0 {
+                    // One busy tenant fewer: the others' shares grow.
                     state.tenants.remove(tenant);
                 }
             }
+            changed && state.waiting > 0
+        };
+        if wake {
+            self.freed.notify_waiters();
         }
-        self.freed.notify_waiters();
     }
 }
 
@@ -175,6 +199,30 @@ mod tests {
         let quiet = quiet.await.unwrap();
         assert!(quiet.is_some());
         assert!(greedy.await.unwrap().is_none(), "a is over its share");
+    }
+
+    #[tokio::test]
+    async fn a_busy_tenant_borrows_idle_slots_when_nobody_below_its_share_waits() {
+        let slots = CallSlots::new(4);
+        let mut held = Vec::new();
+        for tenant in ["a", "b", "c"] {
+            held.push(slots.acquire(tenant, Duration::ZERO).await);
+        }
+        // Three busy tenants: a share of 1 each, yet one slot is idle.
+        let borrowed = slots.acquire("a", Duration::ZERO).await;
+        assert!(borrowed.is_some(), "an idle slot is lent over the share");
+        assert!(slots.acquire("b", Duration::ZERO).await.is_none(), "full");
+        // While d waits below its share, a cannot borrow a freed slot.
+        let (d, a) = (slots.clone(), slots.clone());
+        let quiet = tokio::spawn(async move { d.acquire("d", Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let greedy = tokio::spawn(async move { a.acquire("a", Duration::from_millis(300)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held.pop();
+        let quiet = quiet.await.unwrap();
+        assert!(quiet.is_some());
+        assert!(greedy.await.unwrap().is_none(), "the freed slot went to d");
+        drop(borrowed);
     }
 
     #[tokio::test]

@@ -48,6 +48,8 @@ pub struct NewVersion<'a> {
     pub actor: &'a str,
     /// Versions kept: older ones (never the active one) are pruned.
     pub keep: u32,
+    /// Plugins the tenant may have: a new name beyond them is refused.
+    pub max_plugins: u32,
 }
 
 async fn notify(tx: &mut sqlx::PgConnection, tenant: &str) -> Result<(), sqlx::Error> {
@@ -86,8 +88,10 @@ pub struct Created {
 /// active and prunes the versions beyond `keep`.
 pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<Created, StorageError> {
     let mut tx = pool.begin().await?;
+    // The tenant's row locked against the tenant's other uploads: the count
+    // of its plugins below holds until this one is stored.
     let active: Option<(String,)> = sqlx::query_as(
-        "SELECT id FROM bss.tenants WHERE id = $1 AND status = 'active' FOR KEY SHARE",
+        "SELECT id FROM bss.tenants WHERE id = $1 AND status = 'active' FOR NO KEY UPDATE",
     )
     .bind(v.tenant)
     .fetch_optional(&mut *tx)
@@ -95,6 +99,7 @@ pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<Created,
     if active.is_none() {
         return Err(StorageError::TenantNotFound);
     }
+    within_plugin_cap(&mut tx, v.tenant, v.name, v.max_plugins).await?;
     let (kind,): (String,) = sqlx::query_as(
         "INSERT INTO bss.plugins (tenant_id, name, kind) VALUES ($1, $2, $3)
          ON CONFLICT (tenant_id, name) DO UPDATE SET updated_at = now()
@@ -137,6 +142,31 @@ pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<Created,
     notify(&mut tx, v.tenant).await?;
     tx.commit().await?;
     Ok(Created { version, unused })
+}
+
+/// Refuses a new plugin name when the tenant has `max` plugins already
+/// (a new version of an existing one is always fine).
+async fn within_plugin_cap(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    name: &str,
+    max: u32,
+) -> Result<(), StorageError> {
+    let (count, exists): (i64, bool) = sqlx::query_as(
+        "SELECT count(*), COALESCE(bool_or(name = $2), false)
+           FROM bss.plugins WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_one(tx)
+    .await?;
+    if exists || count < i64::from(max) {
+        return Ok(());
+    }
+    Err(StorageError::Conflict(format!(
+        "the tenant has {count} plugins, the most it may have ({max}); \
+         delete one or upload a new version of an existing plugin instead"
+    )))
 }
 
 /// Those of `shas` that no stored version (of any tenant) uses.
@@ -222,6 +252,38 @@ pub async fn get(
     Ok(Some((plugin, versions)))
 }
 
+/// Locks the plugin's row, then says whether it has `version`. An upload
+/// pruning versions holds that row (it sets the active version), so the
+/// version found cannot be pruned before the caller commits.
+async fn lock_version(
+    tx: &mut sqlx::PgConnection,
+    tenant: &str,
+    name: &str,
+    version: i32,
+) -> Result<bool, StorageError> {
+    let locked: Option<(String,)> = sqlx::query_as(
+        "SELECT name FROM bss.plugins WHERE tenant_id = $1 AND name = $2 FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if locked.is_none() {
+        return Ok(false);
+    }
+    // A statement of its own: it sees what a pruning upload committed.
+    let exists: Option<(i32,)> = sqlx::query_as(
+        "SELECT version FROM bss.plugin_versions
+          WHERE tenant_id = $1 AND name = $2 AND version = $3",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(exists.is_some())
+}
+
 /// Makes `version` the active one; false if the plugin has no such version.
 pub async fn activate(
     pool: &PgPool,
@@ -230,11 +292,12 @@ pub async fn activate(
     version: i32,
 ) -> Result<bool, StorageError> {
     let mut tx = pool.begin().await?;
+    if !lock_version(&mut tx, tenant, name, version).await? {
+        return Ok(false);
+    }
     let done = sqlx::query(
-        "UPDATE bss.plugins p SET active_version = $3, updated_at = now()
-          WHERE tenant_id = $1 AND name = $2
-            AND EXISTS (SELECT 1 FROM bss.plugin_versions v
-                         WHERE v.tenant_id = $1 AND v.name = $2 AND v.version = $3)",
+        "UPDATE bss.plugins SET active_version = $3, updated_at = now()
+          WHERE tenant_id = $1 AND name = $2",
     )
     .bind(tenant)
     .bind(name)

@@ -289,24 +289,32 @@ impl TenantGate {
                 self.tenants.clear();
             }
         }
-        self.tenants.insert(tenant.to_owned(), Entry::new(limits));
-        limits
+        match self.tenants.entry(tenant.to_owned()) {
+            // Made meanwhile (an archive here, another first request): it wins.
+            dashmap::Entry::Occupied(e) => e.get().limits,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Entry::new(limits));
+                limits
+            }
+        }
     }
 
-    /// Spends one request (and one upload) from the tenant's buckets. The
+    /// Spends one request (and then one upload) from the tenant's buckets. The
     /// quota that refused it, or else the request quota; `None` when
     /// requests are not limited.
     fn take(&self, tenant: &str, limits: &RateLimits, upload: bool) -> Option<Quota> {
         let mut entry = self.tenants.get_mut(tenant)?;
         let now = Instant::now();
         let entry = &mut *entry;
-        if upload {
-            let quota = spend("uploads", limits.uploads(), &mut entry.uploads, now);
-            if let Some(q) = quota.filter(|q| !q.take.allowed) {
-                return Some(q);
-            }
+        let requests = spend("requests", limits.requests(), &mut entry.requests, now);
+        if !upload || requests.as_ref().is_some_and(|q| !q.take.allowed) {
+            return requests;
         }
-        spend("requests", limits.requests(), &mut entry.requests, now)
+        let uploads = spend("uploads", limits.uploads(), &mut entry.uploads, now);
+        match uploads {
+            Some(q) if !q.take.allowed => Some(q),
+            _ => requests,
+        }
     }
 }
 
