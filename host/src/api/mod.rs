@@ -98,6 +98,7 @@ pub fn app(state: SharedState) -> Router {
     router
         .route("/openapi.json", get(move || async move { Json(openapi) }))
         .route_layer(middleware::from_fn(track_metrics))
+        .route_layer(middleware::from_fn(trace_context))
         .route_layer(middleware::from_fn(tenant_gate::rate_limit_headers))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(body_timeout, body_deadline))
@@ -135,6 +136,21 @@ pub fn event_context(
             .take(128)
             .collect(),
     }
+}
+
+/// Serves the request inside its trace context, so that the peer calls
+/// it makes carry its `x-request-id` and continue its `traceparent`.
+async fn trace_context(req: Request, next: Next) -> Response {
+    let trace = {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        crate::services::identity::RequestTrace::of(
+            header("x-request-id").unwrap_or_default(),
+            header("traceparent"),
+        )
+    };
+    crate::services::identity::TRACE
+        .scope(trace, next.run(req))
+        .await
 }
 
 /// Request count and latency per route template (never the raw path, so

@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::TenantBreakers;
+use super::identity::{ServiceIdentity, trace_headers};
 use crate::config::Settings;
 
 /// The longest a connection may take to open.
@@ -106,6 +107,7 @@ pub struct ServiceClient {
     budget: Duration,
     connect_timeout: Duration,
     max_body: usize,
+    identity: ServiceIdentity,
     pub breaker: TenantBreakers,
 }
 
@@ -124,6 +126,7 @@ impl ServiceClient {
             budget,
             connect_timeout,
             max_body: settings.service_max_response_bytes,
+            identity: ServiceIdentity::from_settings(settings),
             breaker: TenantBreakers::new(
                 settings.breaker_failure_threshold,
                 Duration::from_secs(settings.breaker_open_secs),
@@ -230,6 +233,14 @@ impl ServiceClient {
         let mut request = request.timeout(deadline.saturating_duration_since(Instant::now()));
         if let Some(t) = tenant {
             request = request.header("x-tenant-id", t);
+        }
+        if let Some(credential) = self.identity.authorization(self.name) {
+            request = request.header(reqwest::header::AUTHORIZATION, credential);
+        }
+        let (traceparent, request_id) = trace_headers();
+        request = request.header("traceparent", traceparent);
+        if let Some(id) = request_id {
+            request = request.header("x-request-id", id);
         }
         let resp = request.send().await.map_err(|e| self.transport(&e))?;
         let status = resp.status();

@@ -6,6 +6,7 @@
 
 pub mod circuit_breaker;
 pub mod http_client;
+pub mod identity;
 pub mod platform;
 pub mod validation;
 
