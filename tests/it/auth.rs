@@ -1,4 +1,4 @@
-use bss_tests::fake_services::auth_service;
+use bss_tests::fake_services::{auth_service, auth_service_with_tenants};
 use bss_tests::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::Method;
@@ -226,4 +226,54 @@ async fn rs256_tokens_verify_by_a_jwks_and_time_claims_are_checked_there_too() {
     reader["nbf"] = json!(now() - 600);
     reader["iat"] = json!(now() + 600);
     assert_eq!(status_with(&app, &rs256(&reader)).await, 401);
+}
+
+#[tokio::test]
+async fn a_tenant_announced_without_a_name_is_named_by_the_auth_service_now_or_later() {
+    let (auth, names) = auth_service_with_tenants(jwks()).await;
+    let app = TestApp::spawn_with(|s| s.auth_service_url = Some(auth.url.clone())).await;
+    let platform = es256(&claims(None, &["platform-admin"]), "test-key-1");
+    names
+        .lock()
+        .unwrap()
+        .insert("named-now".into(), "Named Now Ltd".into());
+    let announce = |id: &str| {
+        let body = json!({"tenantId": id});
+        let platform = platform.clone();
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/broker/topics/auth.tenant.created/messages",
+                &platform,
+                &body,
+            )
+            .await
+        }
+    };
+    assert!(announce("named-now").await.status().is_success());
+    let got = body(app.get("/v1/tenants/named-now", &platform).await).await;
+    assert_eq!(got["name"], "Named Now Ltd");
+
+    // The Auth Service does not know it yet: provisioned at once under its
+    // id, named once the Auth Service answers.
+    assert!(announce("named-later").await.status().is_success());
+    let got = body(app.get("/v1/tenants/named-later", &platform).await).await;
+    assert_eq!(
+        (got["status"].as_str(), got["name"].as_str()),
+        (Some("active"), Some("named-later"))
+    );
+    names
+        .lock()
+        .unwrap()
+        .insert("named-later".into(), "Named Later GmbH".into());
+    let mut name = String::new();
+    for _ in 0..80 {
+        let got = body(app.get("/v1/tenants/named-later", &platform).await).await;
+        name = got["name"].as_str().unwrap_or_default().to_owned();
+        if name == "Named Later GmbH" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(name, "Named Later GmbH");
 }

@@ -189,19 +189,48 @@ pub async fn validation_service(behaviour: Behaviour) -> Fake {
 
 /// An Auth Service serving `jwks` at `/.well-known/jwks.json`.
 pub async fn auth_service(jwks: Value) -> Fake {
+    auth_service_with_tenants(jwks).await.0
+}
+
+/// Tenant names a fake Auth Service knows; it answers 503 for the others.
+pub type TenantNames = Arc<Mutex<HashMap<String, String>>>;
+
+/// An Auth Service serving `jwks` and `GET /api/auth/tenants/{id}`
+/// (`{"id", "name"}` for the tenants in the returned map).
+pub async fn auth_service_with_tenants(jwks: Value) -> (Fake, TenantNames) {
     let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    let router = Router::new().route(
-        "/.well-known/jwks.json",
-        get(move || {
-            let (counter, jwks) = (counter.clone(), jwks.clone());
-            async move {
-                counter.fetch_add(1, Ordering::SeqCst);
-                Json(jwks)
-            }
-        }),
-    );
-    Fake::new(serve(router).await, calls)
+    let names = TenantNames::default();
+    let (counter, known) = (calls.clone(), names.clone());
+    let router = Router::new()
+        .route(
+            "/.well-known/jwks.json",
+            get(move || {
+                let (counter, jwks) = (counter.clone(), jwks.clone());
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Json(jwks)
+                }
+            }),
+        )
+        .route(
+            "/api/auth/tenants/{id}",
+            get(
+                move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let name = known
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&id)
+                        .cloned();
+                    async move {
+                        match name {
+                            Some(name) => Json(json!({"id": id, "name": name})).into_response(),
+                            None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                        }
+                    }
+                },
+            ),
+        );
+    (Fake::new(serve(router).await, calls), names)
 }
 
 /// A URL where nothing listens.

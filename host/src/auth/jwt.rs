@@ -134,6 +134,14 @@ impl Authenticator {
         })
     }
 
+    /// The Auth Service's client, when tokens are verified by it.
+    pub fn service(&self) -> Option<&Arc<ServiceClient>> {
+        match self {
+            Self::Jwks { client, .. } => Some(client),
+            Self::Secret { .. } => None,
+        }
+    }
+
     pub async fn verify(&self, token: &str) -> Result<Claims, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         refuse_critical(&header)?;

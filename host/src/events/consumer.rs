@@ -68,11 +68,19 @@ pub async fn handle(
     };
     match topic {
         TENANT_CREATED => {
+            let name = match name {
+                Some(n) => Some(n),
+                None => name_from_auth(state, &tenant).await,
+            };
+            let named = name.is_some();
             let name = name.unwrap_or_else(|| tenant.as_str().to_owned());
             match tenants::create(&state.pool, &tenant, &name, &state.settings.analytics_role)
                 .await?
             {
                 Some(_) => {
+                    if !named && state.auth.service().is_some() {
+                        tokio::spawn(name_later(state.clone(), tenant.clone()));
+                    }
                     state.schemas.forget_tenant(&tenant);
                     state.gate.reset(tenant.as_str());
                     Ok(Outcome::Provisioned)
@@ -90,6 +98,42 @@ pub async fn handle(
             }
         }
         other => Ok(Outcome::Malformed(format!("no handler for topic {other}"))),
+    }
+}
+
+/// The tenant's name as the Auth Service knows it (`GET
+/// /api/auth/tenants/{id}` → `{"name"}`), when tokens come from it.
+async fn name_from_auth(state: &SharedState, tenant: &TenantId) -> Option<String> {
+    let client = state.auth.service()?;
+    let path = format!("/api/auth/tenants/{}", tenant.as_str());
+    match client.call(&path, None).await {
+        Ok(answer) => answer
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && n.len() <= 200 && !n.contains('\0'))
+            .map(str::to_owned),
+        Err(e) => {
+            tracing::info!(tenant = tenant.as_str(), error = %e, "no tenant name from the Auth Service yet");
+            None
+        }
+    }
+}
+
+/// Asks the Auth Service again for the name of a tenant provisioned under
+/// its id, with backoff (1 s to 32 s, six times): provisioning never waits
+/// for it.
+async fn name_later(state: SharedState, tenant: TenantId) {
+    let mut pause = Duration::from_secs(1);
+    for _ in 0..6 {
+        tokio::time::sleep(pause).await;
+        if let Some(name) = name_from_auth(&state, &tenant).await {
+            if let Err(e) = tenants::name_if_unnamed(&state.pool, &tenant, &name).await {
+                tracing::warn!(tenant = tenant.as_str(), error = %e, "naming the tenant failed");
+            }
+            return;
+        }
+        pause *= 2;
     }
 }
 

@@ -52,6 +52,21 @@ pub async fn create(
     Ok(Some(tenant))
 }
 
+/// Names a tenant that was provisioned under its id (its name was not
+/// known yet); a name set meanwhile is kept.
+pub async fn name_if_unnamed(
+    pool: &PgPool,
+    id: &TenantId,
+    name: &str,
+) -> Result<bool, StorageError> {
+    let done = sqlx::query("UPDATE bss.tenants SET name = $2 WHERE id = $1 AND name = $1")
+        .bind(id.as_str())
+        .bind(name)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The DDL of a new tenant schema.
 fn schema_ddl(id: &TenantId, analytics_role: &str) -> Vec<String> {
     let s = id.schema_ident();
