@@ -21,6 +21,8 @@ pub struct AppState {
     pub schemas: SchemaCache,
     pub auth: Authenticator,
     pub validation: ValidationService,
+    /// Tenants' data-encryption keys (`x-encrypted` fields).
+    pub keyring: crate::crypto::Keyring,
     pub metrics: PrometheusHandle,
     pub broker: Arc<Broker>,
     pub event_log: EventLog,

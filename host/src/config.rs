@@ -149,6 +149,16 @@ pub struct Settings {
     /// Event streams (SSE) one tenant may hold open at once, per replica
     /// (`BSS_SSE_MAX_STREAMS_PER_TENANT`).
     pub sse_max_streams_per_tenant: usize,
+    /// Bearer token the host presents to peer services (`BSS_SERVICE_TOKEN`).
+    pub service_token: Option<String>,
+    /// Else, HS256 key of the one-minute JWTs it presents (`BSS_SERVICE_KEY`).
+    pub service_key: Option<String>,
+    /// Master key of the built-in keyring, base64 of 32 bytes
+    /// (`BSS_MASTER_KEY`); unset: generated into `<data_dir>/master-key`.
+    pub master_key: Option<String>,
+    /// How long a tenant's data-encryption key from the Auth Service is
+    /// cached (`BSS_KEY_CACHE_SECS`).
+    pub key_cache_secs: u64,
 }
 
 impl Default for Settings {
@@ -219,6 +229,10 @@ impl Default for Settings {
             plugin_memory_cache_entries: 64,
             plugin_disk_cache_mib: 512,
             sse_max_streams_per_tenant: 64,
+            service_token: None,
+            service_key: None,
+            master_key: None,
+            key_cache_secs: 300,
         }
     }
 }
@@ -326,6 +340,10 @@ impl Settings {
             "BSS_PLUGIN_MEMORY_CACHE_ENTRIES" => plugin_memory_cache_entries: parsed,
             "BSS_PLUGIN_DISK_CACHE_MIB" => plugin_disk_cache_mib: parsed,
             "BSS_SSE_MAX_STREAMS_PER_TENANT" => sse_max_streams_per_tenant: parsed,
+            "BSS_SERVICE_TOKEN" => service_token: some,
+            "BSS_SERVICE_KEY" => service_key: some,
+            "BSS_MASTER_KEY" => master_key: some,
+            "BSS_KEY_CACHE_SECS" => key_cache_secs: parsed,
         }
         Ok(())
     }

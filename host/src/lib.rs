@@ -6,6 +6,7 @@ pub mod app_state;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod events;

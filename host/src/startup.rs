@@ -100,6 +100,7 @@ impl Application {
         let state = Arc::new(AppState {
             auth,
             validation: ValidationService::new(validation, settings.validation_fallback),
+            keyring: crate::crypto::Keyring::from_settings(&settings)?,
             pool: database.pool.clone(),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),

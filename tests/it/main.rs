@@ -6,10 +6,12 @@
 mod auth;
 mod binary;
 mod crash;
+mod encryption;
 mod events;
 mod gate;
 mod hostile;
 mod hostile_input;
+mod identity;
 mod isolation;
 mod kafka;
 mod listing;

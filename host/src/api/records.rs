@@ -3,6 +3,7 @@
 //! schema did not move on meanwhile (if it did, the write is revalidated
 //! against the new version and retried).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::app_state::SharedState;
 use crate::auth::{Principal, Role};
 use crate::catalog::CompiledSchema;
 use crate::catalog::compiled::{HEAVY_DOCUMENT, document_weight};
+use crate::crypto::{self, Scope};
 use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::events::envelope;
@@ -192,8 +194,81 @@ fn record_events(
     RecordEvents {
         template: envelope::template(&super::event_context(state, headers), tenant),
         full: schema.full_events(),
-        hidden: schema.hidden_fields().to_vec(),
+        hidden: schema.encrypted_paths().to_vec(),
     }
+}
+
+/// The stored form of a validated document: its `x-encrypted` fields
+/// sealed (every write stores through here). Fails closed (503) when the
+/// tenant's key cannot be had.
+async fn sealed<'a>(
+    state: &SharedState,
+    t: Target<'_>,
+    schema: &CompiledSchema,
+    id: &RecordId,
+    doc: &'a Value,
+) -> ApiResult<Cow<'a, Value>> {
+    let scope = Scope {
+        tenant: t.tenant.as_str(),
+        resource: t.resource.as_str(),
+        record: id.as_str(),
+    };
+    let paths = schema.encrypted_paths();
+    Ok(crypto::seal_document(&state.keyring, paths, &scope, doc).await?)
+}
+
+/// The stored forms of a batch's documents (borrowed when nothing is sealed).
+async fn sealed_batch<'a>(
+    state: &SharedState,
+    t: Target<'_>,
+    schema: &CompiledSchema,
+    items: &'a [(RecordId, Value)],
+) -> ApiResult<Cow<'a, [(RecordId, Value)]>> {
+    if schema.encrypted_paths().is_empty() {
+        return Ok(Cow::Borrowed(items));
+    }
+    let mut stored = Vec::with_capacity(items.len());
+    for (id, doc) in items {
+        let doc = sealed(state, t, schema, id, doc).await?.into_owned();
+        stored.push((id.clone(), doc));
+    }
+    Ok(Cow::Owned(stored))
+}
+
+/// Opens the sealed values of a stored document of record `id` (every read
+/// answers through here): 503 when a key cannot be had, 409 when a value
+/// does not open in its place.
+async fn reveal_data(
+    state: &SharedState,
+    tenant: &TenantId,
+    resource: &str,
+    id: &str,
+    data: &mut Value,
+) -> ApiResult<()> {
+    let scope = Scope {
+        tenant: tenant.as_str(),
+        resource,
+        record: id,
+    };
+    Ok(crypto::open_document(&state.keyring, &scope, data).await?)
+}
+
+/// A record just written, answered in clear: its sealed values are put
+/// back from the document written (what opening them would give).
+fn in_clear(mut record: Record, schema: &CompiledSchema, doc: &Value) -> Record {
+    crypto::fields::restore(&mut record.data, doc, schema.encrypted_paths());
+    record
+}
+
+async fn reveal(state: &SharedState, tenant: &TenantId, record: &mut Record) -> ApiResult<()> {
+    reveal_data(
+        state,
+        tenant,
+        &record.resource,
+        &record.id,
+        &mut record.data,
+    )
+    .await
 }
 
 fn record_response(status: StatusCode, record: &Record) -> Response {
@@ -279,7 +354,12 @@ async fn create_record(
             }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
-            Ok(records::create(&state.pool, t, &events, id, doc, idem).await)
+            let stored = sealed(state, t, &schema, id, doc).await?;
+            let created = records::create(&state.pool, t, &events, id, &stored, idem).await;
+            Ok(created.map(|c| match c {
+                Created::New(r) => Created::New(in_clear(r, &schema, doc)),
+                replayed => replayed,
+            }))
         }
     })
     .await?;
@@ -288,7 +368,18 @@ async fn create_record(
     }
     Ok(match created {
         Created::New(record) => record_response(StatusCode::CREATED, &record),
-        Created::Replayed { status, response } => {
+        Created::Replayed {
+            status,
+            mut response,
+        } => {
+            // Stored as answered, sealed values included: opened for the replay.
+            let id = response
+                .get("id")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if let (Some(id), Some(data)) = (id, response.get_mut("data")) {
+                reveal_data(&state, tenant, resource.as_str(), &id, data).await?;
+            }
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
             let mut resp = (status, Json(&response)).into_response();
             let h = resp.headers_mut();
@@ -324,7 +415,7 @@ async fn get_record(
     let resource = ResourceName::parse(&resource)?;
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    let record = records::get(&state.pool, target(tenant, &resource, &schema), &id)
+    let mut record = records::get(&state.pool, target(tenant, &resource, &schema), &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
     let tag = etag(record.version);
@@ -339,6 +430,7 @@ async fn get_record(
         }
         return Ok(resp);
     }
+    reveal(&state, tenant, &mut record).await?;
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -372,16 +464,23 @@ async fn put_record(
                 .await?
             {
                 // The stored record as read just before the write.
-                let previous = records::get(&state.pool, target(tenant, resource, &schema), id)
-                    .await?
-                    .map(|r| r.data);
+                let previous =
+                    match records::get(&state.pool, target(tenant, resource, &schema), id).await? {
+                        Some(mut r) => {
+                            reveal(state, tenant, &mut r).await?;
+                            Some(r.data)
+                        }
+                        None => None,
+                    };
                 let call = write_call(state, principal, headers, tenant, resource, "replace");
                 let docs = one_doc(doc, previous.as_ref());
                 state.plugins.check_write(hooks, call, docs).await?;
             }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
-            Ok(records::put(&state.pool, t, &events, id, doc, expected).await)
+            let stored = sealed(state, t, &schema, id, doc).await?;
+            let put = records::put(&state.pool, t, &events, id, &stored, expected).await;
+            Ok(put.map(|(r, created)| (in_clear(r, &schema, doc), created)))
         }
     })
     .await?;
@@ -429,9 +528,10 @@ async fn patch_record(
                 .hooks(tenant, resource.as_str(), false)
                 .await?
             {
-                let current = records::get(&state.pool, target(tenant, resource, &schema), id)
+                let mut current = records::get(&state.pool, target(tenant, resource, &schema), id)
                     .await?
                     .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+                reveal(state, tenant, &mut current).await?;
                 let mut doc = current.data.clone();
                 json_patch::merge(&mut doc, patch);
                 validate(&schema, resource, &doc).await?;
@@ -460,10 +560,14 @@ async fn patch_record(
                 )));
             }
             let mut doc = tx.current.data.clone();
+            reveal_data(state, tenant, resource.as_str(), id.as_str(), &mut doc).await?;
             json_patch::merge(&mut doc, patch);
             validate(&schema, resource, &doc).await?;
             let events = record_events(state, headers, tenant, &schema);
-            Ok(tx.commit(&doc, &events).await)
+            let stored =
+                sealed(state, target(tenant, resource, &schema), &schema, id, &doc).await?;
+            let committed = tx.commit(&stored, &events).await;
+            Ok(committed.map(|r| in_clear(r, &schema, &doc)))
         }
     })
     .await?;
@@ -488,9 +592,10 @@ async fn delete_record(
     let expected = if_match(&headers)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
     if let Some(hooks) = state.plugins.hooks(tenant, resource.as_str(), true).await? {
-        let current = records::get(&state.pool, target(tenant, &resource, &schema), &id)
+        let mut current = records::get(&state.pool, target(tenant, &resource, &schema), &id)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+        reveal(&state, tenant, &mut current).await?;
         let call = write_call(&state, &principal, &headers, tenant, &resource, "delete");
         let docs = one_doc(&current.data, Some(&current.data));
         state.plugins.check_write(hooks, call, docs).await?;
@@ -573,7 +678,15 @@ async fn create_batch(
             }
             let events = record_events(state, headers, tenant, &schema);
             let t = target(tenant, resource, &schema);
-            Ok(records::create_batch(&state.pool, t, &events, items).await)
+            let stored = sealed_batch(state, t, &schema, items).await?;
+            let created = records::create_batch(&state.pool, t, &events, &stored).await;
+            Ok(created.map(|rows| {
+                let docs = items.iter().map(|(_, doc)| doc);
+                rows.into_iter()
+                    .zip(docs)
+                    .map(|(r, doc)| in_clear(r, &schema, doc))
+                    .collect::<Vec<_>>()
+            }))
         }
     })
     .await?;
@@ -602,9 +715,12 @@ async fn list_records(
     let resource = ResourceName::parse(&resource)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
     let query = ListQuery::parse(&params, &schema).map_err(|e| ApiError::bad_request(e.0))?;
-    let page = query
+    let mut page = query
         .run(&state.pool, target(tenant, &resource, &schema))
         .await?;
+    for record in &mut page.items {
+        reveal(&state, tenant, record).await?;
+    }
     let items: Vec<Value> = page
         .items
         .iter()

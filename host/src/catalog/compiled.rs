@@ -55,8 +55,9 @@ pub struct CompiledSchema {
     pub created_by: String,
     validator: jsonschema::Validator,
     fields: BTreeMap<String, FieldInfo>,
-    /// Top-level `x-encrypted` fields, never copied into events.
-    hidden: Vec<String>,
+    /// Paths (object keys from the root) of the outermost `x-encrypted`
+    /// fields: stored sealed, never copied into events.
+    encrypted: Vec<Vec<String>>,
     /// `x-event-payload: full`: events carry the record.
     full_events: bool,
 }
@@ -82,12 +83,9 @@ impl CompiledSchema {
             .build(&schema)
             .map_err(|e| vec![FieldError::schema("/schema", e.to_string())])?;
         let mut fields = BTreeMap::new();
-        collect_fields(&schema, &mut Vec::new(), &mut fields);
-        let hidden = fields
-            .values()
-            .filter(|f| f.encrypted && f.path.len() == 1)
-            .map(|f| f.path[0].clone())
-            .collect();
+        collect_fields(&schema, &mut Vec::new(), false, &mut fields);
+        let mut encrypted = Vec::new();
+        collect_encrypted(&schema, &mut Vec::new(), &mut encrypted);
         let full_events = schema.get("x-event-payload").and_then(Value::as_str) == Some("full");
         Ok(Self {
             version,
@@ -96,7 +94,7 @@ impl CompiledSchema {
             created_by,
             validator,
             fields,
-            hidden,
+            encrypted,
             full_events,
         })
     }
@@ -127,9 +125,10 @@ impl CompiledSchema {
         self.fields.values().filter(|f| f.indexed && !f.encrypted)
     }
 
-    /// Top-level fields never copied into events (`x-encrypted`).
-    pub fn hidden_fields(&self) -> &[String] {
-        &self.hidden
+    /// The outermost `x-encrypted` fields at any depth, as paths of object
+    /// keys: stored sealed, never copied into events.
+    pub fn encrypted_paths(&self) -> &[Vec<String>] {
+        &self.encrypted
     }
 
     /// Whether change events carry the record (`x-event-payload: full`;
@@ -157,6 +156,7 @@ pub fn check_document(schema: &Value) -> Result<(), Vec<FieldError>> {
     }
     let mut errors = Vec::new();
     check_patterns(schema, &mut "/schema".to_owned(), &mut errors);
+    check_encrypted_indexes(schema, &mut "/schema".to_owned(), false, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -281,9 +281,71 @@ pub fn document_weight(doc: &Value) -> usize {
 /// The weight above which validation leaves the async workers.
 pub const HEAVY_DOCUMENT: usize = 8 * 1024;
 
+/// Whether a property's schema says `x-encrypted: true`.
+fn is_encrypted(sub: &Value) -> bool {
+    sub.get("x-encrypted") == Some(&Value::Bool(true))
+}
+
+/// Deepest `properties` nesting searched for `x-encrypted` fields.
+const MAX_ENCRYPTED_DEPTH: usize = 32;
+
+/// Walks `properties` (any names) down to the outermost `x-encrypted`
+/// fields: what is sealed as one value.
+fn collect_encrypted(schema: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    if prefix.len() >= MAX_ENCRYPTED_DEPTH {
+        return;
+    }
+    for (name, sub) in props {
+        prefix.push(name.clone());
+        if is_encrypted(sub) {
+            out.push(prefix.clone());
+        } else {
+            collect_encrypted(sub, prefix, out);
+        }
+        prefix.pop();
+    }
+}
+
+/// Refuses `x-index` on an encrypted field or one inside it: its stored
+/// value is ciphertext, which no index can order or find.
+fn check_encrypted_indexes(
+    schema: &Value,
+    path: &mut String,
+    above: bool,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    within(path, "properties", |p| {
+        for (name, sub) in props {
+            within(p, name, |p| {
+                let encrypted = above || is_encrypted(sub);
+                if encrypted && sub.get("x-index") == Some(&Value::Bool(true)) {
+                    errors.push(FieldError::schema(
+                        format!("{p}/x-index"),
+                        "x-index cannot be used on an encrypted field (x-encrypted) or inside \
+                         one: it is stored as ciphertext",
+                    ));
+                }
+                check_encrypted_indexes(sub, p, encrypted, errors);
+            });
+        }
+    });
+}
+
 /// Walks `properties` (nested objects too) and records every field whose
-/// name is a plain identifier, so that dotted query paths resolve.
-fn collect_fields(schema: &Value, prefix: &mut Vec<String>, out: &mut BTreeMap<String, FieldInfo>) {
+/// name is a plain identifier, so that dotted query paths resolve. A field
+/// inside an `x-encrypted` one counts as encrypted.
+fn collect_fields(
+    schema: &Value,
+    prefix: &mut Vec<String>,
+    above: bool,
+    out: &mut BTreeMap<String, FieldInfo>,
+) {
     let Some(props) = schema.get("properties").and_then(Value::as_object) else {
         return;
     };
@@ -292,16 +354,17 @@ fn collect_fields(schema: &Value, prefix: &mut Vec<String>, out: &mut BTreeMap<S
             continue;
         }
         prefix.push(name.clone());
+        let encrypted = above || is_encrypted(sub);
         out.insert(
             prefix.join("."),
             FieldInfo {
                 path: prefix.clone(),
                 kind: FieldType::from_schema(sub),
-                encrypted: sub.get("x-encrypted") == Some(&Value::Bool(true)),
+                encrypted,
                 indexed: sub.get("x-index") == Some(&Value::Bool(true)),
             },
         );
-        collect_fields(sub, prefix, out);
+        collect_fields(sub, prefix, encrypted, out);
         prefix.pop();
     }
 }
@@ -350,6 +413,32 @@ mod tests {
         );
         assert!(s.field("secret").is_some_and(|f| f.encrypted));
         assert!(s.field("nope").is_none());
+    }
+
+    #[test]
+    fn encrypted_fields_are_found_at_any_depth_and_never_indexed() {
+        let s = compile(json!({"type": "object", "properties": {
+            "ssn": {"type": "string", "x-encrypted": true},
+            "card": {"type": "object", "properties": {
+                "pan": {"type": "object", "x-encrypted": true, "properties": {"last4": {"type": "string"}}},
+                "brand": {"type": "string"}}}
+        }}))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        let paths: Vec<String> = s.encrypted_paths().iter().map(|p| p.join(".")).collect();
+        assert_eq!(paths, ["card.pan", "ssn"]);
+        assert!(s.field("card.pan.last4").is_some_and(|f| f.encrypted));
+        assert!(s.field("card.brand").is_some_and(|f| !f.encrypted));
+        let errors = compile(json!({"type": "object", "properties": {
+            "card": {"type": "object", "x-encrypted": true, "properties": {
+                "pan": {"type": "string", "x-index": true}}}
+        }}))
+        .err()
+        .unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            errors[0].path,
+            "/schema/properties/card/properties/pan/x-index"
+        );
     }
 
     #[test]

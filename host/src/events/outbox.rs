@@ -26,16 +26,22 @@ pub struct RecordEvents {
     pub template: Value,
     /// Whether events carry the record (`x-event-payload: full`).
     pub full: bool,
-    /// Top-level fields never put in events (`x-encrypted`).
-    pub hidden: Vec<String>,
+    /// Fields never put in events (`x-encrypted`, at any depth), as paths
+    /// of object keys; bound as a JSON array of such paths.
+    pub hidden: Vec<Vec<String>>,
 }
 
 /// A CTE named `ob` that writes one outbox row per row of the CTE `ins`
 /// (columns `id`, `version`, `data`, `kind` = created|updated|deleted).
 /// Its parameters, from `$first`: tenant, resource, template, full,
-/// hidden fields, record ids, event ids (the last two as aligned arrays).
-pub fn record_events_cte(first: usize) -> String {
+/// hidden fields (`jsonb`, `hidden` paths), record ids, event ids (the last
+/// two as aligned arrays).
+pub fn record_events_cte(first: usize, hidden_paths: usize) -> String {
     let [t, r, tpl, full, hidden, ids, evs] = std::array::from_fn::<usize, 7, _>(|i| first + i);
+    // One `#-` per hidden path: each removes a field at any depth.
+    let payload: String = (0..hidden_paths)
+        .map(|i| format!(" #- ARRAY(SELECT jsonb_array_elements_text(${hidden}::jsonb -> {i}))"))
+        .collect();
     format!(
         "ob AS (
            INSERT INTO bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope)
@@ -47,7 +53,7 @@ pub fn record_events_cte(first: usize) -> String {
                     'subject', ${r} || '/' || ins.id,
                     'data', jsonb_build_object('tenantId', ${t}, 'resource', ${r}, 'recordId', ins.id, 'version', ins.version)
                       || CASE WHEN ins.kind = 'updated' THEN jsonb_build_object('previousVersion', ins.version - 1) ELSE '{{}}'::jsonb END
-                      || CASE WHEN ${full} AND ins.kind <> 'deleted' THEN jsonb_build_object('data', ins.data - ${hidden}::text[]) ELSE '{{}}'::jsonb END)
+                      || CASE WHEN ${full} AND ins.kind <> 'deleted' THEN jsonb_build_object('data', ins.data{payload}) ELSE '{{}}'::jsonb END)
              FROM ins JOIN unnest(${ids}::text[], ${evs}::uuid[]) AS e(id, event_id) ON e.id = ins.id)"
     )
 }

@@ -55,7 +55,7 @@ fn bind_events<'q, O>(
         .bind(t.resource.as_str())
         .bind(&events.template)
         .bind(events.full)
-        .bind(&events.hidden)
+        .bind(sqlx::types::Json(&events.hidden))
         .bind(ids)
         .bind(event_ids)
 }
@@ -164,7 +164,7 @@ where
          SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte(),
         t.table(),
-        record_events_cte(4)
+        record_events_cte(4, events.hidden.len())
     );
     let q = sqlx::query_as(&sql)
         .bind(id.as_str())
@@ -275,7 +275,7 @@ pub async fn put(
     let sql = format!(
         "{cte}, ins AS ({write}), {}
          SELECT id, version, created_at, updated_at, data, kind = 'created' AS inserted FROM ins",
-        record_events_cte(5)
+        record_events_cte(5, events.hidden.len())
     );
     let q = sqlx::query_as::<_, RecordWithFlag>(&sql)
         .bind(id.as_str())
@@ -340,7 +340,7 @@ pub async fn delete(
             RETURNING id, version, data, 'deleted'::text AS kind), {}
          SELECT version FROM ins",
         t.table(),
-        record_events_cte(3)
+        record_events_cte(3, events.hidden.len())
     );
     let q = sqlx::query_as(&sql).bind(id.as_str()).bind(if_match);
     let deleted: Option<(i64,)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
@@ -413,7 +413,7 @@ impl<'a> Patch<'a> {
                 {RETURNING}, 'updated'::text AS kind), {}
              SELECT id, version, created_at, updated_at, data FROM ins",
             self.t.table(),
-            record_events_cte(3)
+            record_events_cte(3, events.hidden.len())
         );
         let q = sqlx::query_as(&sql)
             .bind(self.current.id.clone())
@@ -442,7 +442,7 @@ pub async fn create_batch(
          SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte(),
         t.table(),
-        record_events_cte(4)
+        record_events_cte(4, events.hidden.len())
     );
     let q = sqlx::query_as(&sql)
         .bind(ids.clone())
