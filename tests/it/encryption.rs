@@ -156,6 +156,52 @@ async fn validation_sees_the_plaintext() {
     assert_eq!(resp.status(), 422);
     let problem = body(resp).await;
     assert_eq!(problem["errors"][0]["path"], "/ssn", "{problem:#}");
+    assert!(
+        !problem.to_string().contains("not-an-ssn"),
+        "the value is not quoted: {problem:#}"
+    );
+    assert!(stored_rows(&app, &tenant).await.is_empty());
+}
+
+#[tokio::test]
+async fn x_encrypted_where_it_would_not_be_sealed_is_refused() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant().await;
+    let cases = [
+        (
+            json!({"type": "object", "properties": {"ssn": {"$ref": "#/$defs/secret"}},
+                   "$defs": {"secret": {"type": "string", "x-encrypted": true}}}),
+            "/schema/$defs/secret/x-encrypted",
+        ),
+        (
+            json!({"type": "object", "properties": {"tags": {"type": "array",
+                   "items": {"type": "string", "x-encrypted": true}}}}),
+            "/schema/properties/tags/items/x-encrypted",
+        ),
+        (
+            json!({"type": "object", "properties": {"ssn": {"type": "string", "x-encrypted": "true"}}}),
+            "/schema/properties/ssn/x-encrypted",
+        ),
+    ];
+    for (schema, at) in cases {
+        let resp = app.put_schema("vault", &token, schema).await;
+        assert_eq!(resp.status(), 422);
+        assert_eq!(body(resp).await["errors"][0]["path"], at);
+    }
+}
+
+#[tokio::test]
+async fn a_writer_cannot_plant_a_sealed_lookalike() {
+    let app = TestApp::spawn().await;
+    let (tenant, token) = tenant_with_people(&app).await;
+    let mut doc = person("mallory");
+    doc["note"] = json!({"$enc": 1, "kid": "x", "n": "", "c": ""});
+    let resp = app.post("/v1/data/people", &token, &doc).await;
+    assert_eq!(resp.status(), 422);
+    let batch = json!({"items": [person("ok"), doc]});
+    let resp = app.post("/v1/data/people/batch", &token, &batch).await;
+    assert_eq!(resp.status(), 422);
+    assert_eq!(body(resp).await["errors"][0]["path"], "/items/1");
     assert!(stored_rows(&app, &tenant).await.is_empty());
 }
 

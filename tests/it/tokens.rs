@@ -303,6 +303,10 @@ async fn a_public_address_with_a_generated_secret_is_refused_with_what_to_set() 
     let port = free_port();
     let mut child = bss(&data, &database_url, &format!("0.0.0.0:{port}"))
         .env("BSS_JWT_SECRET", LONG_SECRET)
+        .env(
+            "BSS_MASTER_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
         .arg("serve")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

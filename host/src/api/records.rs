@@ -96,6 +96,7 @@ async fn validate(
     resource: &ResourceName,
     doc: &Value,
 ) -> ApiResult<()> {
+    refuse_sealed_lookalikes(doc, "")?;
     let checked = if document_weight(doc) > HEAVY_DOCUMENT {
         let (schema, doc) = (schema.clone(), doc.clone());
         off_worker(move || schema.validate(&doc)).await?
@@ -111,6 +112,24 @@ async fn validate(
             errors,
         )
     })
+}
+
+/// Refuses a document holding an object shaped like a sealed value
+/// (`{"$enc": 1, "kid", "n", "c"}`): reads would try to open it, and fail,
+/// so one writer could make a record (and every list page with it)
+/// unreadable for everyone.
+fn refuse_sealed_lookalikes(doc: &Value, at: &str) -> ApiResult<()> {
+    if crate::crypto::fields::key_ids(doc).is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::unprocessable(
+        "the record holds an object shaped like a sealed value ({\"$enc\": 1, \"kid\", \"n\", \"c\"}); \
+         such objects are reserved for x-encrypted fields",
+        vec![FieldError::request(
+            if at.is_empty() { "/" } else { at },
+            "reserved shape",
+        )],
+    ))
 }
 
 /// Validates every item of a batch; errors point at `/items/<i>/…`.
@@ -130,6 +149,9 @@ async fn validate_batch(
             })
             .take(MAX_BATCH_ERRORS)
             .collect()
+    }
+    for (i, (_, doc)) in items.iter().enumerate() {
+        refuse_sealed_lookalikes(doc, &format!("/items/{i}"))?;
     }
     let weight: usize = items.iter().map(|(_, d)| document_weight(d)).sum();
     if weight <= HEAVY_DOCUMENT {

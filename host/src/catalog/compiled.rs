@@ -107,7 +107,9 @@ impl CompiledSchema {
             .validator
             .iter_errors(document)
             .take(100)
-            .map(|e| FieldError::schema(e.instance_path().as_str(), e.to_string()))
+            // Masked: a message never quotes the value (it may be an
+            // x-encrypted one, or hold one).
+            .map(|e| FieldError::schema(e.instance_path().as_str(), e.masked().to_string()))
             .collect();
         if errors.is_empty() {
             Ok(())
@@ -156,6 +158,7 @@ pub fn check_document(schema: &Value) -> Result<(), Vec<FieldError>> {
     }
     let mut errors = Vec::new();
     check_patterns(schema, &mut "/schema".to_owned(), &mut errors);
+    check_encrypted_placement(schema, &mut "/schema".to_owned(), true, 0, &mut errors);
     check_encrypted_indexes(schema, &mut "/schema".to_owned(), false, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
@@ -306,6 +309,62 @@ fn collect_encrypted(schema: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec
             collect_encrypted(sub, prefix, out);
         }
         prefix.pop();
+    }
+}
+
+/// Refuses every `x-encrypted` that would not take effect: only `true`, on
+/// a property reached from the root through `properties` alone (no `$ref`,
+/// array items, combinators…), within [`MAX_ENCRYPTED_DEPTH`], is sealed;
+/// anywhere else the value would be stored in clear.
+fn check_encrypted_placement(
+    schema: &Value,
+    path: &mut String,
+    reachable: bool,
+    depth: usize,
+    errors: &mut Vec<FieldError>,
+) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(flag) = map.get("x-encrypted") {
+                let ok =
+                    reachable && depth > 0 && depth <= MAX_ENCRYPTED_DEPTH && flag.is_boolean();
+                if !ok {
+                    within(path, "x-encrypted", |p| {
+                        errors.push(FieldError::schema(
+                            p.as_str(),
+                            "x-encrypted must be true or false, on a property reached from the root \
+                             through \"properties\" only (not under $ref, $defs, items, \
+                             additionalProperties, patternProperties or a combinator), at most 32 \
+                             levels deep: elsewhere it would not be sealed",
+                        ))
+                    });
+                }
+            }
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("enum" | "const" | "default" | "examples", _) => {}
+                    ("properties", Value::Object(props)) => within(path, key, |p| {
+                        for (name, sub) in props {
+                            within(p, name, |p| {
+                                check_encrypted_placement(sub, p, reachable, depth + 1, errors)
+                            });
+                        }
+                    }),
+                    (_, Value::Object(_) | Value::Array(_)) => within(path, key, |p| {
+                        check_encrypted_placement(value, p, false, depth + 1, errors)
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                within(path, &i.to_string(), |p| {
+                    check_encrypted_placement(item, p, false, depth, errors)
+                });
+            }
+        }
+        _ => {}
     }
 }
 

@@ -25,10 +25,13 @@ pub fn resolve(settings: &Settings) -> anyhow::Result<[u8; 32]> {
     }
     let path = settings.data_dir.join(FILE_NAME);
     if !settings.http_addr.ip().is_loopback() {
-        tracing::warn!(
-            path = %path.display(),
-            "x-encrypted fields are sealed with a master key kept in this replica's data \
-             directory: every replica must share it (set BSS_MASTER_KEY, or AUTH_SERVICE_URL)"
+        bail!(
+            "refusing to listen on {}: x-encrypted fields would be sealed with a master key \
+             generated into this replica's data directory ({}), which other replicas do not \
+             share; set BSS_MASTER_KEY (base64 of 32 random bytes, the same on every replica) \
+             or AUTH_SERVICE_URL",
+            settings.http_addr,
+            path.display()
         );
     }
     let exists = path
