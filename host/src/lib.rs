@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod plugins;
+pub mod secret_file;
 pub mod services;
 pub mod startup;
 pub mod storage;

@@ -89,12 +89,23 @@ struct Served {
     child: std::process::Child,
     base: String,
     log: std::path::PathBuf,
+    /// Its database, dropped after the process.
+    _scratch: bss_tests::Scratch,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 async fn serve(drain_secs: u64, body_timeout_ms: u64) -> Served {
     let port = free_port();
     let log = std::env::temp_dir().join(format!("bss-log-{}.json", uuid::Uuid::new_v4().simple()));
-    let database_url = bss_tests::test_settings().database_url.unwrap();
+    let (settings, scratch) = bss_tests::test_settings();
+    let database_url = settings.database_url.unwrap();
     let child = Command::new(bss_tests::bss_binary())
         .arg("serve")
         .env("DATABASE_URL", database_url)
@@ -113,6 +124,7 @@ async fn serve(drain_secs: u64, body_timeout_ms: u64) -> Served {
         child,
         base: format!("http://127.0.0.1:{port}"),
         log,
+        _scratch: scratch,
     };
     if !wait_ready(&format!("{}/health/ready", served.base)).await {
         let _ = served.child.kill();
@@ -200,7 +212,6 @@ async fn sigint_with_an_sse_client_connected_ends_the_stream_and_exits_within_th
         .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
         .collect();
     assert!(warnings.is_empty(), "a clean stop logged {warnings:#?}");
-    let _ = std::fs::remove_file(&served.log);
 }
 
 /// A request whose body never arrives: it keeps a drain waiting.
@@ -233,7 +244,6 @@ async fn the_drain_on_sigterm_is_bounded_by_shutdown_drain_secs() {
         took >= Duration::from_millis(1500),
         "waited for the request: {took:?}"
     );
-    let _ = std::fs::remove_file(&served.log);
 }
 
 #[tokio::test]
@@ -250,5 +260,4 @@ async fn a_second_sigint_while_draining_exits_at_once() {
         status.is_some(),
         "exited at once on the second SIGINT ({took:?})"
     );
-    let _ = std::fs::remove_file(&served.log);
 }

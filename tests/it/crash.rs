@@ -14,7 +14,7 @@ use rdkafka::message::{Headers, Message};
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-fn start(port: u16, database_url: &str, kafka: &str) -> Child {
+fn start(port: u16, database_url: &str, kafka: &str, data: &std::path::Path) -> Child {
     Command::new(bss_tests::bss_binary())
         .arg("serve")
         .env("DATABASE_URL", database_url)
@@ -23,10 +23,7 @@ fn start(port: u16, database_url: &str, kafka: &str) -> Child {
         .env("BSS_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("BSS_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
-        .env(
-            "BSS_DATA_DIR",
-            std::env::temp_dir().join(format!("bss-crash-{port}")),
-        )
+        .env("BSS_DATA_DIR", data)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -54,13 +51,15 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
         .unwrap()
         .port();
     let base = format!("http://127.0.0.1:{port}");
-    let database_url = test_settings().database_url.unwrap();
+    let (settings, _scratch) = test_settings();
+    let database_url = settings.database_url.unwrap();
+    let data = bss_tests::TempDir::new("bss-crash");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
 
-    let mut child = start(port, &database_url, &kafka);
+    let mut child = start(port, &database_url, &kafka, &data.0);
     wait_up(&client, &base).await;
     let tenant = format!("crash-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let admin = platform_token();
@@ -123,7 +122,7 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        child = start(port, &database_url, &kafka);
+        child = start(port, &database_url, &kafka, &data.0);
         wait_up(&client, &base).await;
     }
     tokio::time::sleep(Duration::from_millis(800)).await;

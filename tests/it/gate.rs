@@ -425,7 +425,7 @@ async fn successful_responses_show_the_quota_left() {
 
 #[tokio::test]
 async fn open_event_streams_end_when_the_service_shuts_down() {
-    let mut settings = test_settings();
+    let (mut settings, _scratch) = test_settings();
     // Longer than the test waits: only the streams ending lets it stop sooner.
     settings.shutdown_drain_secs = 60;
     let service = bss::startup::Application::build(settings.clone())
@@ -441,6 +441,7 @@ async fn open_event_streams_end_when_the_service_shuts_down() {
         client: reqwest::Client::new(),
         database_url: settings.database_url.clone().unwrap_or_default(),
         settings,
+        _scratch: None,
     };
     let (_, token) = app.tenant_with_invoices().await;
     let mut streams = vec![

@@ -273,8 +273,8 @@ async fn uploads_beyond_the_caps_prune_old_versions_and_cached_artifacts() {
 fn the_in_memory_component_cache_is_bounded() {
     use bss::plugins::sandbox::Caller;
     use bss::plugins::{Context, Kind, Limits, Runtime, RuntimeBounds};
-    let cache =
-        std::env::temp_dir().join(format!("bss-test-cache-{}", uuid::Uuid::new_v4().simple()));
+    let scratch = bss_tests::TempDir::new("bss-test-cache");
+    let cache = scratch.0.clone();
     // A pool of 8 instance slots (its own engine), two components in memory.
     let bounds = RuntimeBounds {
         instances: 8,

@@ -574,8 +574,8 @@ async fn a_restarted_service_loads_plugins_from_its_disk_cache() {
 fn a_webhook_transformer_rewrites_or_cancels_a_delivery() {
     use bss::plugins::sandbox::Caller;
     use bss::plugins::{Context, Kind, Limits, Runtime, WebhookRequest};
-    let cache =
-        std::env::temp_dir().join(format!("bss-test-cache-{}", uuid::Uuid::new_v4().simple()));
+    let scratch = bss_tests::TempDir::new("bss-test-cache");
+    let cache = scratch.0.clone();
     let rt = Runtime::new(&cache, None).unwrap();
     let bytes = plugin_bytes("webhook_chat");
     assert!(

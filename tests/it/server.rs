@@ -188,7 +188,7 @@ async fn connections_over_the_cap_wait_and_are_served_once_others_leave() {
 
 #[tokio::test]
 async fn with_an_operations_listener_metrics_are_served_there_and_not_on_the_api() {
-    let mut settings = test_settings();
+    let (mut settings, _scratch) = test_settings();
     settings.ops_addr = Some("127.0.0.1:0".parse().unwrap());
     let app = Application::build(settings).await.unwrap();
     let api = format!("http://127.0.0.1:{}", app.port());
@@ -234,7 +234,7 @@ async fn with_an_operations_listener_metrics_are_served_there_and_not_on_the_api
 
 #[tokio::test]
 async fn while_draining_readiness_answers_503_and_new_connections_are_refused() {
-    let mut settings = test_settings();
+    let (mut settings, _scratch) = test_settings();
     settings.ops_addr = Some("127.0.0.1:0".parse().unwrap());
     settings.shutdown_drain_secs = 30;
     let app = Application::build(settings).await.unwrap();

@@ -234,7 +234,8 @@ async fn create_tenant(port: u16, token: &str, id: &str) -> u16 {
 #[tokio::test]
 async fn without_a_configured_secret_one_is_generated_kept_private_and_shared_with_bss_token() {
     let data = temp_data_dir();
-    let database_url = test_settings().database_url.unwrap();
+    let (settings, _scratch) = test_settings();
+    let database_url = settings.database_url.unwrap();
     let port = free_port();
     let mut child = serve(&data, &database_url, port);
     wait_ready(&mut child, port).await;
@@ -283,7 +284,8 @@ fn run_to_exit(mut cmd: Command) -> Output {
 #[tokio::test]
 async fn a_public_address_with_a_generated_secret_is_refused_with_what_to_set() {
     let data = temp_data_dir();
-    let database_url = test_settings().database_url.unwrap();
+    let (settings, _scratch) = test_settings();
+    let database_url = settings.database_url.unwrap();
     let out = run_to_exit({
         let mut cmd = bss(&data, &database_url, "0.0.0.0:0");
         cmd.arg("serve");
@@ -340,7 +342,8 @@ fn serve_public_with(data: &Path, database_url: &str, secret: &str, in_file: boo
 #[tokio::test]
 async fn a_public_address_with_a_short_or_empty_secret_is_refused() {
     let data = temp_data_dir();
-    let database_url = test_settings().database_url.unwrap();
+    let (settings, _scratch) = test_settings();
+    let database_url = settings.database_url.unwrap();
     for (secret, in_file) in [("", true), ("secret", false), (SECRET, false)] {
         let out = serve_public_with(&data, &database_url, secret, in_file);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -375,7 +378,8 @@ async fn bss_token_without_a_secret_fails_with_a_hint_and_generates_none() {
     // A data directory the service never started in, e.g. the default
     // relative `.bss` seen from another working directory.
     let data = temp_data_dir();
-    let database_url = test_settings().database_url.unwrap();
+    let (settings, _scratch) = test_settings();
+    let database_url = settings.database_url.unwrap();
     let out = bss(&data, &database_url, "127.0.0.1:0")
         .arg("token")
         .output()

@@ -62,25 +62,85 @@ pub struct TestApp {
     pub client: Client,
     pub database_url: String,
     pub settings: Settings,
+    /// The database and plugin cache generated for this service, dropped
+    /// with it (one put on another's database never created its own).
+    pub _scratch: Option<Scratch>,
 }
 
-/// Settings for a test service: a fresh database, a random port.
-pub fn test_settings() -> Settings {
-    let mut s = Settings::default();
-    s.http_addr = "127.0.0.1:0".parse().unwrap_or(s.http_addr);
-    s.database_url = Some(format!(
-        "{SERVER}/bss_test_{}",
+/// What one test service creates outside itself: its database and its
+/// plugin cache directory. Dropped (the database with its connections) when
+/// the guard goes, at the end of the test that made it.
+#[derive(Debug)]
+pub struct Scratch {
+    database: String,
+    plugin_cache: std::path::PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.plugin_cache);
+        let name = self.database.clone();
+        // Drop runs inside the test's runtime: a thread of its own may block.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(mut conn) =
+                    sqlx::PgConnection::connect(&format!("{SERVER}/postgres")).await
+                {
+                    let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::query(&drop).execute(&mut conn).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A directory of the test's own under the temporary directory, removed
+/// with the guard.
+#[derive(Debug)]
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple())))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Settings for a test service: a fresh database, a random port; the
+/// guard drops the database and the plugin cache when it goes.
+pub fn test_settings() -> (Settings, Scratch) {
+    let database = format!("bss_test_{}", uuid::Uuid::new_v4().simple());
+    let plugin_cache = std::env::temp_dir().join(format!(
+        "bss-test-plugin-cache-{}",
         uuid::Uuid::new_v4().simple()
     ));
+    let mut s = Settings::default();
+    s.http_addr = "127.0.0.1:0".parse().unwrap_or(s.http_addr);
+    s.database_url = Some(format!("{SERVER}/{database}"));
     s.db_max_connections = 8;
     s.jwt_secret = Some(SECRET.into());
     s.service_timeout_ms = 500;
     s.service_attempts = 2;
-    s.plugin_cache_dir = Some(std::env::temp_dir().join(format!(
-        "bss-test-plugin-cache-{}",
-        uuid::Uuid::new_v4().simple()
-    )));
-    s
+    s.plugin_cache_dir = Some(plugin_cache.clone());
+    (
+        s,
+        Scratch {
+            database,
+            plugin_cache,
+        },
+    )
 }
 
 /// A plugin component built by `scripts/test` (`no_negative_totals`, …).
@@ -104,7 +164,7 @@ impl TestApp {
 
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> Self {
         CLEANUP.get_or_init(drop_stale_databases).await;
-        let mut settings = test_settings();
+        let (mut settings, scratch) = test_settings();
         tweak(&mut settings);
         let app = Application::build(settings.clone())
             .await
@@ -119,6 +179,7 @@ impl TestApp {
                 .unwrap_or_else(|e| panic!("{e}")),
             database_url: settings.database_url.clone().unwrap_or_default(),
             settings,
+            _scratch: Some(scratch),
         }
     }
 

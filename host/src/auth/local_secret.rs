@@ -8,9 +8,6 @@
 //! service refuses to start until a secret of at least 256 bits (or an Auth
 //! Service) is configured, since a short or empty HMAC key is guessable.
 
-use std::fs::{self, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -18,6 +15,7 @@ use base64::Engine;
 use rand::RngCore;
 
 use crate::config::Settings;
+use crate::secret_file;
 
 /// Name of the generated secret's file in the data directory.
 pub const FILE_NAME: &str = "jwt-secret";
@@ -139,26 +137,16 @@ pub fn refuse_public_address(settings: &Settings) -> anyhow::Result<()> {
 }
 
 fn read_or_create(path: &Path) -> anyhow::Result<String> {
-    let exists = path
-        .try_exists()
-        .with_context(|| format!("looking for {}", path.display()))?;
-    if !exists {
-        create(path)?;
-    }
-    read(path)
+    let value =
+        secret_file::read_or_create(path, "token signing secret", "BSS_JWT_SECRET", generate)?;
+    usable(path, value)
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
-    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!(
-            "{} is readable by other users; run `chmod 600 {}` (or set BSS_JWT_SECRET)",
-            path.display(),
-            path.display()
-        );
-    }
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value = text.trim();
+    usable(path, secret_file::read(path, "BSS_JWT_SECRET")?)
+}
+
+fn usable(path: &Path, value: String) -> anyhow::Result<String> {
     if value.len() < MIN_BYTES {
         bail!(
             "{} holds no usable secret (under {MIN_BYTES} bytes); delete it to generate a \
@@ -166,39 +154,7 @@ fn read(path: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    Ok(value.to_owned())
-}
-
-/// Writes a fresh secret to a private temporary file, then links it into
-/// place: the secret appears complete or not at all, and a secret another
-/// process linked first is kept (`hard_link` never replaces).
-fn create(path: &Path) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{FILE_NAME}.{}.tmp",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let written = write_private(&tmp, &generate());
-    let linked = written.and_then(|()| match fs::hard_link(&tmp, path) {
-        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
-    });
-    let _ = fs::remove_file(&tmp);
-    linked.with_context(|| format!("writing the generated token secret to {}", path.display()))?;
-    tracing::info!(path = %path.display(), "generated a token signing secret");
-    Ok(())
-}
-
-fn write_private(path: &Path, value: &str) -> std::io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(value.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    Ok(value)
 }
 
 fn generate() -> String {
@@ -210,6 +166,8 @@ fn generate() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn settings_in(dir: &Path) -> Settings {
         Settings {

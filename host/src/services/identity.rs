@@ -91,8 +91,9 @@ impl ServiceIdentity {
 #[derive(Debug, Clone)]
 pub struct RequestTrace {
     pub request_id: String,
-    /// 32 lowercase hex digits.
-    pub trace_id: String,
+    /// The caller's trace (32 lowercase hex digits), when it sent a valid
+    /// `traceparent`; else each call starts a trace of its own.
+    pub trace_id: Option<String>,
 }
 
 tokio::task_local! {
@@ -101,14 +102,16 @@ tokio::task_local! {
 }
 
 impl RequestTrace {
-    /// The trace of a request: continued from its `traceparent` when that
-    /// is well-formed, else a new one.
+    /// A request's trace, continued from its `traceparent` when that is
+    /// well-formed. Cheap: nothing is generated until a peer call needs it.
     pub fn of(request_id: &str, traceparent: Option<&str>) -> Self {
-        let continued = traceparent.and_then(|t| {
+        let trace_id = traceparent.and_then(|t| {
             let parts: Vec<&str> = t.split('-').collect();
             match parts.as_slice() {
                 [_, trace, span, _]
-                    if is_hex(trace, 32) && is_hex(span, 16) && *trace != "0".repeat(32) =>
+                    if is_hex(trace, 32)
+                        && is_hex(span, 16)
+                        && trace.bytes().any(|b| b != b'0') =>
                 {
                     Some((*trace).to_owned())
                 }
@@ -117,19 +120,20 @@ impl RequestTrace {
         });
         Self {
             request_id: request_id.chars().take(128).collect(),
-            trace_id: continued.unwrap_or_else(|| random_hex(16)),
+            trace_id,
         }
     }
 }
 
 /// The headers that tie a call to its request: `traceparent` (a new span
-/// in the current trace, or a new trace outside a request) and
-/// `x-request-id` when there is a request.
+/// in the caller's trace, or in a new trace) and `x-request-id` when there
+/// is a request.
 pub fn trace_headers() -> (String, Option<String>) {
     let trace = TRACE.try_with(Clone::clone).ok();
     let trace_id = trace
         .as_ref()
-        .map_or_else(|| random_hex(16), |t| t.trace_id.clone());
+        .and_then(|t| t.trace_id.clone())
+        .unwrap_or_else(|| random_hex(16));
     let parent = format!("00-{trace_id}-{}-01", random_hex(8));
     (
         parent,
@@ -144,9 +148,12 @@ fn is_hex(s: &str, len: usize) -> bool {
 }
 
 fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes * 2);
+    for _ in 0..bytes {
+        let _ = write!(out, "{:02x}", rand::random::<u8>());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -157,10 +164,12 @@ mod tests {
     fn a_valid_traceparent_is_continued_and_a_bad_one_replaced() {
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let t = RequestTrace::of("r-1", Some(good));
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            t.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         let t = RequestTrace::of("r-1", Some("00-XYZ-00f067aa0ba902b7-01"));
-        assert!(is_hex(&t.trace_id, 32));
-        assert_ne!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.trace_id, None, "a new trace per call");
     }
 
     #[test]
