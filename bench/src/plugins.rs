@@ -54,6 +54,7 @@ fn caller() -> Caller {
         plugin: "no-negative-totals".into(),
         version: 1,
         services: vec![],
+        queues_tasks: false,
     }
 }
 

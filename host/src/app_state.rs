@@ -23,6 +23,8 @@ pub struct AppState {
     pub validation: ValidationService,
     /// Tenants' data-encryption keys (`x-encrypted` fields).
     pub keyring: crate::crypto::Keyring,
+    /// The durable task queue (`bss.tasks`).
+    pub tasks: Arc<crate::tasks::TaskQueue>,
     pub metrics: PrometheusHandle,
     pub broker: Arc<Broker>,
     pub event_log: EventLog,

@@ -159,6 +159,26 @@ pub struct Settings {
     /// How long a tenant's data-encryption key from the Auth Service is
     /// cached (`BSS_KEY_CACHE_SECS`).
     pub key_cache_secs: u64,
+    /// Attempts to hand a task to the Task Execution Service before it is
+    /// parked as failed (`BSS_TASK_MAX_ATTEMPTS`).
+    pub task_max_attempts: i32,
+    /// Longest pause between two attempts of a task, in seconds (backoff
+    /// doubles from 1 s up to it; `BSS_TASK_RETRY_MAX_SECS`).
+    pub task_retry_max_secs: u64,
+    /// How long a replica holds a task it runs before another may take it
+    /// over (renewed as it works; `BSS_TASK_LEASE_SECS`).
+    pub task_lease_secs: u64,
+    /// How often the task dispatcher looks for due tasks, in ms
+    /// (`BSS_TASK_POLL_MS`); new tasks also wake it at once.
+    pub task_poll_ms: u64,
+    /// Tasks one tenant may have waiting (`BSS_TASK_MAX_PENDING_PER_TENANT`).
+    pub task_max_pending_per_tenant: i64,
+    /// Records the re-encryption job moves per transaction
+    /// (`BSS_RESEAL_BATCH`).
+    pub reseal_batch: i64,
+    /// Pause between two batches of the re-encryption job, in ms
+    /// (`BSS_RESEAL_PAUSE_MS`): it yields the database to live traffic.
+    pub reseal_pause_ms: u64,
 }
 
 impl Default for Settings {
@@ -233,6 +253,13 @@ impl Default for Settings {
             service_key: None,
             master_key: None,
             key_cache_secs: 300,
+            task_max_attempts: 60,
+            task_retry_max_secs: 300,
+            task_lease_secs: 30,
+            task_poll_ms: 1000,
+            task_max_pending_per_tenant: 10_000,
+            reseal_batch: 200,
+            reseal_pause_ms: 10,
         }
     }
 }
@@ -344,6 +371,13 @@ impl Settings {
             "BSS_SERVICE_KEY" => service_key: some,
             "BSS_MASTER_KEY" => master_key: some,
             "BSS_KEY_CACHE_SECS" => key_cache_secs: parsed,
+            "BSS_TASK_MAX_ATTEMPTS" => task_max_attempts: parsed,
+            "BSS_TASK_RETRY_MAX_SECS" => task_retry_max_secs: parsed,
+            "BSS_TASK_LEASE_SECS" => task_lease_secs: parsed,
+            "BSS_TASK_POLL_MS" => task_poll_ms: parsed,
+            "BSS_TASK_MAX_PENDING_PER_TENANT" => task_max_pending_per_tenant: parsed,
+            "BSS_RESEAL_BATCH" => reseal_batch: parsed,
+            "BSS_RESEAL_PAUSE_MS" => reseal_pause_ms: parsed,
         }
         Ok(())
     }
@@ -366,6 +400,10 @@ impl Settings {
                 "BSS_PLUGIN_UPLOAD_BURST (while BSS_PLUGIN_UPLOADS_PER_MINUTE is set)",
                 self.plugin_uploads_per_minute > 0 && self.plugin_upload_burst == 0,
             ),
+            ("BSS_TASK_MAX_ATTEMPTS", self.task_max_attempts <= 0),
+            ("BSS_TASK_LEASE_SECS", self.task_lease_secs == 0),
+            ("BSS_TASK_POLL_MS", self.task_poll_ms == 0),
+            ("BSS_RESEAL_BATCH", self.reseal_batch <= 0),
         ];
         match zero.iter().find(|(_, is_zero)| *is_zero) {
             Some((key, _)) => anyhow::bail!("{key} must be more than 0"),

@@ -3,6 +3,8 @@
 //! generated in its data directory (`BSS_DATA_DIR`). `bss token` only reads
 //! that secret: one it generated itself would sign tokens the service
 //! refuses, so without a secret it fails and says what to do.
+//! `bss dev-services` runs local stand-ins of the Validation, Auth and Task
+//! Execution services (see `bss::dev_services`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,7 +15,9 @@ use bss::startup::{Application, shutdown_signal};
 
 const USAGE: &str = "usage:
   bss serve
-  bss token [--tenant ID] [--roles reader,writer,admin,platform-admin] [--sub NAME] [--ttl SECONDS]";
+  bss token [--tenant ID] [--roles reader,writer,admin,platform-admin] [--sub NAME] [--ttl SECONDS]
+  bss dev-services [--addr 127.0.0.1:7070]     local stand-ins of the Validation, Auth and Task services
+  bss dev-services token [--tenant ID] [--roles ...] [--sub NAME] [--ttl SECONDS] [--addr 127.0.0.1:7070]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -31,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", token(&settings, &args[1..])?);
             Ok(())
         }
+        Some("dev-services") => bss::dev_services::command(&settings, &args[1..]).await,
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

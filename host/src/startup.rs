@@ -64,10 +64,16 @@ impl Application {
                 .map(|u| ServiceClient::new(name, u, &settings))
                 .transpose()
         };
+        let tasks = Arc::new(crate::tasks::TaskQueue::new(
+            database.pool.clone(),
+            settings.task_max_pending_per_tenant,
+            client("task", &settings.task_service_url)?,
+        ));
         let services = PlatformServices::new(
             client("validation", &settings.validation_service_url)?,
             client("task", &settings.task_service_url)?,
-        );
+        )
+        .with_queue(tasks.clone());
         let plugin_settings = settings.plugin_settings();
         let runtime = Runtime::with_bounds(
             &settings.plugin_cache_dir(),
@@ -100,7 +106,8 @@ impl Application {
         let state = Arc::new(AppState {
             auth,
             validation: ValidationService::new(validation, settings.validation_fallback),
-            keyring: crate::crypto::Keyring::from_settings(&settings)?,
+            keyring: crate::crypto::Keyring::from_settings(&settings, Some(database.pool.clone()))?,
+            tasks,
             pool: database.pool.clone(),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),
@@ -188,6 +195,9 @@ impl Application {
                 },
             )),
         ];
+        let (rotated, rotations) = tokio::sync::mpsc::unbounded_channel();
+        state.keyring.report_rotations(rotated);
+        tasks.push(tokio::spawn(crate::tasks::run(state.clone(), rotations)));
         if let Some((config, publisher)) = self.kafka.clone() {
             tasks.push(tokio::spawn(kafka::consume(
                 state.clone(),

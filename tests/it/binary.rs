@@ -57,14 +57,7 @@ async fn with_no_database_configured_it_runs_a_private_cluster_and_stops_it_on_s
         .unwrap();
     assert_eq!(resp.status(), 201);
 
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    bss_tests::sigterm(&child);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

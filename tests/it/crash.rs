@@ -30,18 +30,6 @@ fn start(port: u16, database_url: &str, kafka: &str, data: &std::path::Path) -> 
         .unwrap()
 }
 
-async fn wait_up(client: &reqwest::Client, base: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the service did not come up");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
     let kafka = std::env::var("BSS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
@@ -60,7 +48,7 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
         .unwrap();
 
     let mut child = start(port, &database_url, &kafka, &data.0);
-    wait_up(&client, &base).await;
+    wait_ready(&client, &base).await;
     let tenant = format!("crash-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let admin = platform_token();
     let token = token(&tenant, &["admin"]);
@@ -123,7 +111,7 @@ async fn acknowledged_writes_survive_sigkill_with_exactly_one_event_each() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         child = start(port, &database_url, &kafka, &data.0);
-        wait_up(&client, &base).await;
+        wait_ready(&client, &base).await;
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -508,12 +508,160 @@ async fn a_rotated_key_seals_new_writes_and_old_values_still_open() {
     *keys.current.lock().unwrap() = "auth-k8".into();
     let new = body(app.post("/v1/data/people", &admin, &person("new")).await).await;
     let rows = stored_rows(&app, &tenant).await;
-    assert_eq!(rows[0].1["ssn"]["kid"], AUTH_KEY_ID);
     assert_eq!(rows[1].1["ssn"]["kid"], "auth-k8");
+    // The new key id was noticed: the re-encryption job moves the old row.
+    let job = wait_for_job(&app, &admin, "done").await;
+    assert_eq!(job["source"], "key-rotation");
+    assert_eq!(job["idempotencyKey"], "reseal:auth-k8");
+    for (_, data) in stored_rows(&app, &tenant).await {
+        assert_sealed(&data);
+        assert_eq!(data["ssn"]["kid"], "auth-k8", "{data}");
+        assert_eq!(data["card"]["pan"]["kid"], "auth-k8", "{data}");
+    }
     for record in [old, new] {
         let id = record["id"].as_str().unwrap();
         let got = app.get(&format!("/v1/data/people/{id}"), &admin).await;
         assert_eq!(got.status(), 200);
         assert_plain(&body(got).await["data"]);
+    }
+}
+
+/// Waits (up to 30 s) for the tenant's newest re-encryption job to reach
+/// `status`; returns it.
+async fn wait_for_job(app: &TestApp, token: &str, status: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let page = body(app.get("/v1/tasks", token).await).await;
+        let job = page["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|t| t["kind"] == "reseal"))
+            .cloned();
+        if let Some(job) = job.as_ref().filter(|j| j["status"] == status) {
+            return job.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no job reached {status}: {page:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn rotating_the_built_in_key_moves_every_stored_value_while_reads_go_on() {
+    let app = TestApp::spawn_with(|s| {
+        s.reseal_batch = 7;
+        s.reseal_pause_ms = 20;
+    })
+    .await;
+    let (tenant, token) = tenant_with_people(&app).await;
+    let (_, other) = tenant_with_people(&app).await;
+    let theirs = body(app.post("/v1/data/people", &other, &person("theirs")).await).await;
+    let items: Vec<Value> = (0..60).map(|i| person(&format!("p{i}"))).collect();
+    let resp = app
+        .post("/v1/data/people/batch", &token, &json!({"items": items}))
+        .await;
+    assert_eq!(resp.status(), 201, "{}", body(resp).await);
+    assert!(
+        stored_rows(&app, &tenant)
+            .await
+            .iter()
+            .all(|(_, d)| d["ssn"]["kid"] == "local-1")
+    );
+
+    let resp = app
+        .request(Method::POST, "/v1/encryption/rotate", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let rotation = body(resp).await;
+    assert_eq!(rotation["keyId"], "local-2");
+    // New writes use the new key at once.
+    let fresh = body(app.post("/v1/data/people", &token, &person("fresh")).await).await;
+    let fresh_id = fresh["id"].as_str().unwrap().to_owned();
+    let stored = stored_rows(&app, &tenant).await;
+    let (_, fresh_row) = stored.iter().find(|(id, _)| *id == fresh_id).unwrap();
+    assert_eq!(fresh_row["ssn"]["kid"], "local-2");
+    // Reads keep working while the job runs.
+    let task = format!("/v1/tasks/{}", rotation["taskId"].as_str().unwrap());
+    loop {
+        let list = app.get("/v1/data/people?limit=100", &token).await;
+        assert_eq!(list.status(), 200);
+        for item in body(list).await["items"].as_array().unwrap() {
+            assert_plain(&item["data"]);
+        }
+        let job = body(app.get(&task, &token).await).await;
+        if job["status"] == "done" {
+            assert_eq!(job["progress"]["scanned"], 61, "{job:#}");
+            assert_eq!(job["progress"]["moved"], 60, "{job:#}");
+            break;
+        }
+        assert!(
+            ["pending", "running"].contains(&job["status"].as_str().unwrap()),
+            "{job:#}"
+        );
+    }
+    for (_, data) in stored_rows(&app, &tenant).await {
+        assert_sealed(&data);
+        assert_eq!(data["ssn"]["kid"], "local-2");
+    }
+    let metrics = app.metrics_text().await;
+    assert!(metrics.contains("reseal_records_moved_total"), "{metrics}");
+    // The other tenant's key and values did not move.
+    let other_tenant = theirs["id"].as_str().unwrap();
+    let got = app
+        .get(&format!("/v1/data/people/{other_tenant}"), &other)
+        .await;
+    assert_eq!(got.status(), 200);
+    let others = body(app.get("/v1/tasks", &other).await).await;
+    assert_eq!(others["items"], json!([]), "{others:#}");
+    assert_eq!(app.get(&task, &other).await.status(), 404);
+}
+
+#[tokio::test]
+async fn a_schema_change_that_adds_or_removes_x_encrypted_reseals_stored_values() {
+    let app = TestApp::spawn().await;
+    let (tenant, token) = tenant_with_people(&app).await;
+    for i in 0..5 {
+        let mut p = person(&format!("p{i}"));
+        p["note"] = json!(format!("note {i}"));
+        assert_eq!(app.post("/v1/data/people", &token, &p).await.status(), 201);
+    }
+    // `note` becomes encrypted.
+    let mut schema = people_schema();
+    schema["properties"]["note"] = json!({"type": "string", "x-encrypted": true});
+    let resp = app.put_schema("people", &token, schema.clone()).await;
+    assert_eq!(resp.status(), 201, "{}", body(resp).await);
+    wait_for_job(&app, &token, "done").await;
+    for (_, data) in stored_rows(&app, &tenant).await {
+        assert_eq!(data["note"]["$enc"], 1, "{data}");
+        assert!(!data.to_string().contains("note "), "{data}");
+    }
+    // `ssn` is no longer encrypted: stored in clear again (and filterable).
+    schema["properties"]["ssn"] = json!({"type": "string"});
+    let resp = app.put_schema("people", &token, schema).await;
+    assert_eq!(resp.status(), 201, "{}", body(resp).await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while stored_rows(&app, &tenant)
+        .await
+        .iter()
+        .any(|(_, d)| d["ssn"] != SSN)
+    {
+        assert!(std::time::Instant::now() < deadline, "ssn still sealed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for (_, data) in stored_rows(&app, &tenant).await {
+        assert_eq!(data["card"]["pan"]["$enc"], 1, "{data}");
+        assert_eq!(data["note"]["$enc"], 1, "{data}");
+    }
+    let found = app
+        .get(&format!("/v1/data/people?ssn=eq.{SSN}"), &token)
+        .await;
+    assert_eq!(found.status(), 200);
+    let found = body(found).await;
+    assert_eq!(found["items"].as_array().unwrap().len(), 5, "{found:#}");
+    for item in found["items"].as_array().unwrap() {
+        assert!(item["data"]["note"].as_str().unwrap().starts_with("note "));
     }
 }

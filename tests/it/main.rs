@@ -6,6 +6,7 @@
 mod auth;
 mod binary;
 mod crash;
+mod dev_services;
 mod encryption;
 mod events;
 mod gate;
@@ -23,6 +24,7 @@ mod plugins;
 mod records;
 mod schemas;
 mod server;
+mod tasks;
 mod tenants;
 mod tokens;
 mod wit;

@@ -269,10 +269,13 @@ async fn slow_schema_change(fallback: bool) -> (u16, Duration) {
 
 #[tokio::test]
 async fn a_slow_validation_service_costs_one_budget_with_or_without_the_fallback() {
+    // One budget is 2 s; three attempts of it would be over 6 s. The margin
+    // is for a machine busy with the rest of the suite.
+    let one_budget = Duration::from_millis(4000);
     let (status, elapsed) = slow_schema_change(false).await;
     assert_eq!(status, 503);
-    assert!(elapsed < Duration::from_millis(2600), "took {elapsed:?}");
+    assert!(elapsed < one_budget, "took {elapsed:?}");
     let (status, elapsed) = slow_schema_change(true).await;
     assert_eq!(status, 201, "the local check decided");
-    assert!(elapsed < Duration::from_millis(2600), "took {elapsed:?}");
+    assert!(elapsed < one_budget, "took {elapsed:?}");
 }

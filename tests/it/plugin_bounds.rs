@@ -298,6 +298,7 @@ fn the_in_memory_component_cache_is_bounded() {
         plugin: "no-negative-totals".into(),
         version: 1,
         services: vec![],
+        queues_tasks: false,
     };
     let hook = rt
         .load(

@@ -409,13 +409,25 @@ async fn an_enricher_adds_to_events_in_the_log_and_on_the_stream() {
             break e.data;
         }
     };
-    assert_eq!(event["scheduledtask"], "task-0");
+    // The task is queued with the event, then sent: the event names the
+    // queued task; the task, once sent, the Task Service's id for it.
+    let task_id = event["scheduledtask"].as_str().unwrap().to_owned();
     assert_eq!(
         event["data"]["task"],
-        json!({"name": "regenerate-embeddings", "id": "task-0"})
+        json!({"name": "regenerate-embeddings", "id": task_id})
     );
     assert_eq!(event["data"]["recordId"], created["id"]);
     assert_eq!(event["tenantid"], tenant.as_str());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let task = loop {
+        let task = body(app.get(&format!("/v1/tasks/{task_id}"), &token).await).await;
+        if task["status"] == "scheduled" {
+            break task;
+        }
+        assert!(std::time::Instant::now() < deadline, "{task:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(task["remoteId"], "task-0");
     let asked = seen.lock().unwrap()[0].clone();
     assert_eq!(asked["task"], "regenerate-embeddings");
     assert_eq!(asked["tenantId"], tenant.as_str());
@@ -429,7 +441,7 @@ async fn an_enricher_adds_to_events_in_the_log_and_on_the_stream() {
         .iter()
         .find(|e| e["type"] == "business_store.data.created")
         .unwrap();
-    assert_eq!(replayed["scheduledtask"], "task-0");
+    assert_eq!(replayed["scheduledtask"], task_id.as_str());
     // Schema events are not bound to the enricher's resources.
     assert_eq!(tasks.calls(), 1);
 }
@@ -589,6 +601,7 @@ fn a_webhook_transformer_rewrites_or_cancels_a_delivery() {
         plugin: "webhook-chat".into(),
         version: 1,
         services: vec![],
+        queues_tasks: false,
     };
     let load = |config: &str| {
         rt.load(

@@ -265,3 +265,92 @@ pub async fn task_service() -> (Fake, Arc<std::sync::Mutex<Vec<Value>>>) {
     );
     (Fake::new(serve(router).await, calls), seen)
 }
+
+/// How a [`KeyedTasks`] service answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskMode {
+    /// 503 to everything.
+    Down,
+    /// Schedules the task, then answers 500 (as if the answer were lost):
+    /// once per key; the next request with that key is answered normally.
+    LosesAnswers,
+    Up,
+}
+
+/// A Task Execution Service that schedules once per `Idempotency-Key`.
+pub struct KeyedTasks {
+    pub url: String,
+    pub mode: Arc<Mutex<TaskMode>>,
+    /// Per key: the body first scheduled, and how many requests carried it.
+    pub scheduled: Arc<Mutex<HashMap<String, (Value, usize)>>>,
+    /// Requests without an idempotency key.
+    pub unkeyed: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl KeyedTasks {
+    pub fn set(&self, mode: TaskMode) {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+    }
+
+    /// Keys scheduled, with the requests that carried each.
+    pub fn keys(&self) -> HashMap<String, usize> {
+        let scheduled = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        scheduled
+            .iter()
+            .map(|(k, (_, n))| (k.clone(), *n))
+            .collect()
+    }
+}
+
+pub async fn keyed_task_service(mode: TaskMode) -> KeyedTasks {
+    let fake = KeyedTasks {
+        url: String::new(),
+        mode: Arc::new(Mutex::new(mode)),
+        scheduled: Arc::default(),
+        unkeyed: Arc::default(),
+        requests: Arc::default(),
+    };
+    let (mode, scheduled, unkeyed, requests) = (
+        fake.mode.clone(),
+        fake.scheduled.clone(),
+        fake.unkeyed.clone(),
+        fake.requests.clone(),
+    );
+    let schedule = post(move |headers: HeaderMap, Json(body): Json<Value>| {
+        let (mode, scheduled, unkeyed, requests) = (
+            mode.clone(),
+            scheduled.clone(),
+            unkeyed.clone(),
+            requests.clone(),
+        );
+        async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            let mode = *mode.lock().unwrap_or_else(|p| p.into_inner());
+            if mode == TaskMode::Down {
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            let Some(key) = headers
+                .get("idempotency-key")
+                .and_then(|k| k.to_str().ok())
+                .map(str::to_owned)
+            else {
+                unkeyed.fetch_add(1, Ordering::SeqCst);
+                return StatusCode::BAD_REQUEST.into_response();
+            };
+            let mut scheduled = scheduled.lock().unwrap_or_else(|p| p.into_inner());
+            let first = !scheduled.contains_key(&key);
+            let entry = scheduled.entry(key.clone()).or_insert((body, 0));
+            entry.1 += 1;
+            if first && mode == TaskMode::LosesAnswers {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+            Json(json!({"taskId": format!("remote-{key}")})).into_response()
+        }
+    });
+    let router = Router::new().route("/api/task/schedule", schedule);
+    KeyedTasks {
+        url: serve(router).await,
+        ..fake
+    }
+}

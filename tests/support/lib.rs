@@ -474,3 +474,26 @@ pub async fn wait_for_events(app: &TestApp, token: &str, n: usize) -> Vec<Value>
     let log = event_log(app, token).await;
     panic!("expected {n} events, the log has {}: {log:#?}", log.len());
 }
+
+/// Waits (up to 15 s) for a service started by a test to answer
+/// `/health/ready`.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the service did not come up");
+}
+
+/// Sends SIGTERM to a child process.
+pub fn sigterm(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(sent, "kill -TERM {} failed", child.id());
+}

@@ -11,6 +11,7 @@ pub mod operations;
 pub mod plugins;
 pub mod records;
 pub mod schemas;
+pub mod tasks;
 pub mod tenant_gate;
 pub mod tenants;
 
@@ -41,7 +42,7 @@ use crate::error::{ApiError, Problem};
 #[openapi(
     info(title = "Business Store", description = "Multi-tenant business data service"),
     modifiers(&BearerAuth),
-    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "plugins"), (name = "operations"))
+    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "plugins"), (name = "tasks"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -71,6 +72,7 @@ pub fn routes(with_metrics: bool) -> (Router<SharedState>, utoipa::openapi::Open
         .merge(records::router())
         .merge(events::router())
         .merge(plugins::router())
+        .merge(tasks::router())
         .merge(broker::router())
         .merge(operations::router(with_metrics))
         .split_for_parts()

@@ -85,9 +85,21 @@ async fn put_schema(
         .map_err(|errors| ApiError::unprocessable("the schema is not valid", errors))?;
     let events = super::event_context(&state, &headers);
     let actor = principal.actor();
-    match schemas::apply(&state.pool, tenant, &resource, &compiled, &actor, &events).await? {
+    let max_pending = state.tasks.max_pending();
+    let applied = schemas::apply(
+        &state.pool,
+        tenant,
+        &resource,
+        &compiled,
+        &actor,
+        &events,
+        max_pending,
+    )
+    .await?;
+    match applied {
         Applied::Created(v) => {
             state.event_log.written(1);
+            state.tasks.wake();
             let fresh = CompiledSchema::compile(
                 v.schema.clone(),
                 v.version,

@@ -294,6 +294,14 @@ const MAX_ENCRYPTED_DEPTH: usize = 32;
 
 /// Walks `properties` (any names) down to the outermost `x-encrypted`
 /// fields: what is sealed as one value.
+/// The `x-encrypted` paths of a schema document (what
+/// [`CompiledSchema::encrypted_paths`] gives once compiled).
+pub fn encrypted_paths_of(schema: &Value) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    collect_encrypted(schema, &mut Vec::new(), &mut out);
+    out
+}
+
 fn collect_encrypted(schema: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     let Some(props) = schema.get("properties").and_then(Value::as_object) else {
         return;

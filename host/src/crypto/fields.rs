@@ -120,6 +120,32 @@ pub fn key_ids(doc: &Value) -> BTreeSet<String> {
     out
 }
 
+/// Whether a stored document is as its schema and the tenant's current key
+/// want it: the value at each of `paths` (where present) sealed with key
+/// `current`, and nothing sealed anywhere else. The re-encryption job moves
+/// the documents that are not.
+pub fn settled(doc: &Value, paths: &[Vec<String>], current: &str) -> bool {
+    fn sealed_count(v: &Value) -> usize {
+        match v {
+            v if is_sealed(v) => 1,
+            Value::Object(m) => m.values().map(sealed_count).sum(),
+            Value::Array(items) => items.iter().map(sealed_count).sum(),
+            _ => 0,
+        }
+    }
+    let mut at_paths = 0;
+    for path in paths {
+        let Some(v) = path.iter().try_fold(doc, |v, k| v.get(k)) else {
+            continue;
+        };
+        if !is_sealed(v) || v.get("kid").and_then(Value::as_str) != Some(current) {
+            return false;
+        }
+        at_paths += 1;
+    }
+    sealed_count(doc) == at_paths
+}
+
 /// Opens, in place, every sealed value of the document with `keys` (by id).
 pub fn open(
     doc: &mut Value,
@@ -251,5 +277,19 @@ mod tests {
         moved["card"]["brand"] = doc["ssn"].clone();
         assert!(open(&mut moved, &keys, &scope("r1")).is_err());
         assert!(sealed_at(&doc, "/card/pan/0") && !sealed_at(&doc, "/card/brand"));
+        assert!(settled(&doc, &paths, &key.id));
+        assert!(!settled(&doc, &paths, "local-2"), "sealed with an old key");
+        assert!(
+            !settled(&doc, &paths[..1], &key.id),
+            "sealed where nothing is encrypted"
+        );
+        assert!(
+            !settled(&plain, &paths, &key.id),
+            "clear where a value is encrypted"
+        );
+        assert!(
+            settled(&json!({"n": 1}), &paths, &key.id),
+            "absent values need nothing"
+        );
     }
 }

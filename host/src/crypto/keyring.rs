@@ -19,10 +19,14 @@ use hkdf::Hkdf;
 use serde_json::Value;
 use sha2::Sha256;
 
+use sqlx::PgPool;
+
 use super::CryptoError;
 use crate::config::Settings;
 use crate::services::ServiceClient;
 use crate::services::http_client::CallError;
+use crate::storage::StorageError;
+use crate::storage::tasks::{self, NewTask, Queued};
 
 /// Most keys cached (tenant × key id); past it, expired and then the
 /// soonest-expiring entries are dropped.
@@ -50,17 +54,40 @@ impl std::fmt::Debug for DataKey {
 }
 
 enum Source {
-    Local { master: [u8; 32] },
+    /// `versions`: where each tenant's current key number is kept
+    /// (`bss.tenants.key_version`); without it, always `local-1`.
+    Local {
+        master: [u8; 32],
+        versions: Option<PgPool>,
+    },
     Auth(Box<ServiceClient>),
 }
 
+/// A cached key: until when it may be used, and from when the current key
+/// is asked for again (by one caller; the others keep using this one).
+#[derive(Clone)]
+struct Cached {
+    key: Arc<DataKey>,
+    until: Instant,
+    refresh_at: Instant,
+}
+
 /// Cache entries: key `(tenant, key id)`; `(tenant, "")` is the current key.
-type Cache = HashMap<(String, String), (Arc<DataKey>, Instant)>;
+type Cache = HashMap<(String, String), Cached>;
+
+/// Held while a key is fetched.
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
+/// A tenant whose current key changed, and the new key id.
+pub type Rotation = (String, String);
 
 pub struct Keyring {
     source: Source,
     cache: Mutex<Cache>,
+    /// Slots being fetched: one fetch per slot at a time.
+    fetching: Mutex<HashMap<(String, String), Gate>>,
     ttl: Duration,
+    rotations: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Rotation>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -75,30 +102,58 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// What a rotation did.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The key new values are sealed with from now on.
+    pub key_id: String,
+    /// The re-encryption job that moves the stored values to it.
+    pub task: Queued,
+}
+
 impl Keyring {
     /// The Auth Service's keys when `AUTH_SERVICE_URL` is set, else the
-    /// built-in keyring (master key resolved, generated if need be).
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+    /// built-in keyring (master key resolved, generated if need be), whose
+    /// key versions are kept in `pool`.
+    pub fn from_settings(settings: &Settings, pool: Option<PgPool>) -> anyhow::Result<Self> {
         let source = match &settings.auth_service_url {
             Some(url) => Source::Auth(Box::new(ServiceClient::new("auth", url, settings)?)),
             None => Source::Local {
                 master: super::master_key::resolve(settings)?,
+                versions: pool,
             },
         };
-        Ok(Self {
+        Ok(Self::with_source(
             source,
-            cache: Mutex::default(),
-            ttl: Duration::from_secs(settings.key_cache_secs),
-        })
+            Duration::from_secs(settings.key_cache_secs),
+        ))
     }
 
-    /// A built-in keyring on this master key (tests, tools).
+    /// A built-in keyring on this master key, always `local-1` (tests, tools).
     pub fn local(master: [u8; 32]) -> Self {
+        Self::with_source(
+            Source::Local {
+                master,
+                versions: None,
+            },
+            Duration::ZERO,
+        )
+    }
+
+    fn with_source(source: Source, ttl: Duration) -> Self {
         Self {
-            source: Source::Local { master },
+            source,
             cache: Mutex::default(),
-            ttl: Duration::ZERO,
+            fetching: Mutex::default(),
+            ttl,
+            rotations: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where to report tenants whose current key changed (a new key id from
+    /// the Auth Service): the task worker queues their re-encryption.
+    pub fn report_rotations(&self, to: tokio::sync::mpsc::UnboundedSender<Rotation>) {
+        let _ = self.rotations.set(to);
     }
 
     /// The key new values of this tenant are sealed with.
@@ -111,50 +166,175 @@ impl Keyring {
         self.key(tenant, Some(id)).await
     }
 
+    /// Rotates a tenant's key: the built-in keyring moves to its next key
+    /// (`local-<n+1>`); with the Auth Service, its current key is asked for
+    /// again at once (rotate it there first). Either way the tenant's
+    /// re-encryption job is queued (once per key id) in `tx`'s transaction.
+    pub async fn rotate(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        tenant: &str,
+        max_pending: i64,
+    ) -> Result<Option<Rotated>, RotateError> {
+        let key_id = match &self.source {
+            Source::Local {
+                versions: Some(_), ..
+            } => {
+                let version: Option<i32> = sqlx::query_scalar(
+                    "UPDATE bss.tenants SET key_version = key_version + 1
+                      WHERE id = $1 AND status = 'active' RETURNING key_version",
+                )
+                .bind(tenant)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some(version) = version else {
+                    return Ok(None);
+                };
+                format!("local-{version}")
+            }
+            Source::Local { versions: None, .. } => LOCAL_KEY_ID.to_owned(),
+            Source::Auth(_) => {
+                self.forget_current(tenant);
+                self.current(tenant).await?.id.clone()
+            }
+        };
+        let task = queue_reseal(&mut **tx, tenant, &key_id, "key-rotation", max_pending).await?;
+        Ok(Some(Rotated { key_id, task }))
+    }
+
+    /// Drops the cached current key of a tenant (after its transaction
+    /// committed a rotation): the next write asks again.
+    pub fn forget_current(&self, tenant: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(&(tenant.to_owned(), String::new()));
+        }
+    }
+
     async fn key(&self, tenant: &str, id: Option<&str>) -> Result<Arc<DataKey>, CryptoError> {
         let slot = (tenant.to_owned(), id.unwrap_or_default().to_owned());
-        if let Some(key) = self.cached(&slot) {
-            return Ok(key);
+        let now = Instant::now();
+        let hit = self.cached(&slot).filter(|c| now < c.until);
+        if let Some(c) = &hit
+            && now < c.refresh_at
+        {
+            return Ok(c.key.clone());
         }
-        let client = match &self.source {
-            Source::Local { master } => {
-                let key = derive(master, tenant, id.unwrap_or(LOCAL_KEY_ID))?;
-                self.remember(slot, key.clone(), Instant::now() + LOCAL_KEY_CACHE);
-                return Ok(key);
-            }
-            Source::Auth(client) => client,
+        // One fetch per slot at a time; a caller finding the fetch taken
+        // keeps a still-valid key, or waits for the fetch and takes its key.
+        let gate = self.gate(&slot);
+        let _turn = match (gate.try_lock(), &hit) {
+            (Ok(turn), _) => turn,
+            (Err(_), Some(c)) => return Ok(c.key.clone()),
+            (Err(_), None) => gate.lock().await,
         };
-        let (key, expires) = fetch(client, tenant, id).await?;
-        if id.is_some_and(|id| id != key.id) {
-            return Err(unavailable("the Auth Service answered another key id", 5));
+        if let Some(c) = self.cached(&slot).filter(|c| Instant::now() < c.refresh_at) {
+            return Ok(c.key.clone());
         }
-        let key = Arc::new(key);
-        let until = Instant::now() + self.ttl.min(expires.unwrap_or(self.ttl));
-        self.remember(slot, key.clone(), until);
-        if id.is_none() {
-            // The current key also opens the values sealed with it.
-            self.remember((tenant.to_owned(), key.id.clone()), key.clone(), until);
+        let fetched = self.fetch_key(tenant, id).await;
+        self.release_gate(&slot);
+        match (fetched, hit) {
+            (Ok((key, valid)), _) => {
+                self.keep(tenant, id, key.clone(), valid);
+                Ok(key)
+            }
+            // Refreshing ahead failed: the cached key is still good.
+            (Err(_), Some(c)) => Ok(c.key),
+            (Err(e), None) => Err(e),
         }
-        Ok(key)
     }
 
-    fn cached(&self, slot: &(String, String)) -> Option<Arc<DataKey>> {
+    /// Asks the source for a key; returns it and how long it may be cached.
+    async fn fetch_key(
+        &self,
+        tenant: &str,
+        id: Option<&str>,
+    ) -> Result<(Arc<DataKey>, Duration), CryptoError> {
+        match &self.source {
+            Source::Local { master, versions } => {
+                let asked_current = id.is_none();
+                let id = match (id, versions) {
+                    (Some(id), _) => id.to_owned(),
+                    (None, Some(pool)) => format!("local-{}", local_version(pool, tenant).await?),
+                    (None, None) => LOCAL_KEY_ID.to_owned(),
+                };
+                // Old keys never change; the current one may be rotated on
+                // another replica, so it is asked for again after the TTL.
+                let valid = if versions.is_some() && asked_current {
+                    self.ttl
+                } else {
+                    LOCAL_KEY_CACHE
+                };
+                Ok((derive(master, tenant, &id)?, valid.min(LOCAL_KEY_CACHE)))
+            }
+            Source::Auth(client) => {
+                let (key, expires) = fetch(client, tenant, id).await?;
+                if id.is_some_and(|id| id != key.id) {
+                    return Err(unavailable("the Auth Service answered another key id", 5));
+                }
+                Ok((Arc::new(key), self.ttl.min(expires.unwrap_or(self.ttl))))
+            }
+        }
+    }
+
+    /// Caches a fetched key; a current key also opens the values sealed
+    /// with it. A current key with a new id is reported as a rotation.
+    fn keep(&self, tenant: &str, id: Option<&str>, key: Arc<DataKey>, valid: Duration) {
+        let now = Instant::now();
+        let entry = Cached {
+            key: key.clone(),
+            until: now + valid,
+            // Asked for again in the last fifth of its life.
+            refresh_at: now + valid.mul_f64(0.8),
+        };
+        let current = (tenant.to_owned(), String::new());
+        let previous = self.cached(&current).map(|c| c.key.id.clone());
+        self.remember(
+            (tenant.to_owned(), id.unwrap_or_default().to_owned()),
+            entry.clone(),
+        );
+        if id.is_some() {
+            return;
+        }
+        self.remember((tenant.to_owned(), key.id.clone()), entry);
+        if previous.is_some_and(|p| p != key.id)
+            && let Some(report) = self.rotations.get()
+        {
+            let _ = report.send((tenant.to_owned(), key.id.clone()));
+        }
+    }
+
+    fn gate(&self, slot: &(String, String)) -> Gate {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        fetching.entry(slot.clone()).or_default().clone()
+    }
+
+    fn release_gate(&self, slot: &(String, String)) {
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the fetcher and this map hold it: nobody waits any more.
+        if fetching
+            .get(slot)
+            .is_some_and(|g| Arc::strong_count(g) <= 2)
+        {
+            fetching.remove(slot);
+        }
+    }
+
+    fn cached(&self, slot: &(String, String)) -> Option<Cached> {
         let cache = self.cache.lock().ok()?;
-        let (key, until) = cache.get(slot)?;
-        (Instant::now() < *until).then(|| key.clone())
+        cache.get(slot).cloned()
     }
 
-    fn remember(&self, slot: (String, String), key: Arc<DataKey>, until: Instant) {
+    fn remember(&self, slot: (String, String), entry: Cached) {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
         if cache.len() >= MAX_CACHED && !cache.contains_key(&slot) {
             let now = Instant::now();
-            cache.retain(|_, (_, until)| *until > now);
+            cache.retain(|_, c| c.until > now);
             while cache.len() >= MAX_CACHED {
                 let soonest = cache
                     .iter()
-                    .min_by_key(|(_, (_, u))| *u)
+                    .min_by_key(|(_, c)| c.until)
                     .map(|(k, _)| k.clone());
                 match soonest {
                     Some(k) => cache.remove(&k),
@@ -162,8 +342,66 @@ impl Keyring {
                 };
             }
         }
-        cache.insert(slot, (key, until));
+        cache.insert(slot, entry);
     }
+}
+
+/// Why a rotation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error(transparent)]
+    Key(#[from] CryptoError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<RotateError> for crate::error::ApiError {
+    fn from(e: RotateError) -> Self {
+        match e {
+            RotateError::Key(e) => e.into(),
+            RotateError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for RotateError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+/// Queues a tenant's re-encryption job (once per `reason`), in the
+/// transaction of `exec`: each stored value moves to the tenant's current
+/// key, into or out of its sealed form as the current schemas say.
+pub async fn queue_reseal<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    tenant: &str,
+    reason: &str,
+    source: &str,
+    max_pending: i64,
+) -> Result<Queued, StorageError> {
+    let key = format!("reseal:{reason}");
+    let payload = serde_json::json!({ "reason": reason });
+    let task = NewTask {
+        tenant,
+        kind: "reseal",
+        name: "re-encrypt",
+        key: &key,
+        source,
+        payload: &payload,
+    };
+    tasks::enqueue(exec, task, max_pending).await
+}
+
+/// A tenant's current key number in the built-in keyring.
+async fn local_version(pool: &PgPool, tenant: &str) -> Result<i32, CryptoError> {
+    let version: Option<i32> =
+        sqlx::query_scalar("SELECT key_version FROM bss.tenants WHERE id = $1")
+            .bind(tenant)
+            .fetch_optional(pool)
+            .await
+            .map_err(|_| unavailable("the tenant's key version could not be read", 2))?;
+    Ok(version.unwrap_or(1))
 }
 
 /// HKDF-SHA256 of the master key, bound to tenant and key id.

@@ -384,6 +384,7 @@ impl Plugins {
             plugin: name.to_owned(),
             version,
             services: manifest.services.clone(),
+            queues_tasks: manifest.kind == Kind::EventEnricher,
         };
         self.runtime
             .load(&component, manifest.kind, limits, checked.config, caller)

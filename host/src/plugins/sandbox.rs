@@ -39,6 +39,11 @@ pub struct Caller {
     pub plugin: String,
     pub version: i32,
     pub services: Vec<String>,
+    /// Its tasks go to the durable queue (an enricher's: its event is
+    /// committed, so the task must not be lost), instead of the Task
+    /// Execution Service being asked during the call (a hook's: the write
+    /// waits for the answer, and fails if it must).
+    pub queues_tasks: bool,
 }
 
 pub struct CallState {
@@ -206,13 +211,13 @@ impl host::Host for CallState {
         if left.is_zero() {
             return Err(wasmtime::Error::new(HostStop::HostCallDeadline));
         }
-        let tenant = self.caller.tenant.clone();
+        let caller = self.caller.clone();
         // The call runs as its own task on the service runtime, so it always
         // completes (the client's timeout bounds it, and its breaker sees the
         // outcome); this (blocking) thread waits for it at most until the
         // plugin's own deadline.
         let call =
-            runtime.spawn(async move { services.forward(&service, &path, &tenant, &body).await });
+            runtime.spawn(async move { services.forward(&caller, &service, &path, &body).await });
         match runtime.block_on(tokio::time::timeout(left, call)) {
             Err(_) => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
             Ok(Err(e)) => Ok(Err(format!("the call failed: {e}"))),

@@ -98,6 +98,14 @@ enum Answer {
     Refused(StatusCode),
 }
 
+/// One call's request, the same on every attempt.
+struct Call<'a> {
+    url: &'a str,
+    body: Option<&'a Value>,
+    tenant: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+}
+
 #[derive(Debug)]
 pub struct ServiceClient {
     name: &'static str,
@@ -165,6 +173,37 @@ impl ServiceClient {
         tenant: Option<&str>,
         budget: Duration,
     ) -> Result<Value, CallError> {
+        self.call_keyed(path, body, tenant, budget, None).await
+    }
+
+    /// Like [`call_for`](Self::call_for), with an `Idempotency-Key` header
+    /// (the same on every attempt): the peer does the work once per key.
+    pub async fn call_idempotent(
+        &self,
+        path: &str,
+        body: &Value,
+        tenant: &str,
+        idempotency_key: &str,
+    ) -> Result<Value, CallError> {
+        let budget = self.budget;
+        self.call_keyed(
+            path,
+            Some(body),
+            Some(tenant),
+            budget,
+            Some(idempotency_key),
+        )
+        .await
+    }
+
+    async fn call_keyed(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        tenant: Option<&str>,
+        budget: Duration,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, CallError> {
         let key = tenant.unwrap_or("");
         if let Err(retry_after) = self.breaker.try_acquire(key) {
             self.count_error("circuit_open");
@@ -175,7 +214,13 @@ impl ServiceClient {
         }
         let deadline = Instant::now() + budget.min(self.budget);
         let url = format!("{}{path}", self.base_url);
-        let all = self.attempt_all(&url, body, tenant, deadline);
+        let call = Call {
+            url: &url,
+            body,
+            tenant,
+            idempotency_key,
+        };
+        let all = self.attempt_all(&call, deadline);
         let outcome = match tokio::time::timeout_at(deadline, all).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -189,13 +234,7 @@ impl ServiceClient {
     /// Attempts until an answer, a failure not worth retrying, the last
     /// attempt, or too little time left for another (one that could not
     /// finish connecting would end as a timeout, hiding an unreachable peer).
-    async fn attempt_all(
-        &self,
-        url: &str,
-        body: Option<&Value>,
-        tenant: Option<&str>,
-        deadline: Instant,
-    ) -> Result<Answer, Failure> {
+    async fn attempt_all(&self, call: &Call<'_>, deadline: Instant) -> Result<Answer, Failure> {
         let mut last = Failure::TimedOut;
         for attempt in 0..self.attempts {
             if attempt > 0 {
@@ -205,7 +244,7 @@ impl ServiceClient {
                 }
                 tokio::time::sleep(pause).await;
             }
-            match self.attempt(url, body, tenant, deadline).await {
+            match self.attempt(call, deadline).await {
                 Err(failure) => {
                     self.count_error(failure.kind());
                     last = failure;
@@ -219,20 +258,17 @@ impl ServiceClient {
         Err(last)
     }
 
-    async fn attempt(
-        &self,
-        url: &str,
-        body: Option<&Value>,
-        tenant: Option<&str>,
-        deadline: Instant,
-    ) -> Result<Answer, Failure> {
-        let request = match body {
-            Some(b) => self.http.post(url).json(b),
-            None => self.http.get(url),
+    async fn attempt(&self, call: &Call<'_>, deadline: Instant) -> Result<Answer, Failure> {
+        let request = match call.body {
+            Some(b) => self.http.post(call.url).json(b),
+            None => self.http.get(call.url),
         };
         let mut request = request.timeout(deadline.saturating_duration_since(Instant::now()));
-        if let Some(t) = tenant {
+        if let Some(t) = call.tenant {
             request = request.header("x-tenant-id", t);
+        }
+        if let Some(k) = call.idempotency_key {
+            request = request.header("idempotency-key", k);
         }
         if let Some(credential) = self.identity.authorization(self.name) {
             request = request.header(reqwest::header::AUTHORIZATION, credential);

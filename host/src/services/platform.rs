@@ -10,7 +10,12 @@
 //! calls have their own breaker (see [`ServiceClient`]), and the errors a
 //! plugin sees (and may put in a violation) are worded by the host.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
+
+use crate::plugins::sandbox::Caller;
+use crate::tasks::TaskQueue;
 
 use super::{CallError, ServiceClient};
 
@@ -36,28 +41,50 @@ pub const SERVICES: [&str; PLUGIN_PATHS.len()] = {
 pub struct PlatformServices {
     validation: Option<ServiceClient>,
     task: Option<ServiceClient>,
+    /// Where enrichers' tasks go (see [`crate::tasks`]).
+    queue: Option<Arc<TaskQueue>>,
 }
 
 impl PlatformServices {
     pub fn new(validation: Option<ServiceClient>, task: Option<ServiceClient>) -> Self {
-        Self { validation, task }
+        Self {
+            validation,
+            task,
+            queue: None,
+        }
     }
 
-    /// Calls `path` of `service` with a JSON body on behalf of `tenant`.
-    /// The error is a message for the plugin (it never names hosts).
+    /// Enrichers' `POST /api/task/schedule` calls are queued here instead.
+    pub fn with_queue(mut self, queue: Arc<TaskQueue>) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Calls `path` of `service` with a JSON body on behalf of the calling
+    /// plugin's tenant (or queues the task, for an enricher). The error is
+    /// a message for the plugin (it never names hosts).
     pub async fn forward(
         &self,
+        caller: &Caller,
         service: &str,
         path: &str,
-        tenant: &str,
         body: &Value,
     ) -> Result<Value, String> {
+        let tenant = caller.tenant.as_str();
         let remote = match service {
             "validation" => self.validation.as_ref(),
             "task" => self.task.as_ref(),
             other => return Err(format!("no platform service named {other:?}")),
         };
         check_path(service, path)?;
+        if let Some(queue) = &self.queue
+            && caller.queues_tasks
+            && (service, path) == ("task", crate::tasks::SCHEDULE_PATH)
+        {
+            return queue
+                .schedule_for_plugin(tenant, &caller.plugin, body)
+                .await;
+        }
         match remote {
             Some(client) => client
                 .call_for(path, Some(body), Some(tenant))

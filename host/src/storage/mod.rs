@@ -9,6 +9,7 @@ pub mod plugins;
 pub mod query;
 pub mod records;
 pub mod schemas;
+pub mod tasks;
 pub mod tenants;
 
 pub use database::{Database, pg_code};

@@ -465,3 +465,66 @@ pub async fn create_batch(
         .collect();
     Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
 }
+
+/// A tenant's resources, in name order (the re-encryption job's walk).
+pub async fn resources(pool: &PgPool, tenant: &TenantId) -> Result<Vec<String>, StorageError> {
+    let s = tenant.schema_ident();
+    sqlx::query_scalar(&format!(
+        "SELECT resource FROM {s}._resources ORDER BY resource"
+    ))
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from_tenant_query)
+}
+
+/// The next records after `after` (id order), at most `limit` of them and
+/// about `max_bytes` of stored documents (at least one): the stored form,
+/// sealed values and all.
+pub async fn stored_page(
+    pool: &PgPool,
+    tenant: &TenantId,
+    resource: &ResourceName,
+    after: Option<&str>,
+    limit: i64,
+    max_bytes: i64,
+) -> Result<Vec<(String, Value)>, StorageError> {
+    let table = resource.table_in(tenant);
+    sqlx::query_as(&format!(
+        "SELECT id, data FROM (
+             SELECT id, data,
+                    sum(pg_column_size(data)) OVER (ORDER BY id) - pg_column_size(data) AS before
+               FROM (SELECT id, data FROM {table}
+                      WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2) page) sized
+          WHERE before < $3 ORDER BY id"
+    ))
+    .bind(after)
+    .bind(limit)
+    .bind(max_bytes)
+    .fetch_all(pool)
+    .await
+    .map_err(StorageError::from_tenant_query)
+}
+
+/// Replaces a record's stored form by another of the same content (its
+/// values sealed differently), unless it changed since it was read. The
+/// record's version and timestamps stay: nothing a reader sees changed.
+pub async fn replace_stored(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    resource: &ResourceName,
+    id: &str,
+    read: &Value,
+    stored: &Value,
+) -> Result<bool, StorageError> {
+    let table = resource.table_in(tenant);
+    let done = sqlx::query(&format!(
+        "UPDATE {table} SET data = $3 WHERE id = $1 AND data = $2"
+    ))
+    .bind(id)
+    .bind(read)
+    .bind(stored)
+    .execute(&mut **tx)
+    .await
+    .map_err(StorageError::from_tenant_query)?;
+    Ok(done.rows_affected() == 1)
+}

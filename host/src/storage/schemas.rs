@@ -10,8 +10,11 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use utoipa::ToSchema;
 
+use super::tasks::Queued;
 use super::{StorageError, pg_code};
+use crate::catalog::compiled::encrypted_paths_of;
 use crate::catalog::{CompiledSchema, FieldType};
+use crate::crypto::keyring::queue_reseal;
 use crate::domain::ids::quote_ident;
 use crate::domain::{ResourceName, TenantId};
 use crate::error::FieldError;
@@ -114,7 +117,10 @@ pub async fn version(
 }
 
 /// Applies `schema` as the resource's next version. `compiled` is the same
-/// document compiled (its version number is ignored).
+/// document compiled (its version number is ignored). A version that adds
+/// or removes `x-encrypted` on a field queues the tenant's re-encryption
+/// job in the same transaction (refused when the tenant has `max_pending`
+/// tasks waiting).
 pub async fn apply(
     pool: &PgPool,
     tenant: &TenantId,
@@ -122,6 +128,7 @@ pub async fn apply(
     compiled: &CompiledSchema,
     actor: &str,
     events: &EventContext,
+    max_pending: i64,
 ) -> Result<Applied, StorageError> {
     let s = tenant.schema_ident();
     let mut tx = pool.begin().await?;
@@ -149,6 +156,19 @@ pub async fn apply(
             let offending = check_records(&mut tx, tenant, resource, compiled).await?;
             if !offending.is_empty() {
                 return Ok(Applied::Incompatible(offending));
+            }
+            if encrypted_paths_of(&stored.0) != compiled.encrypted_paths() {
+                let reason = format!("schema:{resource}:v{}", v + 1);
+                let source = format!("schema:{resource}");
+                let queued =
+                    queue_reseal(&mut *tx, tenant.as_str(), &reason, &source, max_pending).await?;
+                if queued == Queued::Full {
+                    return Err(StorageError::Conflict(
+                        "the tenant has too many tasks waiting to re-encrypt the stored values; \
+                         try the change again later"
+                            .into(),
+                    ));
+                }
             }
             sqlx::query(&format!(
                 "UPDATE {s}._resources SET current_version = $2, updated_at = now() WHERE resource = $1"

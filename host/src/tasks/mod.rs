@@ -1,0 +1,325 @@
+//! Durable tasks. Work that must happen because of a change (a task an
+//! enricher asks the Task Execution Service for, re-encrypting a tenant's
+//! values after a key rotation or a schema change) is written to
+//! `bss.tasks` with its cause, then carried out by every replica's worker
+//! ([`run`]) until done:
+//!
+//! - `remote` tasks are sent to `POST {TASK_SERVICE_URL}/api/task/schedule`
+//!   with `Idempotency-Key: <task id>` (the same on every attempt, so a
+//!   retry never schedules twice; a 409 answer counts as scheduled),
+//!   retried with backoff (1 s doubling to `task_retry_max_secs`) through
+//!   each tenant's breaker, and parked as `failed` after
+//!   `task_max_attempts`. Without a Task Service the built-in stand-in
+//!   accepts them (and logs them).
+//! - `reseal` jobs run here, whether or not a Task Service is configured
+//!   (see [`reseal`]): leased, batch by batch, progress saved with each
+//!   batch, taken over when a replica dies.
+//!
+//! Tenants take turns: a pass takes at most [`PER_TENANT`] tasks of each.
+
+pub mod reseal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::app_state::SharedState;
+use crate::crypto::keyring::{Rotation, queue_reseal};
+use crate::services::{CallError, ServiceClient};
+use crate::storage::tasks::{self, Claimed, NewTask, Outcome, Queued};
+
+/// Remote tasks one pass takes.
+const BATCH: i64 = 64;
+/// Remote tasks of one tenant one pass takes.
+const PER_TENANT: i64 = 8;
+/// Remote tasks sent at once.
+const IN_FLIGHT: usize = 16;
+/// Re-encryption jobs one replica runs at once.
+const JOBS: usize = 2;
+/// How often the task counts in `/metrics` are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+/// Longest idempotency key a plugin may give.
+const MAX_KEY_LEN: usize = 200;
+/// The Task Execution Service's path.
+pub const SCHEDULE_PATH: &str = "/api/task/schedule";
+
+/// The queue's handle: where tasks are written, and the worker's bell.
+#[derive(Debug)]
+pub struct TaskQueue {
+    pool: sqlx::PgPool,
+    max_pending: i64,
+    wake: Notify,
+    /// The Task Execution Service, when configured.
+    client: Option<ServiceClient>,
+}
+
+impl TaskQueue {
+    pub fn new(pool: sqlx::PgPool, max_pending: i64, client: Option<ServiceClient>) -> Self {
+        Self {
+            pool,
+            max_pending,
+            wake: Notify::new(),
+            client,
+        }
+    }
+
+    pub fn max_pending(&self) -> i64 {
+        self.max_pending
+    }
+
+    /// Tells this replica's worker there is new work.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// What an enricher's `forward("task", "/api/task/schedule", body)`
+    /// does: queues the request (once per idempotency key: the body's
+    /// `idempotencyKey`, else a digest of the body, which names the event)
+    /// and answers `{"taskId", "status": "queued"}` at once.
+    pub async fn schedule_for_plugin(
+        &self,
+        tenant: &str,
+        plugin: &str,
+        body: &Value,
+    ) -> Result<Value, String> {
+        let key = match body.get("idempotencyKey") {
+            None => format!(
+                "plugin:{plugin}:{}",
+                URL_SAFE_NO_PAD.encode(Sha256::digest(body.to_string()))
+            ),
+            Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KEY_LEN => {
+                format!("plugin:{plugin}:{k}")
+            }
+            Some(_) => {
+                return Err(format!(
+                    "idempotencyKey must be a string of 1 to {MAX_KEY_LEN} characters"
+                ));
+            }
+        };
+        let name = body
+            .get("task")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty() && n.len() <= MAX_KEY_LEN)
+            .unwrap_or("task");
+        let source = format!("plugin:{plugin}");
+        let task = NewTask {
+            tenant,
+            kind: "remote",
+            name,
+            key: &key,
+            source: &source,
+            payload: body,
+        };
+        match tasks::enqueue(&self.pool, task, self.max_pending).await {
+            Ok(Queued::New(id)) => {
+                metrics::counter!("tasks_queued_total").increment(1);
+                self.wake();
+                Ok(json!({"taskId": id, "status": "queued"}))
+            }
+            Ok(Queued::Existing(id)) => Ok(json!({"taskId": id, "status": "queued"})),
+            Ok(Queued::Full) => Err(format!(
+                "this tenant has {} tasks waiting; no more are queued until some are sent",
+                self.max_pending
+            )),
+            Err(e) => {
+                tracing::warn!(tenant, error = %e, "queuing a task failed");
+                Err("the task could not be queued; it was not scheduled".into())
+            }
+        }
+    }
+}
+
+/// The worker: sends due remote tasks, runs due jobs, queues the
+/// re-encryption of tenants whose key the Auth Service rotated, and keeps
+/// the task gauges. Runs on every replica (tasks are leased).
+pub async fn run(state: SharedState, mut rotations: UnboundedReceiver<Rotation>) {
+    let poll = Duration::from_millis(state.settings.task_poll_ms);
+    let mut jobs = tokio::task::JoinSet::new();
+    let mut gauges_at = tokio::time::Instant::now();
+    loop {
+        while let Ok((tenant, key_id)) = rotations.try_recv() {
+            queue_rotation(&state, &tenant, &key_id).await;
+        }
+        let sent = match dispatch(&state).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "sending tasks failed");
+                0
+            }
+        };
+        while jobs.try_join_next().is_some() {}
+        while jobs.len() < JOBS {
+            match tasks::claim_job(&state.pool, lease_secs(&state)).await {
+                Ok(Some(job)) => {
+                    jobs.spawn(reseal::run_job(state.clone(), job));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking a job failed");
+                    break;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= gauges_at {
+            update_gauges(&state).await;
+            gauges_at = tokio::time::Instant::now() + GAUGES_EVERY;
+        }
+        if sent == 0 {
+            tokio::select! {
+                () = state.tasks.wake.notified() => {}
+                () = tokio::time::sleep(poll) => {}
+                Some((tenant, key_id)) = rotations.recv() => {
+                    queue_rotation(&state, &tenant, &key_id).await;
+                }
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+            }
+        }
+    }
+}
+
+fn lease_secs(state: &SharedState) -> f64 {
+    state.settings.task_lease_secs as f64
+}
+
+async fn queue_rotation(state: &SharedState, tenant: &str, key_id: &str) {
+    let max = state.tasks.max_pending;
+    match queue_reseal(&state.pool, tenant, key_id, "key-rotation", max).await {
+        Ok(Queued::New(id)) => {
+            tracing::info!(tenant, key_id, task = %id, "key rotated: re-encryption queued");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(tenant, error = %e, "queuing a re-encryption failed"),
+    }
+}
+
+/// One pass over due remote tasks; returns how many were sent.
+async fn dispatch(state: &SharedState) -> Result<usize, crate::storage::StorageError> {
+    let lease = state
+        .tasks
+        .client
+        .as_ref()
+        .map_or(Duration::from_secs(5), ServiceClient::budget)
+        .as_secs_f64()
+        * 2.0
+        + lease_secs(state);
+    let claimed = tasks::claim_remote(&state.pool, BATCH, PER_TENANT, lease).await?;
+    let n = claimed.len();
+    futures_util::stream::iter(claimed)
+        .for_each_concurrent(IN_FLIGHT, |task| send(state, task))
+        .await;
+    Ok(n)
+}
+
+async fn send(state: &SharedState, task: Claimed) {
+    let (outcome, attempted) = match &state.tasks.client {
+        None => {
+            let id = format!("local-{}", task.id);
+            metrics::counter!("task_service_local_scheduled_total").increment(1);
+            tracing::info!(tenant = %task.tenant_id, task_id = %task.id, task = %task.name,
+                "task scheduled (built-in Task Execution stand-in)");
+            (Outcome::Scheduled(id), true)
+        }
+        Some(client) => {
+            let key = task.id.to_string();
+            let answer = client
+                .call_idempotent(SCHEDULE_PATH, &task.payload, &task.tenant_id, &key)
+                .await;
+            outcome_of(answer, task.attempts, &state.settings)
+        }
+    };
+    let max = state.settings.task_max_attempts;
+    match tasks::finish(&state.pool, &task, &outcome, max, attempted).await {
+        Ok(Some(status)) => count(&task, &status, &outcome),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(task = %task.id, error = %e, "recording a task's attempt failed"),
+    }
+}
+
+/// What the Task Execution Service's answer means for the task, and
+/// whether it counts as an attempt (an open breaker sent nothing).
+fn outcome_of(
+    answer: Result<Value, CallError>,
+    attempts: i32,
+    settings: &crate::config::Settings,
+) -> (Outcome, bool) {
+    let retry_in_secs = backoff(attempts, settings.task_retry_max_secs);
+    match answer {
+        Ok(answer) => {
+            let remote = match &answer["taskId"] {
+                Value::String(s) => s.chars().take(MAX_KEY_LEN).collect(),
+                Value::Number(n) => n.to_string(),
+                _ => String::new(),
+            };
+            (Outcome::Scheduled(remote), true)
+        }
+        // Already scheduled under this key (an earlier answer was lost).
+        Err(CallError::Rejected { reason, .. }) if reason == "HTTP 409" => {
+            (Outcome::Scheduled(String::new()), true)
+        }
+        Err(CallError::Rejected { reason, .. }) => (
+            Outcome::Refused(format!(
+                "the Task Execution Service refused the task ({reason})"
+            )),
+            true,
+        ),
+        Err(CallError::CircuitOpen { retry_after, .. }) => (
+            Outcome::Failed {
+                error: "the Task Execution Service is failing; sending is paused".into(),
+                retry_in_secs: retry_after.as_secs_f64().max(1.0),
+            },
+            false,
+        ),
+        Err(e @ CallError::Unavailable { .. }) => (
+            Outcome::Failed {
+                error: e.to_string(),
+                retry_in_secs,
+            },
+            true,
+        ),
+    }
+}
+
+/// Seconds before attempt `attempts + 1`: 1 s doubling up to `max`, with
+/// jitter (half to all of it).
+fn backoff(attempts: i32, max: u64) -> f64 {
+    let exp = 2f64.powi(attempts.clamp(0, 30)).min(max.max(1) as f64);
+    exp * rand::rng().random_range(0.5..=1.0)
+}
+
+fn count(task: &Claimed, status: &str, outcome: &Outcome) {
+    match (status, outcome) {
+        ("scheduled", _) => metrics::counter!("tasks_scheduled_total").increment(1),
+        ("failed", _) => {
+            metrics::counter!("tasks_parked_total").increment(1);
+            tracing::warn!(tenant = %task.tenant_id, task = %task.id, "task parked after its last attempt");
+        }
+        (_, Outcome::Failed { .. }) => {
+            metrics::counter!("task_attempts_failed_total").increment(1);
+        }
+        _ => {}
+    }
+}
+
+async fn update_gauges(state: &SharedState) {
+    let Ok(counts) = tasks::counts(&state.pool).await else {
+        return;
+    };
+    for status in ["pending", "running", "scheduled", "done", "failed"] {
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!("tasks", "status" => status).set(n as f64);
+    }
+}
+
+/// The queue, shared.
+pub type Tasks = Arc<TaskQueue>;
