@@ -31,8 +31,14 @@ CREATE TABLE bss.tasks (
     UNIQUE (tenant_id, idempotency_key)
 );
 CREATE INDEX tasks_due ON bss.tasks (next_attempt_at) WHERE status IN ('pending', 'running');
-CREATE INDEX tasks_by_tenant ON bss.tasks (tenant_id, status, created_at, id);
+CREATE INDEX tasks_by_tenant ON bss.tasks (tenant_id, id);
+CREATE INDEX tasks_by_tenant_status ON bss.tasks (tenant_id, status, id);
+-- One running re-encryption job per tenant (two at once could undo each
+-- other's work).
+CREATE UNIQUE INDEX tasks_one_job ON bss.tasks (tenant_id) WHERE kind = 'reseal' AND status = 'running';
 
 -- The built-in keyring's current key of each tenant is `local-<key_version>`;
--- a rotation raises it.
+-- a rotation raises it. `key_id`: the current key id last seen (from either
+-- keyring); a different one queues the tenant's re-encryption.
 ALTER TABLE bss.tenants ADD COLUMN key_version integer NOT NULL DEFAULT 1;
+ALTER TABLE bss.tenants ADD COLUMN key_id text;

@@ -198,6 +198,7 @@ impl Application {
         let (rotated, rotations) = tokio::sync::mpsc::unbounded_channel();
         state.keyring.report_rotations(rotated);
         tasks.push(tokio::spawn(crate::tasks::run(state.clone(), rotations)));
+        tasks.push(tokio::spawn(crate::tasks::follow_rotations(state.clone())));
         if let Some((config, publisher)) = self.kafka.clone() {
             tasks.push(tokio::spawn(kafka::consume(
                 state.clone(),

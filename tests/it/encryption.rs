@@ -665,3 +665,49 @@ async fn a_schema_change_that_adds_or_removes_x_encrypted_reseals_stored_values(
         assert!(item["data"]["note"].as_str().unwrap().starts_with("note "));
     }
 }
+
+#[tokio::test]
+async fn a_rotation_on_one_replica_reaches_the_writes_of_another_at_once() {
+    let a = TestApp::spawn().await;
+    let service = bss::startup::Application::build(a.settings.clone())
+        .await
+        .unwrap();
+    let b = TestApp {
+        base: format!("http://127.0.0.1:{}", service.port()),
+        client: reqwest::Client::new(),
+        database_url: a.database_url.clone(),
+        settings: a.settings.clone(),
+        _scratch: None,
+    };
+    tokio::spawn(service.run_until(std::future::pending()));
+    let (tenant, token) = tenant_with_people(&a).await;
+    // B caches the tenant's key (for BSS_KEY_CACHE_SECS, 300 s).
+    assert_eq!(
+        b.post("/v1/data/people", &token, &person("b"))
+            .await
+            .status(),
+        201
+    );
+    let resp = a
+        .request(Method::POST, "/v1/encryption/rotate", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let created = body(b.post("/v1/data/people", &token, &person("b")).await).await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        let rows = stored_rows(&a, &tenant).await;
+        let (_, row) = rows.iter().find(|(r, _)| *r == id).unwrap();
+        if row["ssn"]["kid"] == "local-2" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica B still seals with {}",
+            row["ssn"]["kid"]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -150,8 +150,9 @@ impl Keyring {
         }
     }
 
-    /// Where to report tenants whose current key changed (a new key id from
-    /// the Auth Service): the task worker queues their re-encryption.
+    /// Where to report the current key ids this replica is given (the first
+    /// of each tenant, and each change): the task worker queues the
+    /// tenant's re-encryption when one differs from the recorded one.
     pub fn report_rotations(&self, to: tokio::sync::mpsc::UnboundedSender<Rotation>) {
         let _ = self.rotations.set(to);
     }
@@ -199,7 +200,16 @@ impl Keyring {
             }
         };
         let task = queue_reseal(&mut **tx, tenant, &key_id, "key-rotation", max_pending).await?;
+        announce_rotation(&mut **tx, tenant).await?;
         Ok(Some(Rotated { key_id, task }))
+    }
+
+    /// Drops every cached current key (the rotations announced while this
+    /// replica was not listening are unknown).
+    pub fn forget_all_current(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|(_, id), _| !id.is_empty());
+        }
     }
 
     /// Drops the cached current key of a tenant (after its transaction
@@ -230,8 +240,11 @@ impl Keyring {
         if let Some(c) = self.cached(&slot).filter(|c| Instant::now() < c.refresh_at) {
             return Ok(c.key.clone());
         }
-        let fetched = self.fetch_key(tenant, id).await;
-        self.release_gate(&slot);
+        let fetched = {
+            // Released even when the caller is dropped mid-fetch.
+            let _release = Release(self, &slot);
+            self.fetch_key(tenant, id).await
+        };
         match (fetched, hit) {
             (Ok((key, valid)), _) => {
                 self.keep(tenant, id, key.clone(), valid);
@@ -296,7 +309,11 @@ impl Keyring {
             return;
         }
         self.remember((tenant.to_owned(), key.id.clone()), entry);
-        if previous.is_some_and(|p| p != key.id)
+        // The first current key this replica sees for a tenant, and every
+        // change, go to the task worker, which compares it with the one the
+        // database last recorded (so a rotation while every replica was down
+        // is noticed too).
+        if previous.as_deref() != Some(key.id.as_str())
             && let Some(report) = self.rotations.get()
         {
             let _ = report.send((tenant.to_owned(), key.id.clone()));
@@ -346,6 +363,15 @@ impl Keyring {
     }
 }
 
+/// Forgets a slot's fetch gate when dropped.
+struct Release<'a>(&'a Keyring, &'a (String, String));
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.release_gate(self.1);
+    }
+}
+
 /// Why a rotation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
@@ -391,6 +417,20 @@ pub async fn queue_reseal<'e>(
         payload: &payload,
     };
     tasks::enqueue(exec, task, max_pending).await
+}
+
+/// Tells every replica, when `exec`'s transaction commits, to ask for the
+/// tenant's current key again (`NOTIFY bss_keys`; see
+/// `tasks::follow_rotations`).
+pub async fn announce_rotation<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    tenant: &str,
+) -> Result<(), StorageError> {
+    sqlx::query("SELECT pg_notify('bss_keys', $1)")
+        .bind(tenant)
+        .execute(exec)
+        .await?;
+    Ok(())
 }
 
 /// A tenant's current key number in the built-in keyring.

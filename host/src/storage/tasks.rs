@@ -73,7 +73,8 @@ pub async fn enqueue<'e>(
     let row: Option<(Uuid, bool)> = sqlx::query_as(
         "WITH waiting AS (
              SELECT count(*) AS n FROM bss.tasks
-              WHERE tenant_id = $1 AND status IN ('pending', 'running')),
+              WHERE tenant_id = $1 AND kind = 'remote' AND status = 'pending'
+                AND $3 = 'remote'),
          added AS (
              INSERT INTO bss.tasks (id, tenant_id, kind, name, idempotency_key, source, payload)
              SELECT $2, $1, $3, $4, $5, $6, $7 FROM waiting WHERE n < $8
@@ -96,8 +97,23 @@ pub async fn enqueue<'e>(
     Ok(match row {
         Some((id, true)) => Queued::New(id),
         Some((id, false)) => Queued::Existing(id),
+        // Over the cap, or a concurrent insert of the same key that this
+        // statement's snapshot cannot see: the caller asks again.
         None => Queued::Full,
     })
+}
+
+/// The task queued under a key, if any (after a `Full` answer).
+pub async fn by_key(pool: &PgPool, tenant: &str, key: &str) -> Result<Option<Uuid>, StorageError> {
+    Ok(
+        sqlx::query_scalar(
+            "SELECT id FROM bss.tasks WHERE tenant_id = $1 AND idempotency_key = $2",
+        )
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?,
+    )
 }
 
 /// A tenant's tasks, newest first, optionally of one status; `before` is
@@ -209,7 +225,8 @@ pub async fn claim_job(pool: &PgPool, lease_secs: f64) -> Result<Option<Claimed>
                                     WHERE o.tenant_id = c.tenant_id AND o.kind = 'reseal'
                                       AND o.status = 'running' AND o.id <> c.id
                                       AND o.leased_until >= now())
-                 ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 ORDER BY status = 'running' DESC, next_attempt_at LIMIT 1
+                 FOR UPDATE SKIP LOCKED)
           RETURNING t.id, t.tenant_id, t.name, t.payload, t.attempts, t.progress, t.lease",
     )
     .bind(lease_secs)
@@ -253,13 +270,15 @@ pub enum Outcome {
 }
 
 /// Records how an attempt ended (only while the lease is this replica's);
-/// returns the task's new status.
+/// `attempts` is added to the task's attempts (-1 gives back the one a
+/// job's claim took, when the failure was not the job's). Returns the
+/// task's new status.
 pub async fn finish(
     pool: &PgPool,
     task: &Claimed,
     outcome: &Outcome,
     max_attempts: i32,
-    counts_attempt: bool,
+    attempts: i32,
 ) -> Result<Option<String>, StorageError> {
     let (status, remote, error, retry_in) = match outcome {
         Outcome::Scheduled(remote) => ("scheduled", Some(remote.as_str()), None, 0.0),
@@ -270,7 +289,7 @@ pub async fn finish(
         } => ("pending", None, Some(error.as_str()), *retry_in_secs),
         Outcome::Refused(error) => ("failed", None, Some(error.as_str()), 0.0),
     };
-    let bump = i32::from(counts_attempt);
+    let bump = attempts;
     Ok(sqlx::query_scalar(
         "UPDATE bss.tasks
             SET attempts = attempts + $3,
@@ -293,11 +312,32 @@ pub async fn finish(
     .await?)
 }
 
-/// How many tasks are in each status (for `/metrics`).
+/// How many tasks wait, run or are parked (for `/metrics`).
 pub async fn counts(pool: &PgPool) -> Result<Vec<(String, i64)>, StorageError> {
-    Ok(
-        sqlx::query_as("SELECT status, count(*) FROM bss.tasks GROUP BY status")
-            .fetch_all(pool)
-            .await?,
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM bss.tasks
+          WHERE status IN ('pending', 'running', 'failed') GROUP BY status",
     )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Records the current key id a replica was given for a tenant; returns the
+/// one recorded before when it differs (`Some(None)`: none was), in
+/// `exec`'s transaction.
+pub async fn note_key_id<'e>(
+    exec: impl PgExecutor<'e>,
+    tenant: &str,
+    key_id: &str,
+) -> Result<Option<Option<String>>, StorageError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE bss.tenants t SET key_id = $2
+           FROM (SELECT id, key_id AS before FROM bss.tenants WHERE id = $1 FOR UPDATE) old
+          WHERE t.id = old.id AND t.key_id IS DISTINCT FROM $2
+          RETURNING old.before",
+    )
+    .bind(tenant)
+    .bind(key_id)
+    .fetch_optional(exec)
+    .await?)
 }

@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::app_state::SharedState;
-use crate::crypto::keyring::{Rotation, queue_reseal};
+use crate::crypto::keyring::{Rotation, announce_rotation, queue_reseal};
 use crate::services::{CallError, ServiceClient};
 use crate::storage::tasks::{self, Claimed, NewTask, Outcome, Queued};
 
@@ -125,10 +125,13 @@ impl TaskQueue {
                 Ok(json!({"taskId": id, "status": "queued"}))
             }
             Ok(Queued::Existing(id)) => Ok(json!({"taskId": id, "status": "queued"})),
-            Ok(Queued::Full) => Err(format!(
-                "this tenant has {} tasks waiting; no more are queued until some are sent",
-                self.max_pending
-            )),
+            Ok(Queued::Full) => match tasks::by_key(&self.pool, tenant, &key).await {
+                Ok(Some(id)) => Ok(json!({"taskId": id, "status": "queued"})),
+                _ => Err(format!(
+                    "this tenant has {} tasks waiting; no more are queued until some are sent",
+                    self.max_pending
+                )),
+            },
             Err(e) => {
                 tracing::warn!(tenant, error = %e, "queuing a task failed");
                 Err("the task could not be queued; it was not scheduled".into())
@@ -189,26 +192,47 @@ fn lease_secs(state: &SharedState) -> f64 {
     state.settings.task_lease_secs as f64
 }
 
+/// A replica was given `key_id` as a tenant's current key: if the database
+/// recorded another one, the tenant's re-encryption is queued in the same
+/// transaction as the new id (so a failure leaves it to the next report).
 async fn queue_rotation(state: &SharedState, tenant: &str, key_id: &str) {
-    let max = state.tasks.max_pending;
-    match queue_reseal(&state.pool, tenant, key_id, "key-rotation", max).await {
-        Ok(Queued::New(id)) => {
-            tracing::info!(tenant, key_id, task = %id, "key rotated: re-encryption queued");
+    let queued = async {
+        let mut tx = state.pool.begin().await?;
+        let before = tasks::note_key_id(&mut *tx, tenant, key_id).await?;
+        let mut task = None;
+        if let Some(Some(before)) = &before {
+            let max = state.tasks.max_pending;
+            let q = queue_reseal(&mut *tx, tenant, key_id, "key-rotation", max).await?;
+            announce_rotation(&mut *tx, tenant).await?;
+            task = Some((before.clone(), q));
+        }
+        tx.commit().await?;
+        Ok::<_, crate::storage::StorageError>(task)
+    };
+    match queued.await {
+        Ok(Some((before, Queued::New(id)))) => {
+            tracing::info!(tenant, before, key_id, task = %id, "key rotated: re-encryption queued");
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!(tenant, error = %e, "queuing a re-encryption failed"),
+        Err(e) => {
+            tracing::warn!(tenant, error = %e, "recording a key id failed; it is tried again");
+            state.keyring.forget_current(tenant);
+        }
     }
 }
 
 /// One pass over due remote tasks; returns how many were sent.
 async fn dispatch(state: &SharedState) -> Result<usize, crate::storage::StorageError> {
+    // Long enough for the last of a pass's tasks to be sent (the pass
+    // sends IN_FLIGHT at a time, each within one budget).
+    let rounds = (BATCH as usize).div_ceil(IN_FLIGHT) as f64 + 1.0;
     let lease = state
         .tasks
         .client
         .as_ref()
         .map_or(Duration::from_secs(5), ServiceClient::budget)
         .as_secs_f64()
-        * 2.0
+        * rounds
         + lease_secs(state);
     let claimed = tasks::claim_remote(&state.pool, BATCH, PER_TENANT, lease).await?;
     let n = claimed.len();
@@ -236,7 +260,7 @@ async fn send(state: &SharedState, task: Claimed) {
         }
     };
     let max = state.settings.task_max_attempts;
-    match tasks::finish(&state.pool, &task, &outcome, max, attempted).await {
+    match tasks::finish(&state.pool, &task, &outcome, max, i32::from(attempted)).await {
         Ok(Some(status)) => count(&task, &status, &outcome),
         Ok(None) => {}
         Err(e) => tracing::warn!(task = %task.id, error = %e, "recording a task's attempt failed"),
@@ -264,6 +288,19 @@ fn outcome_of(
         Err(CallError::Rejected { reason, .. }) if reason == "HTTP 409" => {
             (Outcome::Scheduled(String::new()), true)
         }
+        // Refusals another attempt may mend: credentials, timeouts, locks.
+        Err(CallError::Rejected { reason, .. })
+            if ["HTTP 401", "HTTP 403", "HTTP 408", "HTTP 423", "HTTP 425"]
+                .contains(&reason.as_str()) =>
+        {
+            (
+                Outcome::Failed {
+                    error: format!("the Task Execution Service refused the task ({reason})"),
+                    retry_in_secs,
+                },
+                true,
+            )
+        }
         Err(CallError::Rejected { reason, .. }) => (
             Outcome::Refused(format!(
                 "the Task Execution Service refused the task ({reason})"
@@ -289,7 +326,7 @@ fn outcome_of(
 
 /// Seconds before attempt `attempts + 1`: 1 s doubling up to `max`, with
 /// jitter (half to all of it).
-fn backoff(attempts: i32, max: u64) -> f64 {
+pub(crate) fn backoff(attempts: i32, max: u64) -> f64 {
     let exp = 2f64.powi(attempts.clamp(0, 30)).min(max.max(1) as f64);
     exp * rand::rng().random_range(0.5..=1.0)
 }
@@ -312,12 +349,36 @@ async fn update_gauges(state: &SharedState) {
     let Ok(counts) = tasks::counts(&state.pool).await else {
         return;
     };
-    for status in ["pending", "running", "scheduled", "done", "failed"] {
+    for status in ["pending", "running", "failed"] {
         let n = counts
             .iter()
             .find(|(s, _)| s == status)
             .map_or(0, |(_, n)| *n);
         metrics::gauge!("tasks", "status" => status).set(n as f64);
+    }
+}
+
+/// Drops a tenant's cached current key when any replica announces its
+/// rotation (`NOTIFY bss_keys`), so new writes everywhere use the new key at
+/// once; every cached current key when the listener (re)connects.
+pub async fn follow_rotations(state: SharedState) {
+    loop {
+        let result: Result<(), sqlx::Error> = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
+            listener.listen("bss_keys").await?;
+            state.keyring.forget_all_current();
+            loop {
+                match listener.try_recv().await? {
+                    Some(n) => state.keyring.forget_current(n.payload()),
+                    None => state.keyring.forget_all_current(),
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "following key rotations failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -72,35 +72,49 @@ pub async fn run_job(state: SharedState, job: Claimed) {
     metrics::gauge!("reseal_jobs_running").increment(1.0);
     let result = walk(&state, &job).await;
     metrics::gauge!("reseal_jobs_running").decrement(1.0);
-    let outcome = match result {
+    let max = state.settings.task_max_attempts;
+    let retry_in = super::backoff(job.attempts, state.settings.task_retry_max_secs);
+    // A key source that is down is not the job's failure: the claim's
+    // attempt is given back, and the job waits for the source.
+    let (outcome, attempts) = match result {
         Ok(progress) => {
             tracing::info!(tenant = %job.tenant_id, task = %job.id, moved = progress.moved,
                 scanned = progress.scanned, "re-encryption done");
-            Outcome::Done
+            (Outcome::Done, 0)
         }
         Err(Stop::LeaseLost) => {
             tracing::warn!(task = %job.id, "re-encryption job taken over by another replica");
             return;
         }
-        Err(Stop::Key(e)) => Outcome::Failed {
-            error: e.to_string(),
-            retry_in_secs: match e {
+        Err(Stop::Key(e)) => {
+            let (retry_in_secs, attempts) = match &e {
                 CryptoError::KeyUnavailable {
                     retry_after_secs, ..
-                } => retry_after_secs.max(1) as f64,
-                CryptoError::Undecryptable { .. } => 60.0,
-            },
-        },
+                } => ((*retry_after_secs).max(1) as f64, -1),
+                CryptoError::Undecryptable { .. } => (retry_in, 0),
+            };
+            let error = e.to_string();
+            (
+                Outcome::Failed {
+                    error,
+                    retry_in_secs,
+                },
+                attempts,
+            )
+        }
         Err(Stop::Storage(e)) => {
             tracing::warn!(task = %job.id, error = %e, "re-encryption job failed");
-            Outcome::Failed {
-                error: "a database error stopped the job; it will be resumed".into(),
-                retry_in_secs: 5.0,
-            }
+            let error = "a database error stopped the job; it will be resumed".into();
+            (
+                Outcome::Failed {
+                    error,
+                    retry_in_secs: retry_in,
+                },
+                0,
+            )
         }
     };
-    let max = state.settings.task_max_attempts;
-    if let Err(e) = tasks::finish(&state.pool, &job, &outcome, max, false).await {
+    if let Err(e) = tasks::finish(&state.pool, &job, &outcome, max, attempts).await {
         tracing::warn!(task = %job.id, error = %e, "recording a job's end failed");
     }
 }
@@ -136,12 +150,16 @@ async fn walk_resource(
     progress: &mut Progress,
 ) -> Result<(), Stop> {
     let settings = &state.settings;
-    let Some(schema) = state.schemas.reload(&state.pool, tenant, resource).await? else {
-        return Ok(());
-    };
-    let paths = schema.encrypted_paths();
     let lease = settings.task_lease_secs as f64;
     loop {
+        // The schema and the current key are read again for each batch:
+        // a change during the job is followed at once (and queues a job of
+        // its own, which runs after this one and catches what this one saw
+        // too late).
+        let Some(schema) = state.schemas.reload(&state.pool, tenant, resource).await? else {
+            return Ok(());
+        };
+        let paths = schema.encrypted_paths();
         let page = records::stored_page(
             &state.pool,
             tenant,
@@ -155,8 +173,7 @@ async fn walk_resource(
             return Ok(());
         };
         let last = last.clone();
-        // The current key is asked for each batch: a rotation during the
-        // job is followed at once (and queues its own job too).
+        state.keyring.forget_current(tenant.as_str());
         let key = state
             .keyring
             .current(tenant.as_str())
