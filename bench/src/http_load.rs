@@ -25,6 +25,12 @@ pub fn invoice(n: u64) -> Value {
 }
 
 pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
+    prepare_with(base, secret, false).await
+}
+
+/// Like [`prepare`]; with `encrypted`, the customer's name and email (two
+/// fields, nested) are `x-encrypted`.
+pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::Result<Target> {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
     let mint = |tenant: Option<&str>, role: &str| {
         jwt::mint(
@@ -55,7 +61,7 @@ pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
         resp.status()
     );
     let token = mint(Some(&tenant), "admin")?;
-    let schema = json!({"schema": {
+    let mut schema = json!({"schema": {
         "type": "object",
         "required": ["number", "total"],
         "properties": {
@@ -66,6 +72,12 @@ pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
                 "name": {"type": "string"}, "email": {"type": "string", "format": "email"}}}
         }
     }});
+    if encrypted {
+        for field in ["name", "email"] {
+            schema["schema"]["properties"]["customer"]["properties"][field]["x-encrypted"] =
+                json!(true);
+        }
+    }
     let resp = client
         .put(format!("{base}/v1/schemas/invoices"))
         .bearer_auth(&token)

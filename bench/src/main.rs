@@ -6,7 +6,9 @@
 //! `--runs N` (median of N runs, default 1), `--database-url URL` (default
 //! the local server), `--kafka HOST:PORT`, `--only plugins` (the plugin
 //! runtime's figures instead, see `plugins.rs`; `--plugins DIR` names the
-//! built components, default `plugins/target/wasm32-wasip2/release`).
+//! built components, default `plugins/target/wasm32-wasip2/release`),
+//! `--only encryption` (creates with two `x-encrypted` fields beside the
+//! same creates without, alternating, in one run).
 //! It is a benchmark, not a test: it asserts nothing.
 
 mod http_load;
@@ -99,6 +101,11 @@ async fn main() -> anyhow::Result<()> {
             http_load::prepare(&base, bss::auth::LocalSecret::resolve(&settings)?.as_str()).await?;
         let seconds = Duration::from_secs(o.seconds);
         return plugins::run(&o.plugins, o.runs, target, hooked, &o.clients, seconds).await;
+    }
+    if o.only.as_deref() == Some("encryption") {
+        let secret = bss::auth::LocalSecret::resolve(&settings)?;
+        let sealed = http_load::prepare_with(&base, secret.as_str(), true).await?;
+        return encryption(&o, &target, &sealed).await;
     }
     pgbench::prepare(&o.server_url, DATABASE).await?;
     let seconds = Duration::from_secs(o.seconds);
@@ -215,4 +222,36 @@ fn row(name: &str, clients: usize, f: Figures, ratio: Option<f64>) {
         "{name:<46} {clients:>7} {:>10.0} {:>8.2} {:>8.2} {ratio:>7}",
         f.rate, f.p50_ms, f.p99_ms
     );
+}
+
+/// Creates with two encrypted fields beside the same creates without.
+async fn encryption(
+    o: &Options,
+    plain: &http_load::Target,
+    sealed: &http_load::Target,
+) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs(o.seconds);
+    println!(
+        "creates, two x-encrypted fields (built-in keyring) vs none: {} s each, median of {} run(s)",
+        o.seconds, o.runs
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>7}",
+        "clients", "plain/s", "encrypted/s", "ratio"
+    );
+    for &c in &o.clients {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..o.runs {
+            a.push(http_load::creates(plain, c, seconds).await?);
+            b.push(http_load::creates(sealed, c, seconds).await?);
+        }
+        let (a, b) = (median(a), median(b));
+        println!(
+            "{c:<10} {:>12.0} {:>12.0} {:>6.2}x",
+            a.rate,
+            b.rate,
+            b.rate / a.rate.max(1.0)
+        );
+    }
+    Ok(())
 }
