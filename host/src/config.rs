@@ -171,6 +171,10 @@ pub struct Settings {
     /// How often the task dispatcher looks for due tasks, in ms
     /// (`BSS_TASK_POLL_MS`); new tasks also wake it at once.
     pub task_poll_ms: u64,
+    /// How long scheduled and done tasks are kept, in seconds
+    /// (`BSS_TASK_RETENTION_SECS`); within it, asking again for a task with
+    /// the same idempotency key returns it instead of queuing another.
+    pub task_retention_secs: u64,
     /// Tasks one tenant may have waiting (`BSS_TASK_MAX_PENDING_PER_TENANT`).
     pub task_max_pending_per_tenant: i64,
     /// Records the re-encryption job moves per transaction
@@ -257,6 +261,7 @@ impl Default for Settings {
             task_retry_max_secs: 300,
             task_lease_secs: 30,
             task_poll_ms: 1000,
+            task_retention_secs: 7 * 24 * 3600,
             task_max_pending_per_tenant: 10_000,
             reseal_batch: 200,
             reseal_pause_ms: 10,
@@ -375,6 +380,7 @@ impl Settings {
             "BSS_TASK_RETRY_MAX_SECS" => task_retry_max_secs: parsed,
             "BSS_TASK_LEASE_SECS" => task_lease_secs: parsed,
             "BSS_TASK_POLL_MS" => task_poll_ms: parsed,
+            "BSS_TASK_RETENTION_SECS" => task_retention_secs: parsed,
             "BSS_TASK_MAX_PENDING_PER_TENANT" => task_max_pending_per_tenant: parsed,
             "BSS_RESEAL_BATCH" => reseal_batch: parsed,
             "BSS_RESEAL_PAUSE_MS" => reseal_pause_ms: parsed,

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 
 fn scheduler() -> Value {
-    json!({"name": "task-scheduler", "kind": "event-enricher",
+    json!({"name": "task-scheduler", "kind": "event-enricher", "limits": {"deadlineMs": 1000},
            "resources": ["invoices"], "services": ["task"],
            "config": {"task": "regenerate-embeddings", "types": ["business_store.data.created"]}})
 }
@@ -193,6 +193,30 @@ async fn parked_tasks_are_listed_counted_and_retried() {
     // Only a parked task is retried.
     let resp = retry(&first, &token).await.unwrap();
     assert_eq!(resp.status(), 409);
+}
+
+#[tokio::test]
+async fn finished_tasks_are_deleted_after_their_retention() {
+    // No Task Service: the built-in stand-in accepts every task.
+    let app = TestApp::spawn_with(|s| {
+        s.task_poll_ms = 100;
+        s.task_retention_secs = 1;
+    })
+    .await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.install_plugin(&token, scheduler(), "task_scheduler")
+        .await;
+    let doc = json!({"number": "1", "total": 1});
+    assert_eq!(
+        app.post("/v1/data/invoices", &token, &doc).await.status(),
+        201
+    );
+    let seen = wait_tasks(&app, &token, "scheduled by the stand-in", |t| {
+        t.len() == 1 && t[0]["status"] == "scheduled"
+    })
+    .await;
+    assert!(seen[0]["remoteId"].as_str().unwrap().starts_with("local-"));
+    wait_tasks(&app, &token, "deleted", <[Value]>::is_empty).await;
 }
 
 fn start(port: u16, database_url: &str, data: &std::path::Path) -> Child {

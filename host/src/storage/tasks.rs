@@ -312,6 +312,27 @@ pub async fn finish(
     .await?)
 }
 
+/// Deletes up to `limit` scheduled or done tasks last changed more than
+/// `retention_secs` ago; returns how many.
+pub async fn forget_finished(
+    pool: &PgPool,
+    retention_secs: f64,
+    limit: i64,
+) -> Result<u64, StorageError> {
+    let done = sqlx::query(
+        "DELETE FROM bss.tasks WHERE id IN (
+             SELECT id FROM bss.tasks
+              WHERE status IN ('scheduled', 'done')
+                AND updated_at < now() - make_interval(secs => $1)
+              LIMIT $2)",
+    )
+    .bind(retention_secs)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// How many tasks wait, run or are parked (for `/metrics`).
 pub async fn counts(pool: &PgPool) -> Result<Vec<(String, i64)>, StorageError> {
     Ok(sqlx::query_as(

@@ -16,6 +16,7 @@
 //!   batch, taken over when a replica dies.
 //!
 //! Tenants take turns: a pass takes at most [`PER_TENANT`] tasks of each.
+//! Scheduled and done tasks are deleted after `task_retention_secs`.
 
 pub mod reseal;
 
@@ -46,6 +47,8 @@ const IN_FLIGHT: usize = 16;
 const JOBS: usize = 2;
 /// How often the task counts in `/metrics` are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
+/// Finished tasks deleted per pass (every [`GAUGES_EVERY`]).
+const FORGET_PER_PASS: i64 = 10_000;
 /// Longest idempotency key a plugin may give.
 const MAX_KEY_LEN: usize = 200;
 /// The Task Execution Service's path.
@@ -173,6 +176,7 @@ pub async fn run(state: SharedState, mut rotations: UnboundedReceiver<Rotation>)
         }
         if tokio::time::Instant::now() >= gauges_at {
             update_gauges(&state).await;
+            forget_finished(&state).await;
             gauges_at = tokio::time::Instant::now() + GAUGES_EVERY;
         }
         if sent == 0 {
@@ -342,6 +346,16 @@ fn count(task: &Claimed, status: &str, outcome: &Outcome) {
             metrics::counter!("task_attempts_failed_total").increment(1);
         }
         _ => {}
+    }
+}
+
+/// Deletes finished tasks past their retention, a bounded number a pass.
+async fn forget_finished(state: &SharedState) {
+    let retention = state.settings.task_retention_secs as f64;
+    match tasks::forget_finished(&state.pool, retention, FORGET_PER_PASS).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(deleted = n, "finished tasks past their retention deleted"),
+        Err(e) => tracing::warn!(error = %e, "deleting finished tasks failed"),
     }
 }
 
