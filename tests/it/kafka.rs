@@ -359,8 +359,7 @@ async fn events_reach_kafka_as_the_tenants_enricher_made_them() {
     app.install_plugin(
         &token,
         json!({"name": "task-scheduler", "kind": "event-enricher", "resources": ["invoices"],
-               "services": ["task"], "config": {"task": "send-reminder"},
-               "limits": {"deadlineMs": 1000}}),
+               "services": ["task"], "config": {"task": "send-reminder"}}),
         "task_scheduler",
     )
     .await;

@@ -377,10 +377,7 @@ async fn uploads_that_are_not_plugins_are_refused_with_the_reason() {
 }
 
 fn scheduler_manifest(extra: Value) -> Value {
-    // Its forward writes the task to the queue: a database round trip
-    // within the call's deadline.
     let mut m = json!({"name": "task-scheduler", "kind": "event-enricher",
-                       "limits": {"deadlineMs": 1000},
                        "resources": ["invoices"], "services": ["task"],
                        "config": {"task": "regenerate-embeddings"}});
     if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 
 fn scheduler() -> Value {
-    json!({"name": "task-scheduler", "kind": "event-enricher", "limits": {"deadlineMs": 1000},
+    json!({"name": "task-scheduler", "kind": "event-enricher",
            "resources": ["invoices"], "services": ["task"],
            "config": {"task": "regenerate-embeddings", "types": ["business_store.data.created"]}})
 }

@@ -409,6 +409,7 @@ pub async fn queue_reseal<'e>(
     let key = format!("reseal:{reason}");
     let payload = serde_json::json!({ "reason": reason });
     let task = NewTask {
+        id: None,
         tenant,
         kind: "reseal",
         name: "re-encrypt",

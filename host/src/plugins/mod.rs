@@ -609,6 +609,7 @@ impl Plugins {
         };
         let outcome = tokio::task::spawn_blocking(move || {
             let _held = slot;
+            sandbox::take_queued_tasks();
             let mut current = original.clone();
             let mut changed = false;
             for e in &enrichers {
@@ -617,18 +618,37 @@ impl Plugins {
                         current = next;
                         changed = true;
                     }
-                    Some(None) => return Enriched::Dropped,
+                    Some(None) => return (Enriched::Dropped, sandbox::take_queued_tasks()),
                     None => {}
                 }
             }
-            if changed {
+            let outcome = if changed {
                 Enriched::Replaced(current)
             } else {
                 Enriched::Unchanged
-            }
+            };
+            (outcome, sandbox::take_queued_tasks())
         })
         .await;
-        outcome.unwrap_or(Enriched::Unchanged)
+        let Ok((outcome, tasks)) = outcome else {
+            return Enriched::Unchanged;
+        };
+        if tasks.is_empty() {
+            return outcome;
+        }
+        let queue = self.runtime.services().and_then(|s| s.task_queue());
+        match queue.map(|q| q.enqueue_plugin_tasks(&tasks)) {
+            Some(queued) => match queued.await {
+                Ok(()) => outcome,
+                Err(e) => {
+                    // The event waits: enriched again on the next pass, it
+                    // asks for the same tasks (same ids).
+                    tracing::warn!(tenant, error = %e, "queuing an enricher's tasks failed; the event waits");
+                    Enriched::Later
+                }
+            },
+            None => outcome,
+        }
     }
 
     /// Follows other replicas' plugin changes (`NOTIFY bss_plugins`).

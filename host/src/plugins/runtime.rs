@@ -415,7 +415,14 @@ impl Runtime {
         store
             .set_fuel(limits.fuel.unwrap_or(u64::MAX))
             .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        f(&mut store).map_err(|e| classify(&e, store.data(), limits))
+        let out = f(&mut store).map_err(|e| classify(&e, store.data(), limits))?;
+        store.data_mut().keep_queued_tasks();
+        Ok(out)
+    }
+
+    /// The platform services plugins reach (and the task queue).
+    pub fn services(&self) -> Option<&Arc<PlatformServices>> {
+        self.services.as_ref()
     }
 
     /// Calls a validation hook (keeping at most 100 violations).

@@ -56,6 +56,23 @@ pub struct CallState {
     deadline: Instant,
     output_max: usize,
     logs_left: u32,
+    /// Tasks an enricher asked for, written by the host after the call.
+    queued: Vec<crate::tasks::PluginTask>,
+}
+
+/// Most tasks one call may ask for.
+const TASKS_PER_CALL: usize = 16;
+
+thread_local! {
+    /// The tasks of the enricher calls that succeeded on this thread, for
+    /// the host to write with their event ([`take_queued_tasks`]).
+    static QUEUED: std::cell::RefCell<Vec<crate::tasks::PluginTask>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes the tasks the successful calls on this thread asked for.
+pub fn take_queued_tasks() -> Vec<crate::tasks::PluginTask> {
+    QUEUED.with(|q| std::mem::take(&mut *q.borrow_mut()))
 }
 
 impl CallState {
@@ -83,6 +100,16 @@ impl CallState {
             deadline: Instant::now() + limits.deadline(),
             output_max: limits.output_bytes,
             logs_left: LOG_BUDGET,
+            queued: Vec::new(),
+        }
+    }
+
+    /// After a successful call: hands its tasks to the host (this thread's
+    /// [`take_queued_tasks`]).
+    pub fn keep_queued_tasks(&mut self) {
+        let tasks = std::mem::take(&mut self.queued);
+        if !tasks.is_empty() {
+            QUEUED.with(|q| q.borrow_mut().extend(tasks));
         }
     }
 
@@ -204,6 +231,22 @@ impl host::Host for CallState {
             Ok(v) => v,
             Err(e) => return Ok(Err(format!("the body is not JSON: {e}"))),
         };
+        if self.caller.queues_tasks
+            && (service.as_str(), path.as_str()) == ("task", crate::tasks::SCHEDULE_PATH)
+        {
+            if self.queued.len() >= TASKS_PER_CALL {
+                return Ok(Err(format!(
+                    "a call may schedule at most {TASKS_PER_CALL} tasks"
+                )));
+            }
+            let caller = &self.caller;
+            let task = crate::tasks::PluginTask::new(&caller.tenant, &caller.plugin, &body);
+            return Ok(task.map(|t| {
+                let answer = t.answer().to_string();
+                self.queued.push(t);
+                answer
+            }));
+        }
         let (Some(services), Some(runtime)) = (self.services.clone(), self.runtime.clone()) else {
             return Ok(Err("no platform services are available here".into()));
         };

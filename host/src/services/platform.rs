@@ -54,15 +54,20 @@ impl PlatformServices {
         }
     }
 
-    /// Enrichers' `POST /api/task/schedule` calls are queued here instead.
+    /// Where enrichers' `POST /api/task/schedule` calls are queued (see
+    /// [`crate::tasks::PluginTask`]).
     pub fn with_queue(mut self, queue: Arc<TaskQueue>) -> Self {
         self.queue = Some(queue);
         self
     }
 
+    pub fn task_queue(&self) -> Option<&Arc<TaskQueue>> {
+        self.queue.as_ref()
+    }
+
     /// Calls `path` of `service` with a JSON body on behalf of the calling
-    /// plugin's tenant (or queues the task, for an enricher). The error is
-    /// a message for the plugin (it never names hosts).
+    /// plugin's tenant. The error is a message for the plugin (it never
+    /// names hosts).
     pub async fn forward(
         &self,
         caller: &Caller,
@@ -77,14 +82,6 @@ impl PlatformServices {
             other => return Err(format!("no platform service named {other:?}")),
         };
         check_path(service, path)?;
-        if let Some(queue) = &self.queue
-            && caller.queues_tasks
-            && (service, path) == ("task", crate::tasks::SCHEDULE_PATH)
-        {
-            return queue
-                .schedule_for_plugin(tenant, &caller.plugin, body)
-                .await;
-        }
         match remote {
             Some(client) => client
                 .call_for(path, Some(body), Some(tenant))

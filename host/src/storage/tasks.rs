@@ -45,6 +45,8 @@ const COLUMNS: &str = "id, kind, name, idempotency_key, source, payload, status,
 /// A task to queue.
 #[derive(Debug, Clone, Copy)]
 pub struct NewTask<'a> {
+    /// Its id when the caller chose one (else a new UUIDv7).
+    pub id: Option<Uuid>,
     pub tenant: &'a str,
     pub kind: &'a str,
     pub name: &'a str,
@@ -85,7 +87,7 @@ pub async fn enqueue<'e>(
          SELECT id, false FROM bss.tasks WHERE tenant_id = $1 AND idempotency_key = $5",
     )
     .bind(task.tenant)
-    .bind(Uuid::now_v7())
+    .bind(task.id.unwrap_or_else(Uuid::now_v7))
     .bind(task.kind)
     .bind(task.name)
     .bind(task.key)

@@ -83,16 +83,65 @@ impl TaskQueue {
         self.wake.notify_one();
     }
 
-    /// What an enricher's `forward("task", "/api/task/schedule", body)`
-    /// does: queues the request (once per idempotency key: the body's
-    /// `idempotencyKey`, else a digest of the body, which names the event)
-    /// and answers `{"taskId", "status": "queued"}` at once.
-    pub async fn schedule_for_plugin(
-        &self,
-        tenant: &str,
-        plugin: &str,
-        body: &Value,
-    ) -> Result<Value, String> {
+    /// Writes the tasks an enricher's calls asked for (after the calls,
+    /// with their event): once per id, so an enrichment run again queues
+    /// nothing twice. An error (or a full queue) means the event waits for
+    /// the next pass.
+    pub async fn enqueue_plugin_tasks(&self, tasks: &[PluginTask]) -> Result<(), String> {
+        for t in tasks {
+            let source = format!("plugin:{}", t.plugin);
+            let task = NewTask {
+                id: Some(t.id),
+                tenant: &t.tenant,
+                kind: "remote",
+                name: &t.name,
+                key: &t.key,
+                source: &source,
+                payload: &t.payload,
+            };
+            match tasks::enqueue(&self.pool, task, self.max_pending).await {
+                Ok(Queued::New(_)) => metrics::counter!("tasks_queued_total").increment(1),
+                Ok(Queued::Existing(_)) => {}
+                Ok(Queued::Full) => {
+                    if !matches!(
+                        tasks::by_key(&self.pool, &t.tenant, &t.key).await,
+                        Ok(Some(_))
+                    ) {
+                        return Err(format!(
+                            "tenant {} has {} tasks waiting",
+                            t.tenant, self.max_pending
+                        ));
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !tasks.is_empty() {
+            self.wake();
+        }
+        Ok(())
+    }
+}
+
+/// A task an enricher asked for with `forward("task", "/api/task/schedule",
+/// body)`. The call is answered at once with `{"taskId", "status":
+/// "queued"}`; the host writes the task after the call, with the event
+/// ([`TaskQueue::enqueue_plugin_tasks`]), so the write never runs inside the
+/// plugin's deadline. One task per idempotency key (the body's
+/// `idempotencyKey`, else a digest of the body, which names the event); its
+/// id is derived from tenant and key, so asking again gives the same id.
+#[derive(Debug, Clone)]
+pub struct PluginTask {
+    pub tenant: String,
+    pub plugin: String,
+    pub id: uuid::Uuid,
+    pub key: String,
+    pub name: String,
+    pub payload: Value,
+}
+
+impl PluginTask {
+    pub fn new(tenant: &str, plugin: &str, body: &Value) -> Result<Self, String> {
         let key = match body.get("idempotencyKey") {
             None => format!(
                 "plugin:{plugin}:{}",
@@ -111,35 +160,29 @@ impl TaskQueue {
             .get("task")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty() && n.len() <= MAX_KEY_LEN)
-            .unwrap_or("task");
-        let source = format!("plugin:{plugin}");
-        let task = NewTask {
-            tenant,
-            kind: "remote",
+            .unwrap_or("task")
+            .to_owned();
+        let digest = Sha256::new()
+            .chain_update(tenant)
+            .chain_update([0])
+            .chain_update(&key)
+            .finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        let id = uuid::Builder::from_custom_bytes(bytes).into_uuid();
+        Ok(Self {
+            tenant: tenant.to_owned(),
+            plugin: plugin.to_owned(),
+            id,
+            key,
             name,
-            key: &key,
-            source: &source,
-            payload: body,
-        };
-        match tasks::enqueue(&self.pool, task, self.max_pending).await {
-            Ok(Queued::New(id)) => {
-                metrics::counter!("tasks_queued_total").increment(1);
-                self.wake();
-                Ok(json!({"taskId": id, "status": "queued"}))
-            }
-            Ok(Queued::Existing(id)) => Ok(json!({"taskId": id, "status": "queued"})),
-            Ok(Queued::Full) => match tasks::by_key(&self.pool, tenant, &key).await {
-                Ok(Some(id)) => Ok(json!({"taskId": id, "status": "queued"})),
-                _ => Err(format!(
-                    "this tenant has {} tasks waiting; no more are queued until some are sent",
-                    self.max_pending
-                )),
-            },
-            Err(e) => {
-                tracing::warn!(tenant, error = %e, "queuing a task failed");
-                Err("the task could not be queued; it was not scheduled".into())
-            }
-        }
+            payload: body.clone(),
+        })
+    }
+
+    /// What the plugin's `forward` answers.
+    pub fn answer(&self) -> Value {
+        json!({"taskId": self.id, "status": "queued"})
     }
 }
 
