@@ -204,17 +204,7 @@ async fn the_service_runs_on_dev_services_and_its_encrypted_fields_survive_their
         "{base}/v1/data/accounts/{}",
         created["id"].as_str().unwrap()
     );
-    let read = json_of(
-        client
-            .get(&record)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await;
-    assert_eq!(read["data"]["iban"], IBAN, "{read}");
+    assert_reads_iban(&client, &record, &token).await;
 
     // PostgreSQL holds it sealed with dev-services' first key.
     let mut db = sqlx::PgConnection::connect(&database_url).await.unwrap();
@@ -322,17 +312,7 @@ async fn the_service_runs_on_dev_services_and_its_encrypted_fields_survive_their
         "dev-2"
     );
     assert_eq!(data_key(&client, &dev, &tenant, Some("dev-1")).await, first);
-    let read = json_of(
-        client
-            .get(&record)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await;
-    assert_eq!(read["data"]["iban"], IBAN, "{read}");
+    assert_reads_iban(&client, &record, &token).await;
 }
 
 #[tokio::test]
@@ -351,4 +331,14 @@ async fn dev_services_refuse_an_address_other_machines_can_reach() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("refusing to listen on 0.0.0.0"), "{stderr}");
     assert!(!dir.0.exists(), "nothing was written");
+}
+
+/// The record reads back with its IBAN in clear.
+async fn assert_reads_iban(client: &reqwest::Client, record: &str, token: &str) {
+    let read = json_of(
+        client.get(record).bearer_auth(token).send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["data"]["iban"], IBAN, "{read}");
 }

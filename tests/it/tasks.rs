@@ -196,6 +196,55 @@ async fn parked_tasks_are_listed_counted_and_retried() {
 }
 
 #[tokio::test]
+async fn a_tenant_at_its_task_cap_waits_while_another_tenants_tasks_go_on() {
+    let service = keyed_task_service(TaskMode::Down).await;
+    let app = TestApp::spawn_with(|s| {
+        quick_retries(s, &service.url);
+        s.task_max_pending_per_tenant = 2;
+    })
+    .await;
+    let (_, greedy) = app.tenant_with_invoices().await;
+    let (_, calm) = app.tenant_with_invoices().await;
+    for token in [&greedy, &calm] {
+        app.install_plugin(token, scheduler(), "task_scheduler")
+            .await;
+    }
+    for n in 0..4 {
+        let doc = json!({"number": n.to_string(), "total": 1});
+        assert_eq!(
+            app.post("/v1/data/invoices", &greedy, &doc).await.status(),
+            201
+        );
+    }
+    wait_tasks(&app, &greedy, "two queued", |t| t.len() == 2).await;
+    // The calm tenant's task is queued and its event goes out, while the
+    // greedy tenant's two further events wait for room in its queue.
+    let doc = json!({"number": "calm", "total": 1});
+    assert_eq!(
+        app.post("/v1/data/invoices", &calm, &doc).await.status(),
+        201
+    );
+    let events = wait_for_events(&app, &calm, 2).await;
+    let created = events
+        .iter()
+        .find(|e| e["type"] == "business_store.data.created")
+        .unwrap();
+    let calm_tasks = wait_tasks(&app, &calm, "one queued", |t| t.len() == 1).await;
+    assert_eq!(created["scheduledtask"], calm_tasks[0]["id"]);
+    assert_eq!(tasks_of(&app, &greedy, "").await.len(), 2, "capped at two");
+
+    service.set(TaskMode::Up);
+    wait_tasks(
+        &app,
+        &greedy,
+        "all four scheduled once room was made",
+        |t| t.len() == 4 && t.iter().all(|t| t["status"] == "scheduled"),
+    )
+    .await;
+    assert_eq!(service.keys().len(), 5);
+}
+
+#[tokio::test]
 async fn finished_tasks_are_deleted_after_their_retention() {
     // No Task Service: the built-in stand-in accepts every task.
     let app = TestApp::spawn_with(|s| {

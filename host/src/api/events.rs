@@ -26,9 +26,6 @@ use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::events::outbox::{self, OutboxEvent};
 
-const DEFAULT_LIMIT: i64 = 100;
-const MAX_LIMIT: i64 = 1000;
-
 pub fn router() -> OpenApiRouter<SharedState> {
     OpenApiRouter::new()
         .routes(routes!(replay))
@@ -99,12 +96,7 @@ async fn replay(
 ) -> ApiResult<Json<EventPage>> {
     let tenant = principal.tenant_with(Role::Reader)?.as_str().to_owned();
     q.check()?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be from 1 to {MAX_LIMIT}"
-        )));
-    }
+    let limit = super::page_limit(q.limit)?;
     let after = match &q.after {
         Some(id) => position(&state, &tenant, id).await?,
         None => 0,

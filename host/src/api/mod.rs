@@ -63,6 +63,19 @@ impl Modify for BearerAuth {
     }
 }
 
+/// A page size from a `limit` query parameter: 1 to 1000, default 100.
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    const MAX: i64 = 1000;
+    let limit = limit.unwrap_or(100);
+    if (1..=MAX).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "limit must be from 1 to {MAX}"
+        )))
+    }
+}
+
 /// The routes and their OpenAPI document; `/metrics` is among them unless
 /// operational endpoints have their own listener (`with_metrics`).
 pub fn routes(with_metrics: bool) -> (Router<SharedState>, utoipa::openapi::OpenApi) {

@@ -563,15 +563,9 @@ async fn patch_record(
                 hooked = Some(current.version);
             }
             if !schema.encrypted_paths().is_empty() {
-                // The keys the write needs are fetched before the row is
-                // locked: a call to the Auth Service never holds a lock.
+                // The key the write seals with is fetched before the row is
+                // locked: a call to the Auth Service does not hold the lock.
                 state.keyring.current(tenant.as_str()).await?;
-                if hooked.is_none()
-                    && let Some(mut current) =
-                        records::get(&state.pool, target(tenant, resource, &schema), id).await?
-                {
-                    reveal(state, tenant, &mut current).await?;
-                }
             }
             let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
                 Ok(tx) => tx,

@@ -17,8 +17,6 @@ use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::storage::tasks::{self, Queued, Task};
 
-const DEFAULT_LIMIT: i64 = 100;
-const MAX_LIMIT: i64 = 1000;
 const STATUSES: [&str; 5] = ["pending", "running", "scheduled", "done", "failed"];
 
 pub fn router() -> OpenApiRouter<SharedState> {
@@ -71,12 +69,7 @@ async fn list_tasks(
             STATUSES.join(", ")
         )));
     }
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be from 1 to {MAX_LIMIT}"
-        )));
-    }
+    let limit = super::page_limit(q.limit)?;
     let before = match &q.after {
         Some(a) => Some(a.parse::<Uuid>().map_err(|_| {
             ApiError::bad_request("after must be the nextCursor of a previous page")

@@ -254,13 +254,13 @@ impl host::Host for CallState {
         if left.is_zero() {
             return Err(wasmtime::Error::new(HostStop::HostCallDeadline));
         }
-        let caller = self.caller.clone();
+        let tenant = self.caller.tenant.clone();
         // The call runs as its own task on the service runtime, so it always
         // completes (the client's timeout bounds it, and its breaker sees the
         // outcome); this (blocking) thread waits for it at most until the
         // plugin's own deadline.
         let call =
-            runtime.spawn(async move { services.forward(&caller, &service, &path, &body).await });
+            runtime.spawn(async move { services.forward(&service, &path, &tenant, &body).await });
         match runtime.block_on(tokio::time::timeout(left, call)) {
             Err(_) => Err(wasmtime::Error::new(HostStop::HostCallDeadline)),
             Ok(Err(e)) => Ok(Err(format!("the call failed: {e}"))),

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::plugins::sandbox::Caller;
 use crate::tasks::TaskQueue;
 
 use super::{CallError, ServiceClient};
@@ -65,17 +64,16 @@ impl PlatformServices {
         self.queue.as_ref()
     }
 
-    /// Calls `path` of `service` with a JSON body on behalf of the calling
-    /// plugin's tenant. The error is a message for the plugin (it never
+    /// Calls `path` of `service` with a JSON body on behalf of `tenant`.
+    /// The error is a message for the plugin (it never
     /// names hosts).
     pub async fn forward(
         &self,
-        caller: &Caller,
         service: &str,
         path: &str,
+        tenant: &str,
         body: &Value,
     ) -> Result<Value, String> {
-        let tenant = caller.tenant.as_str();
         let remote = match service {
             "validation" => self.validation.as_ref(),
             "task" => self.task.as_ref(),

@@ -20,7 +20,6 @@
 
 pub mod reseal;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -438,6 +437,3 @@ pub async fn follow_rotations(state: SharedState) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
-
-/// The queue, shared.
-pub type Tasks = Arc<TaskQueue>;
