@@ -157,58 +157,193 @@ impl Target {
 }
 
 pub async fn creates(t: &Target, clients: usize, d: Duration) -> anyhow::Result<Figures> {
-    let url = format!("{}/v1/data/invoices", t.base);
+    let load = Load::new(&t.base, &t.token)?;
     closed_loop(
+        &load,
         clients,
         d,
-        move |n| {
-            t.client
-                .post(&url)
-                .bearer_auth(&t.token)
-                .json(&invoice(n))
-                .send()
-        },
+        |n| Req::post("/v1/data/invoices", &invoice(n)),
         201,
     )
     .await
 }
 
 pub async fn live(t: &Target, clients: usize, d: Duration) -> anyhow::Result<Figures> {
-    closed_loop(
-        clients,
-        d,
-        move |_| t.client.get(format!("{}/health/live", t.base)).send(),
-        200,
-    )
-    .await
+    let load = Load::new(&t.base, &t.token)?;
+    closed_loop(&load, clients, d, |_| Req::get("/health/live".into()), 200).await
 }
 
 pub async fn reads(t: &Target, clients: usize, d: Duration) -> anyhow::Result<Figures> {
-    let ids = t.ids.clone();
-    closed_loop(
-        clients,
-        d,
-        move |n| {
-            let id = &ids[(n.wrapping_mul(2_654_435_761) % ids.len() as u64) as usize];
-            t.client
-                .get(format!("{}/v1/data/invoices/{id}", t.base))
-                .bearer_auth(&t.token)
-                .send()
-        },
-        200,
-    )
-    .await
+    let load = Load::new(&t.base, &t.token)?;
+    reads_by_id(&load, "/v1/data/invoices", &t.ids, clients, d).await
 }
 
-async fn closed_loop<F, Fut>(
+/// `GET <prefix>/<id>` of ids spread over `ids`, expecting 200.
+pub(crate) async fn reads_by_id(
+    load: &Load,
+    prefix: &str,
+    ids: &[String],
+    clients: usize,
+    d: Duration,
+) -> anyhow::Result<Figures> {
+    let pick = |n: u64| &ids[(n.wrapping_mul(2_654_435_761) % ids.len() as u64) as usize];
+    let request = |n| Req::get(format!("{prefix}/{}", pick(n)));
+    closed_loop(load, clients, d, request, 200).await
+}
+
+/// Where the load goes: a server's address, and the bearer token every
+/// request carries.
+pub(crate) struct Load {
+    addr: String,
+    token: String,
+}
+
+impl Load {
+    /// `base` is `http://host:port`.
+    pub(crate) fn new(base: &str, token: &str) -> anyhow::Result<Self> {
+        let addr = base
+            .strip_prefix("http://")
+            .context("the load speaks plain http only")?
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Self {
+            addr,
+            token: token.to_owned(),
+        })
+    }
+}
+
+/// One request of the load.
+pub(crate) struct Req {
+    method: &'static str,
+    path: String,
+    body: Option<Vec<u8>>,
+}
+
+impl Req {
+    pub(crate) fn get(path: String) -> Self {
+        Self {
+            method: "GET",
+            path,
+            body: None,
+        }
+    }
+
+    pub(crate) fn post(path: &str, body: &Value) -> Self {
+        Self {
+            method: "POST",
+            path: path.to_owned(),
+            body: Some(body.to_string().into_bytes()),
+        }
+    }
+
+    fn encode(&self, load: &Load, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        out.clear();
+        let _ = write!(
+            out,
+            "{} {} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n",
+            self.method, self.path, load.addr, load.token
+        );
+        if let Some(body) = &self.body {
+            let _ = write!(
+                out,
+                "content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            out.extend_from_slice(body);
+        } else {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// One client's keep-alive connection: a minimal HTTP/1.1 exchange (a
+/// request written whole, the answer read by `content-length`, or to the
+/// last chunk), so the load costs the machine little next to the servers
+/// it measures — the same for every server measured.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(load: &Load) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(&load.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// Sends one request, reads its whole answer; the status.
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        let mut head_end = None;
+        loop {
+            if head_end.is_none() {
+                head_end = self.buf.windows(4).position(|w| w == b"\r\n\r\n");
+            }
+            if let Some(end) = head_end
+                && let Some(status) = complete(&self.buf, end)?
+            {
+                return Ok(status);
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(16 * 1024);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+/// The status, once the answer whose head ends at `end` is all in `buf`.
+fn complete(buf: &[u8], end: usize) -> std::io::Result<Option<u16>> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad answer");
+    let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad())?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let mut length = None;
+    let mut chunked = false;
+    for line in head.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.parse::<usize>().map_err(|_| bad())?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+        }
+    }
+    let body = &buf[end + 4..];
+    let done = match (length, chunked) {
+        (Some(n), _) => body.len() >= n,
+        (None, true) => body.ends_with(b"0\r\n\r\n"),
+        (None, false) => true,
+    };
+    Ok(done.then_some(status))
+}
+
+/// Closed-loop clients: each sends its next request when the previous one
+/// answered, on its own keep-alive connection (opened again after an error).
+pub(crate) async fn closed_loop<F>(
+    load: &Load,
     clients: usize,
     d: Duration,
     request: F,
     expect: u16,
 ) -> anyhow::Result<Figures>
 where
-    F: Fn(u64) -> Fut + Sync,
-    Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    F: Fn(u64) -> Req + Sync,
 {
     let start = Instant::now();
     let request = &request;
@@ -216,22 +351,26 @@ where
         let mut hist = Histogram::<u64>::new(3)?;
         let mut n = (w as u64) << 40 | (start.elapsed().as_nanos() as u64 & 0xffff_ffff);
         let mut errors = 0u64;
+        let mut conn: Option<Conn> = None;
+        let mut bytes = Vec::with_capacity(1024);
         while start.elapsed() < d {
             n += 1;
+            request(n).encode(load, &mut bytes);
             let t0 = Instant::now();
-            let resp = request(n).await;
-            let ok = match resp {
-                Ok(r) => {
-                    let ok = r.status().as_u16() == expect;
-                    let _ = r.bytes().await;
-                    ok
-                }
-                Err(_) => false,
+            let answered = match conn.as_mut() {
+                Some(c) => c.exchange(&bytes).await,
+                None => match Conn::open(load).await {
+                    Ok(c) => conn.insert(c).exchange(&bytes).await,
+                    Err(e) => Err(e),
+                },
             };
-            if ok {
-                hist.record(t0.elapsed().as_micros() as u64)?;
-            } else {
-                errors += 1;
+            match answered {
+                Ok(status) if status == expect => hist.record(t0.elapsed().as_micros() as u64)?,
+                Ok(_) => errors += 1,
+                Err(_) => {
+                    errors += 1;
+                    conn = None;
+                }
             }
         }
         anyhow::Ok((hist, errors))
@@ -252,5 +391,6 @@ where
         rate: all.len() as f64 / elapsed,
         p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+        ..Default::default()
     })
 }

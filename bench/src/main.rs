@@ -8,12 +8,19 @@
 //! runtime's figures instead, see `plugins.rs`; `--plugins DIR` names the
 //! built components, default `plugins/target/wasm32-wasip2/release`),
 //! `--only encryption` (creates with two `x-encrypted` fields beside the
-//! same creates without, alternating, in one run).
+//! same creates without, alternating, in one run), `--only creates` or
+//! `--only reads` (one half of the default report), `--profile DIR` (a
+//! CPU profile of each HTTP scenario, see `profile.rs`), `--write-workers N`
+//! (the service's writers of coalesced creates).
+//! Every row also says how much CPU a request cost in this process (the
+//! service and the load generator) and in PostgreSQL.
 //! It is a benchmark, not a test: it asserts nothing.
 
 mod http_load;
 mod pgbench;
 mod plugins;
+mod pocketbase;
+mod profile;
 mod relay;
 
 use std::time::Duration;
@@ -32,6 +39,9 @@ struct Options {
     kafka: Option<String>,
     only: Option<String>,
     plugins: std::path::PathBuf,
+    profile: Option<std::path::PathBuf>,
+    /// The service's `write_workers` (default: its own default).
+    write_workers: Option<usize>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -43,6 +53,8 @@ fn options() -> anyhow::Result<Options> {
         kafka: None,
         only: None,
         plugins: "plugins/target/wasm32-wasip2/release".into(),
+        profile: None,
+        write_workers: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -56,6 +68,8 @@ fn options() -> anyhow::Result<Options> {
             "--kafka" => o.kafka = Some(v.clone()),
             "--only" => o.only = Some(v.clone()),
             "--plugins" => o.plugins = v.into(),
+            "--profile" => o.profile = Some(v.into()),
+            "--write-workers" => o.write_workers = Some(v.parse()?),
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -68,6 +82,35 @@ pub struct Figures {
     pub rate: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// CPU µs per request in this process, and in the whole machine.
+    pub own_us: f64,
+    pub all_us: f64,
+}
+
+/// Runs one measurement, profiled when asked, with its CPU per request.
+async fn measured<F>(o: &Options, name: &str, run: F) -> anyhow::Result<Figures>
+where
+    F: std::future::Future<Output = anyhow::Result<Figures>>,
+{
+    let profile = profile::start(o.profile.as_deref(), name)?;
+    let cpu = profile::Cpu::now();
+    let started = std::time::Instant::now();
+    let mut f = run.await?;
+    (f.own_us, f.all_us) = cpu.per_request(f.rate * started.elapsed().as_secs_f64());
+    if let Some(p) = profile {
+        p.finish()?;
+    }
+    Ok(f)
+}
+
+/// pgbench as a measurement.
+async fn pgbench_run(o: &Options, script: pgbench::Script, c: usize) -> anyhow::Result<Figures> {
+    let seconds = Duration::from_secs(o.seconds);
+    let name = format!("pgbench-{script:?}-{c}");
+    measured(o, &name, async {
+        pgbench::run(&o.server_url, DATABASE, script, c, seconds)
+    })
+    .await
 }
 
 fn median(mut runs: Vec<Figures>) -> Figures {
@@ -90,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_rps: 0,
         ..Settings::default()
     };
+    let settings = Settings {
+        write_workers: o.write_workers.unwrap_or(settings.write_workers),
+        ..settings
+    };
     let app = Application::build(settings.clone()).await?;
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until(std::future::pending()));
@@ -108,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
         return encryption(&o, &target, &sealed).await;
     }
     pgbench::prepare(&o.server_url, DATABASE).await?;
+    // The other peer: PocketBase (SQLite), same record shape, same clients.
+    let peer = pocketbase::start().await?;
     let seconds = Duration::from_secs(o.seconds);
 
     println!(
@@ -122,40 +171,35 @@ async fn main() -> anyhow::Result<()> {
     );
     let db = format!("{}/{DATABASE}", o.server_url);
     println!(
-        "{:<46} {:>7} {:>10} {:>8} {:>8} {:>7}",
-        "scenario", "clients", "rate/s", "p50 ms", "p99 ms", "ratio"
+        "{:<46} {:>7} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8}",
+        "scenario", "clients", "rate/s", "p50 ms", "p99 ms", "ratio", "own µs", "all µs"
     );
+    let (creates, reads) = match o.only.as_deref() {
+        None => (true, true),
+        Some("creates") => (true, false),
+        Some("reads") => (false, true),
+        Some(other) => anyhow::bail!("unknown --only {other}"),
+    };
     for &c in &o.clients {
+        if !creates {
+            break;
+        }
         let mut http = Vec::new();
         let mut pg = Vec::new();
         let mut pg_plain = Vec::new();
         let mut pg_outbox = Vec::new();
         let mut relay_runs = Vec::new();
+        let mut pb = Vec::new();
         for _ in 0..o.runs {
             let window = relay::Window::start(&base, &db).await?;
-            http.push(http_load::creates(&target, c, seconds).await?);
+            let name = format!("creates-{c}");
+            http.push(measured(&o, &name, http_load::creates(&target, c, seconds)).await?);
             relay_runs.push(window.finish(&base, &db).await?);
-            pg.push(pgbench::run(
-                &o.server_url,
-                DATABASE,
-                pgbench::Script::ServiceInsert,
-                c,
-                seconds,
-            )?);
-            pg_plain.push(pgbench::run(
-                &o.server_url,
-                DATABASE,
-                pgbench::Script::Insert,
-                c,
-                seconds,
-            )?);
-            pg_outbox.push(pgbench::run(
-                &o.server_url,
-                DATABASE,
-                pgbench::Script::InsertWithOutbox,
-                c,
-                seconds,
-            )?);
+            pg.push(pgbench_run(&o, pgbench::Script::ServiceInsert, c).await?);
+            pg_plain.push(pgbench_run(&o, pgbench::Script::Insert, c).await?);
+            pg_outbox.push(pgbench_run(&o, pgbench::Script::InsertWithOutbox, c).await?);
+            let name = format!("pocketbase-creates-{c}");
+            pb.push(measured(&o, &name, peer.creates(c, seconds)).await?);
         }
         let (h, p) = (median(http), median(pg));
         let (pp, po) = (median(pg_plain), median(pg_outbox));
@@ -178,6 +222,13 @@ async fn main() -> anyhow::Result<()> {
             po,
             Some(h.rate / po.rate),
         );
+        let pb = median(pb);
+        row(
+            "PocketBase 0.40.6: POST record (token)",
+            c,
+            pb,
+            Some(h.rate / pb.rate),
+        );
         let r = median(relay_runs);
         row(
             "relay meanwhile: commit -> broker ack (<=)",
@@ -186,20 +237,23 @@ async fn main() -> anyhow::Result<()> {
             Some(r.rate / h.rate),
         );
     }
-    let drain = relay::drain(&target, &base, &db).await?;
-    row("relay: drain 20,000 events of batch writes", 0, drain, None);
+    if creates {
+        let drain = relay::drain(&target, &base, &db).await?;
+        row("relay: drain 20,000 events of batch writes", 0, drain, None);
+    }
     for &c in &o.clients {
+        if !reads {
+            break;
+        }
         let mut http = Vec::new();
         let mut pg = Vec::new();
+        let mut pb = Vec::new();
         for _ in 0..o.runs {
-            http.push(http_load::reads(&target, c, seconds).await?);
-            pg.push(pgbench::run(
-                &o.server_url,
-                DATABASE,
-                pgbench::Script::SelectById,
-                c,
-                seconds,
-            )?);
+            let name = format!("reads-{c}");
+            http.push(measured(&o, &name, http_load::reads(&target, c, seconds)).await?);
+            pg.push(pgbench_run(&o, pgbench::Script::SelectById, c).await?);
+            let name = format!("pocketbase-reads-{c}");
+            pb.push(measured(&o, &name, peer.reads(c, seconds)).await?);
         }
         let (h, p) = (median(http), median(pg));
         row(
@@ -209,8 +263,16 @@ async fn main() -> anyhow::Result<()> {
             Some(h.rate / p.rate),
         );
         row("pgbench: the same SELECT by id (prepared)", c, p, None);
+        let pb = median(pb);
+        row(
+            "PocketBase 0.40.6: GET record by id (token)",
+            c,
+            pb,
+            Some(h.rate / pb.rate),
+        );
         // What the HTTP stack and this load generator cost with no work behind them.
-        let floor = http_load::live(&target, c, seconds).await?;
+        let name = format!("live-{c}");
+        let floor = measured(&o, &name, http_load::live(&target, c, seconds)).await?;
         row("HTTP floor: GET /health/live, same client", c, floor, None);
     }
     Ok(())
@@ -219,8 +281,8 @@ async fn main() -> anyhow::Result<()> {
 fn row(name: &str, clients: usize, f: Figures, ratio: Option<f64>) {
     let ratio = ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
     println!(
-        "{name:<46} {clients:>7} {:>10.0} {:>8.2} {:>8.2} {ratio:>7}",
-        f.rate, f.p50_ms, f.p99_ms
+        "{name:<46} {clients:>7} {:>10.0} {:>8.2} {:>8.2} {ratio:>7} {:>8.0} {:>8.0}",
+        f.rate, f.p50_ms, f.p99_ms, f.own_us, f.all_us
     );
 }
 

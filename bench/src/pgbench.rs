@@ -143,5 +143,6 @@ pub fn run(
         rate: tps,
         p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        ..Default::default()
     })
 }

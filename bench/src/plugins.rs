@@ -75,6 +75,7 @@ fn measure(calls: usize, mut call: impl FnMut()) -> anyhow::Result<Figures> {
         rate: calls as f64 / start.elapsed().as_secs_f64(),
         p50_ms: hist.value_at_quantile(0.5) as f64 / 1e6,
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1e6,
+        ..Default::default()
     })
 }
 

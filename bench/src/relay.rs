@@ -102,6 +102,7 @@ impl Window {
             rate: n as f64 / secs,
             p50_ms: quantile(&self.before, &after, 0.5) * 1000.0,
             p99_ms: quantile(&self.before, &after, 0.99) * 1000.0,
+            ..Default::default()
         })
     }
 }

@@ -18,8 +18,12 @@ use crate::services::ValidationService;
 pub struct AppState {
     pub settings: Settings,
     pub pool: PgPool,
+    /// Creates, written together (group commit).
+    pub writes: crate::storage::coalesce::Coalescer,
     pub schemas: SchemaCache,
     pub auth: Authenticator,
+    /// Tokens verified lately (until expiry, at most a minute).
+    pub tokens: crate::auth::TokenCache,
     pub validation: ValidationService,
     /// Tenants' data-encryption keys (`x-encrypted` fields).
     pub keyring: crate::crypto::Keyring,

@@ -26,6 +26,9 @@ pub struct Settings {
     /// Where a private PostgreSQL cluster keeps its files (`BSS_DATA_DIR`).
     pub data_dir: PathBuf,
     pub db_max_connections: u32,
+    /// Writers of coalesced creates (`BSS_WRITE_WORKERS`): each writes the
+    /// creates waiting for it in one transaction, on one connection.
+    pub write_workers: usize,
     /// HS256 secret for tokens when no Auth Service is configured
     /// (`BSS_JWT_SECRET`). Unset: a secret generated into
     /// `<data_dir>/jwt-secret` on first start, for loopback addresses only
@@ -194,6 +197,7 @@ impl Default for Settings {
             local_postgres: "auto".into(),
             data_dir: PathBuf::from(".bss"),
             db_max_connections: 32,
+            write_workers: 4,
             jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
@@ -319,6 +323,7 @@ impl Settings {
             "BSS_LOCAL_POSTGRES" => local_postgres: text,
             "BSS_DATA_DIR" => data_dir: text,
             "BSS_DB_MAX_CONNECTIONS" => db_max_connections: parsed,
+            "BSS_WRITE_WORKERS" => write_workers: parsed,
             "BSS_JWT_SECRET" => jwt_secret: some,
             "BSS_JWT_ISSUER" => jwt_issuer: some,
             "BSS_JWT_AUDIENCE" => jwt_audience: some,

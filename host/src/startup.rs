@@ -105,10 +105,15 @@ impl Application {
         };
         let state = Arc::new(AppState {
             auth,
+            tokens: Default::default(),
             validation: ValidationService::new(validation, settings.validation_fallback),
             keyring: crate::crypto::Keyring::from_settings(&settings, Some(database.pool.clone()))?,
             tasks,
             pool: database.pool.clone(),
+            writes: crate::storage::coalesce::Coalescer::start(
+                database.pool.clone(),
+                settings.write_workers,
+            ),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),
             broker: Arc::new(broker),

@@ -364,3 +364,62 @@ async fn records_written_under_an_old_schema_version_are_revalidated() {
             .contains("version 2")
     );
 }
+
+/// Concurrent creates are written together (one statement per resource, one
+/// commit); a document the database refuses fails alone, and every other
+/// create, of this tenant and of another, lands exactly once, with its event.
+#[tokio::test]
+async fn concurrent_creates_land_even_when_one_of_them_is_refused() {
+    use sqlx::Executor;
+    // One writer: the concurrent creates queue for it and share statements.
+    let app = TestApp::spawn_with(|s| s.write_workers = 1).await;
+    let (a_id, a) = app.tenant_with_invoices().await;
+    let (_, b) = app.tenant_with_invoices().await;
+    // A rule the database enforces and the schema does not know: tenant
+    // A's table refuses invoice number "REFUSED".
+    let table = bss::domain::ResourceName::parse("invoices")
+        .unwrap()
+        .table_in(&bss::domain::TenantId::parse(&a_id).unwrap());
+    app.db()
+        .await
+        .execute(
+            format!(
+                "ALTER TABLE {table} ADD CONSTRAINT refused CHECK (data->>'number' <> 'REFUSED')"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let refused = |i: i64| i % 10 == 4;
+    let creates = (0..60i64).map(|i| {
+        let token = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let doc = if refused(i) {
+            json!({"number": "REFUSED", "total": 1})
+        } else {
+            invoice(i)
+        };
+        let app = &app;
+        async move { (i, app.post("/v1/data/invoices", &token, &doc).await) }
+    });
+    for (i, resp) in futures::future::join_all(creates).await {
+        if refused(i) {
+            assert!(resp.status().is_server_error(), "create {i}");
+        } else {
+            assert_eq!(resp.status(), 201, "create {i}");
+            let created = body(resp).await;
+            assert_eq!(created["data"], invoice(i));
+        }
+    }
+    for token in [&a, &b] {
+        let expected = if token == &a { 24 } else { 30 };
+        let page = body(app.get("/v1/data/invoices?count=exact", token).await).await;
+        assert_eq!(page["total"], expected);
+        // The schema's event, then the creates'.
+        let log = wait_for_events(&app, token, expected + 1).await;
+        let created = log
+            .iter()
+            .filter(|e| e["type"] == "business_store.data.created")
+            .count();
+        assert_eq!(created, expected);
+    }
+}

@@ -32,8 +32,16 @@ impl FromRequestParts<SharedState> for Principal {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be 'Bearer <token>'".into())
             })?;
-        let claims = state.auth.verify(token).await?;
-        let principal = Principal::from_claims(claims)?;
+        let principal = match state.tokens.get(token) {
+            Some(known) => known,
+            None => {
+                let claims = state.auth.verify(token).await?;
+                let exp = claims.exp;
+                let principal = Principal::from_claims(claims)?;
+                state.tokens.put(token, &principal, exp);
+                principal
+            }
+        };
         state.gate.admit(state, &principal, parts).await?;
         Ok(principal)
     }

@@ -293,13 +293,55 @@ async fn reveal(state: &SharedState, tenant: &TenantId, record: &mut Record) -> 
     .await
 }
 
-fn record_response(status: StatusCode, record: &Record) -> Response {
-    let mut resp = (status, Json(record)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&etag(record.version)) {
+/// A record answered: its JSON, with its `ETag` (and `Location` when created).
+trait Answered {
+    fn version(&self) -> i64;
+    fn location(&self) -> String;
+    fn body(&self) -> Result<Vec<u8>, serde_json::Error>;
+}
+
+impl Answered for Record {
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn location(&self) -> String {
+        format!("/v1/data/{}/{}", self.resource, self.id)
+    }
+    fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+}
+
+impl Answered for records::RawRecord {
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn location(&self) -> String {
+        format!("/v1/data/{}/{}", self.resource, self.id)
+    }
+    fn body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        self.to_json()
+    }
+}
+
+fn record_response(status: StatusCode, record: &impl Answered) -> Response {
+    let mut resp = match record.body() {
+        Ok(body) => (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(anyhow::anyhow!("writing a record: {e}")).into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag(record.version())) {
         resp.headers_mut().insert(header::ETAG, v);
     }
     if status == StatusCode::CREATED
-        && let Ok(v) = HeaderValue::from_str(&format!("/v1/data/{}/{}", record.resource, record.id))
+        && let Ok(v) = HeaderValue::from_str(&record.location())
     {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -334,60 +376,27 @@ async fn create_record(
 ) -> ApiResult<Response> {
     let tenant = principal.tenant_with(Role::Writer)?;
     let resource = ResourceName::parse(&resource)?;
-    let key = idempotency_key(&headers)?;
-    let hash = key.as_ref().map(|_| {
+    let idem = idempotency_key(&headers)?.map(|key| {
         let digest = Sha256::new()
             .chain_update(resource.as_str())
             .chain_update([0])
             .chain_update(doc.to_string())
             .finalize();
-        digest
+        let hash = digest
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+            .collect::<String>();
+        (key, hash)
     });
-    let idem = key
-        .as_deref()
-        .zip(hash.as_deref())
-        .map(|(key, request_hash)| Idempotency { key, request_hash });
-    let id = RecordId::generate();
-    let created = with_schema(&state, tenant, &resource, |schema| {
-        let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
-        let principal = &principal;
-        async move {
-            validate(&schema, resource, doc).await?;
-            if let Some(hooks) = state
-                .plugins
-                .hooks(tenant, resource.as_str(), false)
-                .await?
-            {
-                // A replay answers the first result without asking the hooks again.
-                let replay = match idem {
-                    Some(i) => records::replays(&state.pool, tenant, i.key).await?,
-                    None => false,
-                };
-                if !replay {
-                    let call = write_call(state, principal, headers, tenant, resource, "create");
-                    state
-                        .plugins
-                        .check_write(hooks, call, one_doc(doc, None))
-                        .await?;
-                }
-            }
-            let events = record_events(state, headers, tenant, &schema);
-            let t = target(tenant, resource, &schema);
-            let stored = sealed(state, t, &schema, id, doc).await?;
-            let created = records::create(&state.pool, t, &events, id, &stored, idem).await;
-            Ok(created.map(|c| match c {
-                Created::New(r) => Created::New(in_clear(r, &schema, doc)),
-                replayed => replayed,
-            }))
-        }
-    })
-    .await?;
-    if matches!(created, Created::New(_)) {
-        state.event_log.written(1);
-    }
+    let change = Change::Create {
+        id: RecordId::generate(),
+        doc,
+        idem,
+    };
+    let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
+    let Done::Created(created) = writer.write(&change).await? else {
+        return Err(other_verb());
+    };
     Ok(match created {
         Created::New(record) => record_response(StatusCode::CREATED, &record),
         Created::Replayed {
@@ -437,10 +446,10 @@ async fn get_record(
     let resource = ResourceName::parse(&resource)?;
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    let mut record = records::get(&state.pool, target(tenant, &resource, &schema), &id)
+    let raw = records::get_raw(&state.pool, target(tenant, &resource, &schema), &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
-    let tag = etag(record.version);
+    let tag = etag(raw.version);
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -452,6 +461,12 @@ async fn get_record(
         }
         return Ok(resp);
     }
+    if !raw.sealed() {
+        return Ok(record_response(StatusCode::OK, &raw));
+    }
+    let mut record = raw
+        .parsed()
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored record {id}: {e}")))?;
     reveal(&state, tenant, &mut record).await?;
     Ok(record_response(StatusCode::OK, &record))
 }
@@ -473,40 +488,15 @@ async fn put_record(
 ) -> ApiResult<Response> {
     let tenant = principal.tenant_with(Role::Writer)?;
     let resource = ResourceName::parse(&resource)?;
-    let id = RecordId::parse(&id)?;
-    let expected = if_match(&headers)?;
-    let (record, created) = with_schema(&state, tenant, &resource, |schema| {
-        let (id, doc, resource, state, headers) = (&id, &doc, &resource, &state, &headers);
-        let principal = &principal;
-        async move {
-            validate(&schema, resource, doc).await?;
-            if let Some(hooks) = state
-                .plugins
-                .hooks(tenant, resource.as_str(), false)
-                .await?
-            {
-                // The stored record as read just before the write.
-                let previous =
-                    match records::get(&state.pool, target(tenant, resource, &schema), id).await? {
-                        Some(mut r) => {
-                            reveal(state, tenant, &mut r).await?;
-                            Some(r.data)
-                        }
-                        None => None,
-                    };
-                let call = write_call(state, principal, headers, tenant, resource, "replace");
-                let docs = one_doc(doc, previous.as_ref());
-                state.plugins.check_write(hooks, call, docs).await?;
-            }
-            let events = record_events(state, headers, tenant, &schema);
-            let t = target(tenant, resource, &schema);
-            let stored = sealed(state, t, &schema, id, doc).await?;
-            let put = records::put(&state.pool, t, &events, id, &stored, expected).await;
-            Ok(put.map(|(r, created)| (in_clear(r, &schema, doc), created)))
-        }
-    })
-    .await?;
-    state.event_log.written(1);
+    let change = Change::Replace {
+        id: RecordId::parse(&id)?,
+        doc,
+        expected: if_match(&headers)?,
+    };
+    let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
+    let Done::Replaced(record, created) = writer.write(&change).await? else {
+        return Err(other_verb());
+    };
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -537,68 +527,15 @@ async fn patch_record(
     if !patch.is_object() {
         return Err(ApiError::bad_request("a merge patch must be a JSON object"));
     }
-    let record = with_schema(&state, tenant, &resource, |schema| {
-        let (id, patch, resource, state, headers) = (&id, &patch, &resource, &state, &headers);
-        let principal = &principal;
-        async move {
-            // Hooks run before the row is locked (they may take up to their
-            // deadline), on the version read here; the write then applies
-            // only to that version.
-            let mut hooked = None;
-            if let Some(hooks) = state
-                .plugins
-                .hooks(tenant, resource.as_str(), false)
-                .await?
-            {
-                let mut current = records::get(&state.pool, target(tenant, resource, &schema), id)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
-                reveal(state, tenant, &mut current).await?;
-                let mut doc = current.data.clone();
-                json_patch::merge(&mut doc, patch);
-                validate(&schema, resource, &doc).await?;
-                let call = write_call(state, principal, headers, tenant, resource, "patch");
-                let docs = one_doc(&doc, Some(&current.data));
-                state.plugins.check_write(hooks, call, docs).await?;
-                hooked = Some(current.version);
-            }
-            if !schema.encrypted_paths().is_empty() {
-                // The key the write seals with is fetched before the row is
-                // locked: a call to the Auth Service does not hold the lock.
-                state.keyring.current(tenant.as_str()).await?;
-            }
-            let tx = match Patch::begin(&state.pool, target(tenant, resource, &schema), id).await {
-                Ok(tx) => tx,
-                Err(e) => return Ok(Err(e)),
-            };
-            if let Some(v) = expected
-                && v != tx.current.version
-            {
-                return Err(ApiError::PreconditionFailed(format!(
-                    "record {id} is at version {}, not {v}",
-                    tx.current.version
-                )));
-            }
-            if let Some(v) = hooked
-                && v != tx.current.version
-            {
-                return Err(ApiError::conflict(format!(
-                    "record {id} changed while its plugins checked the patch; send it again"
-                )));
-            }
-            let mut doc = tx.current.data.clone();
-            reveal_data(state, tenant, resource.as_str(), id.as_str(), &mut doc).await?;
-            json_patch::merge(&mut doc, patch);
-            validate(&schema, resource, &doc).await?;
-            let events = record_events(state, headers, tenant, &schema);
-            let stored =
-                sealed(state, target(tenant, resource, &schema), &schema, id, &doc).await?;
-            let committed = tx.commit(&stored, &events).await;
-            Ok(committed.map(|r| in_clear(r, &schema, &doc)))
-        }
-    })
-    .await?;
-    state.event_log.written(1);
+    let change = Change::Patch {
+        id,
+        patch,
+        expected,
+    };
+    let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
+    let Done::Patched(record) = writer.write(&change).await? else {
+        return Err(other_verb());
+    };
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -615,23 +552,353 @@ async fn delete_record(
 ) -> ApiResult<StatusCode> {
     let tenant = principal.tenant_with(Role::Writer)?;
     let resource = ResourceName::parse(&resource)?;
-    let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
-    let expected = if_match(&headers)?;
-    let schema = schema_of(&state, tenant, &resource, false).await?;
-    if let Some(hooks) = state.plugins.hooks(tenant, resource.as_str(), true).await? {
-        let mut current = records::get(&state.pool, target(tenant, &resource, &schema), &id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
-        reveal(&state, tenant, &mut current).await?;
-        let call = write_call(&state, &principal, &headers, tenant, &resource, "delete");
-        let docs = one_doc(&current.data, Some(&current.data));
-        state.plugins.check_write(hooks, call, docs).await?;
-    }
-    let events = record_events(&state, &headers, tenant, &schema);
-    let t = target(tenant, &resource, &schema);
-    records::delete(&state.pool, t, &events, &id, expected).await?;
-    state.event_log.written(1);
+    let change = Change::Delete {
+        id: RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?,
+        expected: if_match(&headers)?,
+    };
+    let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
+    writer.write(&change).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// One write, as a verb or the batch endpoint asks for it.
+enum Change {
+    Create {
+        id: RecordId,
+        doc: Value,
+        /// Idempotency key and request hash.
+        idem: Option<(String, String)>,
+    },
+    Replace {
+        id: RecordId,
+        doc: Value,
+        expected: Option<i64>,
+    },
+    Patch {
+        id: RecordId,
+        patch: Value,
+        expected: Option<i64>,
+    },
+    Delete {
+        id: RecordId,
+        expected: Option<i64>,
+    },
+    Batch {
+        items: Vec<(RecordId, Value)>,
+    },
+}
+
+impl Change {
+    /// The operation the validation hooks are told.
+    fn operation(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Replace { .. } => "replace",
+            Self::Patch { .. } => "patch",
+            Self::Delete { .. } => "delete",
+            Self::Batch { .. } => "batch",
+        }
+    }
+}
+
+/// What a write did.
+enum Done {
+    Created(Created),
+    /// The record, and whether it was created.
+    Replaced(Record, bool),
+    Patched(Record),
+    Deleted,
+    Batch(Vec<Record>),
+}
+
+impl Done {
+    /// Records changed (each wrote one event).
+    fn changed(&self) -> u64 {
+        match self {
+            Self::Created(Created::Replayed { .. }) => 0,
+            Self::Batch(rows) => rows.len() as u64,
+            _ => 1,
+        }
+    }
+}
+
+fn other_verb() -> ApiError {
+    ApiError::Internal(anyhow::anyhow!("a write answered for another verb"))
+}
+
+/// Who writes to which resource: the one write path of every verb.
+struct Writer<'a> {
+    state: &'a SharedState,
+    principal: &'a Principal,
+    headers: &'a HeaderMap,
+    tenant: &'a TenantId,
+    resource: &'a ResourceName,
+}
+
+impl<'a> Writer<'a> {
+    fn new(
+        state: &'a SharedState,
+        principal: &'a Principal,
+        headers: &'a HeaderMap,
+        tenant: &'a TenantId,
+        resource: &'a ResourceName,
+    ) -> Self {
+        Self {
+            state,
+            principal,
+            headers,
+            tenant,
+            resource,
+        }
+    }
+
+    /// Against the resource's current schema (and again against a newer
+    /// one if it moves on meanwhile): validate, ask the validation hooks,
+    /// seal the `x-encrypted` values, store with the change events.
+    async fn write(&self, change: &Change) -> ApiResult<Done> {
+        let done = with_schema(
+            self.state,
+            self.tenant,
+            self.resource,
+            |schema| async move {
+                self.validate(&schema, change).await?;
+                let seen = self.ask_hooks(&schema, change).await?;
+                self.store(&schema, change, seen).await
+            },
+        )
+        .await?;
+        self.state.event_log.written(done.changed());
+        Ok(done)
+    }
+
+    fn target(&self, schema: &CompiledSchema) -> Target<'a> {
+        target(self.tenant, self.resource, schema)
+    }
+
+    /// The documents that will be stored, against the schema. A patch is
+    /// validated once merged onto the record it changes; a delete stores
+    /// no document.
+    async fn validate(&self, schema: &Arc<CompiledSchema>, change: &Change) -> ApiResult<()> {
+        match change {
+            Change::Create { doc, .. } | Change::Replace { doc, .. } => {
+                validate(schema, self.resource, doc).await
+            }
+            Change::Batch { items } => {
+                let errors = validate_batch(schema, items).await?;
+                if errors.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ApiError::unprocessable(
+                        "some items do not match the schema; nothing was stored",
+                        errors,
+                    ))
+                }
+            }
+            Change::Patch { .. } | Change::Delete { .. } => Ok(()),
+        }
+    }
+
+    /// Asks the tenant's validation hooks, if any are bound. Returns the
+    /// version of the record they judged, for a patch (applied only to it).
+    async fn ask_hooks(
+        &self,
+        schema: &Arc<CompiledSchema>,
+        change: &Change,
+    ) -> ApiResult<Option<i64>> {
+        let state = self.state;
+        let on_delete = matches!(change, Change::Delete { .. });
+        let Some(hooks) = state
+            .plugins
+            .hooks(self.tenant, self.resource.as_str(), on_delete)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut seen = None;
+        let docs = match change {
+            Change::Create { doc, idem, .. } => {
+                // A replay answers the first result without asking the hooks again.
+                if let Some((key, _)) = idem
+                    && records::replays(&state.pool, self.tenant, key).await?
+                {
+                    return Ok(None);
+                }
+                one_doc(doc, None)
+            }
+            Change::Replace { id, doc, .. } => {
+                // The stored record as read just before the write.
+                let previous = self.current(schema, id).await?.map(|r| r.data);
+                one_doc(doc, previous.as_ref())
+            }
+            Change::Patch { id, patch, .. } => {
+                // Hooks run before the row is locked (they may take up to
+                // their deadline), on the version read here; the write then
+                // applies only to that version.
+                let current = self.existing(schema, id).await?;
+                let mut doc = current.data.clone();
+                json_patch::merge(&mut doc, patch);
+                validate(schema, self.resource, &doc).await?;
+                seen = Some(current.version);
+                one_doc(&doc, Some(&current.data))
+            }
+            Change::Delete { id, .. } => {
+                let current = self.existing(schema, id).await?;
+                one_doc(&current.data, Some(&current.data))
+            }
+            Change::Batch { items } => items
+                .iter()
+                .enumerate()
+                .map(|(i, (_, doc))| WriteDoc {
+                    path: format!("/items/{i}"),
+                    record: doc.to_string(),
+                    previous: None,
+                })
+                .collect(),
+        };
+        let call = write_call(
+            state,
+            self.principal,
+            self.headers,
+            self.tenant,
+            self.resource,
+            change.operation(),
+        );
+        state.plugins.check_write(hooks, call, docs).await?;
+        Ok(seen)
+    }
+
+    /// The stored record, its sealed values opened (what hooks see).
+    async fn current(&self, schema: &CompiledSchema, id: &RecordId) -> ApiResult<Option<Record>> {
+        match records::get(&self.state.pool, self.target(schema), id).await? {
+            Some(mut r) => {
+                reveal(self.state, self.tenant, &mut r).await?;
+                Ok(Some(r))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn existing(&self, schema: &CompiledSchema, id: &RecordId) -> ApiResult<Record> {
+        self.current(schema, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))
+    }
+
+    /// Seals and stores, with the change events, in one statement or
+    /// transaction. Creates without an idempotency key share statements
+    /// and commits with concurrent ones (`storage::coalesce`).
+    async fn store(
+        &self,
+        schema: &Arc<CompiledSchema>,
+        change: &Change,
+        seen: Option<i64>,
+    ) -> ApiResult<Result<Done, StorageError>> {
+        let state = self.state;
+        let t = self.target(schema);
+        let events = record_events(state, self.headers, self.tenant, schema);
+        Ok(match change {
+            Change::Create { id, doc, idem } => {
+                let stored = sealed(state, t, schema, id, doc).await?;
+                let created = match idem {
+                    Some((key, request_hash)) => {
+                        let idem = Idempotency { key, request_hash };
+                        records::create(&state.pool, t, &events, id, &stored, Some(idem)).await
+                    }
+                    None => state
+                        .writes
+                        .create(t, &events, id, &stored)
+                        .await
+                        .map(Created::New),
+                };
+                created.map(|c| match c {
+                    Created::New(r) => Done::Created(Created::New(in_clear(r, schema, doc))),
+                    replayed => Done::Created(replayed),
+                })
+            }
+            Change::Replace { id, doc, expected } => {
+                let stored = sealed(state, t, schema, id, doc).await?;
+                records::put(&state.pool, t, &events, id, &stored, *expected)
+                    .await
+                    .map(|(r, created)| Done::Replaced(in_clear(r, schema, doc), created))
+            }
+            Change::Patch {
+                id,
+                patch,
+                expected,
+            } => {
+                return self
+                    .patch(schema, &events, id, patch, *expected, seen)
+                    .await;
+            }
+            Change::Delete { id, expected } => {
+                records::delete(&state.pool, t, &events, id, *expected)
+                    .await
+                    .map(|_| Done::Deleted)
+            }
+            Change::Batch { items } => {
+                let stored = sealed_batch(state, t, schema, items).await?;
+                records::create_batch(&state.pool, t, &events, &stored)
+                    .await
+                    .map(|rows| {
+                        let docs = items.iter().map(|(_, doc)| doc);
+                        let rows = rows.into_iter().zip(docs);
+                        Done::Batch(rows.map(|(r, doc)| in_clear(r, schema, doc)).collect())
+                    })
+            }
+        })
+    }
+
+    /// A merge patch under the record's row lock, on the version the hooks
+    /// judged (if they did).
+    async fn patch(
+        &self,
+        schema: &Arc<CompiledSchema>,
+        events: &RecordEvents,
+        id: &RecordId,
+        patch: &Value,
+        expected: Option<i64>,
+        seen: Option<i64>,
+    ) -> ApiResult<Result<Done, StorageError>> {
+        let state = self.state;
+        if !schema.encrypted_paths().is_empty() {
+            // The key the write seals with is fetched before the row is
+            // locked: a call to the Auth Service does not hold the lock.
+            state.keyring.current(self.tenant.as_str()).await?;
+        }
+        let tx = match Patch::begin(&state.pool, self.target(schema), id).await {
+            Ok(tx) => tx,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(v) = expected
+            && v != tx.current.version
+        {
+            return Err(ApiError::PreconditionFailed(format!(
+                "record {id} is at version {}, not {v}",
+                tx.current.version
+            )));
+        }
+        if let Some(v) = seen
+            && v != tx.current.version
+        {
+            return Err(ApiError::conflict(format!(
+                "record {id} changed while its plugins checked the patch; send it again"
+            )));
+        }
+        let mut doc = tx.current.data.clone();
+        reveal_data(
+            state,
+            self.tenant,
+            self.resource.as_str(),
+            id.as_str(),
+            &mut doc,
+        )
+        .await?;
+        json_patch::merge(&mut doc, patch);
+        validate(schema, self.resource, &doc).await?;
+        let stored = sealed(state, self.target(schema), schema, id, &doc).await?;
+        let committed = tx.commit(&stored, events).await;
+        Ok(committed.map(|r| Done::Patched(in_clear(r, schema, &doc))))
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -670,54 +937,16 @@ async fn create_batch(
             vec![FieldError::request("/items", "wrong number of items")],
         ));
     }
-    let items: Vec<(RecordId, Value)> = batch
+    let items = batch
         .items
         .into_iter()
         .map(|doc| (RecordId::generate(), doc))
         .collect();
-    let created = with_schema(&state, tenant, &resource, |schema| {
-        let (items, resource, state, headers) = (&items, &resource, &state, &headers);
-        let principal = &principal;
-        async move {
-            let errors = validate_batch(&schema, items).await?;
-            if !errors.is_empty() {
-                return Err(ApiError::unprocessable(
-                    "some items do not match the schema; nothing was stored",
-                    errors,
-                ));
-            }
-            if let Some(hooks) = state
-                .plugins
-                .hooks(tenant, resource.as_str(), false)
-                .await?
-            {
-                let docs = items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, doc))| WriteDoc {
-                        path: format!("/items/{i}"),
-                        record: doc.to_string(),
-                        previous: None,
-                    })
-                    .collect();
-                let call = write_call(state, principal, headers, tenant, resource, "batch");
-                state.plugins.check_write(hooks, call, docs).await?;
-            }
-            let events = record_events(state, headers, tenant, &schema);
-            let t = target(tenant, resource, &schema);
-            let stored = sealed_batch(state, t, &schema, items).await?;
-            let created = records::create_batch(&state.pool, t, &events, &stored).await;
-            Ok(created.map(|rows| {
-                let docs = items.iter().map(|(_, doc)| doc);
-                rows.into_iter()
-                    .zip(docs)
-                    .map(|(r, doc)| in_clear(r, &schema, doc))
-                    .collect::<Vec<_>>()
-            }))
-        }
-    })
-    .await?;
-    state.event_log.written(created.len() as u64);
+    let change = Change::Batch { items };
+    let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
+    let Done::Batch(created) = writer.write(&change).await? else {
+        return Err(other_verb());
+    };
     Ok((StatusCode::CREATED, Json(BatchResponse { items: created })).into_response())
 }
 

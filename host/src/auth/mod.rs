@@ -5,7 +5,9 @@
 pub mod jwt;
 pub mod local_secret;
 pub mod principal;
+pub mod token_cache;
 
 pub use jwt::{Authenticator, Claims};
 pub use local_secret::LocalSecret;
 pub use principal::{Principal, Role};
+pub use token_cache::TokenCache;

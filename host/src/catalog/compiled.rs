@@ -103,6 +103,11 @@ impl CompiledSchema {
     /// Cheap for small documents; see [`document_weight`] for when to move
     /// it off the async workers.
     pub fn validate(&self, document: &Value) -> Result<(), Vec<FieldError>> {
+        // Most writes are valid: the yes/no check is far cheaper than
+        // walking the document for every error.
+        if self.validator.is_valid(document) {
+            return Ok(());
+        }
         let errors: Vec<FieldError> = self
             .validator
             .iter_errors(document)

@@ -33,9 +33,9 @@ pub struct RecordEvents {
 
 /// A CTE named `ob` that writes one outbox row per row of the CTE `ins`
 /// (columns `id`, `version`, `data`, `kind` = created|updated|deleted).
-/// Its parameters, from `$first`: tenant, resource, template, full,
-/// hidden fields (`jsonb`, `hidden` paths), record ids, event ids (the last
-/// two as aligned arrays).
+/// Its parameters, from `$first`: tenant, resource, envelope templates,
+/// full, hidden fields (`jsonb`, `hidden` paths), record ids, event ids
+/// (templates, ids and event ids as aligned arrays: one template per event).
 pub fn record_events_cte(first: usize, hidden_paths: usize) -> String {
     let [t, r, tpl, full, hidden, ids, evs] = std::array::from_fn::<usize, 7, _>(|i| first + i);
     // One `#-` per hidden path: each removes a field at any depth.
@@ -47,14 +47,15 @@ pub fn record_events_cte(first: usize, hidden_paths: usize) -> String {
            INSERT INTO bss.outbox (event_id, tenant_id, resource, type, kafka_key, envelope)
            SELECT e.event_id, ${t}, ${r}, 'business_store.data.' || ins.kind,
                   ${t} || '/' || ${r} || '/' || ins.id,
-                  ${tpl}::jsonb || jsonb_build_object(
+                  e.template || jsonb_build_object(
                     'id', e.event_id,
                     'type', 'business_store.data.' || ins.kind,
                     'subject', ${r} || '/' || ins.id,
                     'data', jsonb_build_object('tenantId', ${t}, 'resource', ${r}, 'recordId', ins.id, 'version', ins.version)
                       || CASE WHEN ins.kind = 'updated' THEN jsonb_build_object('previousVersion', ins.version - 1) ELSE '{{}}'::jsonb END
                       || CASE WHEN ${full} AND ins.kind <> 'deleted' THEN jsonb_build_object('data', ins.data{payload}) ELSE '{{}}'::jsonb END)
-             FROM ins JOIN unnest(${ids}::text[], ${evs}::uuid[]) AS e(id, event_id) ON e.id = ins.id)"
+             FROM ins JOIN unnest(${ids}::text[], ${evs}::uuid[], ${tpl}::jsonb[]) AS e(id, event_id, template)
+                  ON e.id = ins.id)"
     )
 }
 

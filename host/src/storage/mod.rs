@@ -3,6 +3,7 @@
 //! quoted identifiers derived from validated newtypes), so a pooled
 //! connection carries no tenant state between requests.
 
+pub mod coalesce;
 pub mod database;
 pub mod local_postgres;
 pub mod plugins;

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryAs;
+use sqlx::types::Json;
 
 use super::{StorageError, pg_code};
 use crate::domain::{RecordId, ResourceName, TenantId};
@@ -32,6 +33,68 @@ pub struct Record {
     pub data: Value,
 }
 
+/// A stored record with its document as the database sent it (JSON text):
+/// passed through to the response without being parsed into a tree and
+/// written out again (reads of records without sealed values).
+#[derive(Debug, sqlx::FromRow)]
+pub struct RawRecord {
+    pub id: String,
+    #[sqlx(skip)]
+    pub resource: String,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub data: String,
+}
+
+impl RawRecord {
+    /// Whether the document holds sealed (`x-encrypted`) values, which a
+    /// reader gets only opened: then it is read as a [`Record`].
+    pub fn sealed(&self) -> bool {
+        self.data.contains("\"$enc\"")
+    }
+
+    pub fn parsed(self) -> Result<Record, serde_json::Error> {
+        Ok(Record {
+            data: serde_json::from_str(&self.data)?,
+            id: self.id,
+            resource: self.resource,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+
+    /// The record as [`Record`] serializes, its document copied in as is.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Head<'a> {
+            id: &'a str,
+            resource: &'a str,
+            version: i64,
+            created_at: &'a DateTime<Utc>,
+            updated_at: &'a DateTime<Utc>,
+        }
+        let mut out = Vec::with_capacity(160 + self.data.len());
+        serde_json::to_writer(
+            &mut out,
+            &Head {
+                id: &self.id,
+                resource: &self.resource,
+                version: self.version,
+                created_at: &self.created_at,
+                updated_at: &self.updated_at,
+            },
+        )?;
+        out.pop(); // the closing brace
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(self.data.as_bytes());
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
 const RETURNING: &str = "RETURNING id, version, created_at, updated_at, data";
 
 /// Where a resource's records are: tenant, resource and the schema version
@@ -43,19 +106,34 @@ pub struct Target<'a> {
     pub schema_version: i32,
 }
 
-/// Binds the parameters of [`record_events_cte`]: one event per record id.
+/// Binds the parameters of [`record_events_cte`]: one event per record id,
+/// all from the same envelope template.
 fn bind_events<'q, O>(
     q: QueryAs<'q, Postgres, O, PgArguments>,
     t: Target<'q>,
     events: &'q RecordEvents,
     ids: Vec<String>,
 ) -> QueryAs<'q, Postgres, O, PgArguments> {
+    let templates = vec![Json(&events.template); ids.len()];
+    bind_row_events(q, t, events.full, &events.hidden, ids, templates)
+}
+
+/// Binds the parameters of [`record_events_cte`], each event with its own
+/// envelope template (the writes of several requests in one statement).
+fn bind_row_events<'q, O>(
+    q: QueryAs<'q, Postgres, O, PgArguments>,
+    t: Target<'q>,
+    full: bool,
+    hidden: &'q [Vec<String>],
+    ids: Vec<String>,
+    templates: Vec<Json<&'q Value>>,
+) -> QueryAs<'q, Postgres, O, PgArguments> {
     let event_ids: Vec<uuid::Uuid> = ids.iter().map(|_| new_event_id()).collect();
     q.bind(t.tenant.as_str())
         .bind(t.resource.as_str())
-        .bind(&events.template)
-        .bind(events.full)
-        .bind(sqlx::types::Json(&events.hidden))
+        .bind(templates)
+        .bind(full)
+        .bind(Json(hidden))
         .bind(ids)
         .bind(event_ids)
 }
@@ -96,6 +174,10 @@ impl Target<'_> {
 fn map_err(e: sqlx::Error) -> StorageError {
     match pg_code(&e).as_deref() {
         Some("42P01") => StorageError::NotFound("resource not found".into()),
+        // PostgreSQL's jsonb holds no U+0000 in strings.
+        Some("22P05") => StorageError::BadRequest(
+            "a string in the document holds \\u0000, which cannot be stored".into(),
+        ),
         _ => StorageError::from_tenant_query(e),
     }
 }
@@ -158,31 +240,57 @@ async fn insert<'e, E>(
 where
     E: sqlx::PgExecutor<'e>,
 {
+    let rows = [(id, data, &events.template)];
+    let row = insert_rows(exec, t, events.full, &events.hidden, &rows).await?;
+    row.into_iter().next().ok_or(StorageError::SchemaChanged)
+}
+
+/// Inserts records of one resource in one statement, each with its change
+/// event (from its own envelope template): `(id, stored document,
+/// template)`. Returns the rows written, none when the schema version moved
+/// on; an id that exists fails the statement (409).
+pub async fn insert_rows<'e, E>(
+    exec: E,
+    t: Target<'_>,
+    full: bool,
+    hidden: &[Vec<String>],
+    items: &[(&RecordId, &Value, &Value)],
+) -> Result<Vec<Record>, StorageError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
     let sql = format!(
-        "{}, ins AS (INSERT INTO {} (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
-            {RETURNING}, 'created'::text AS kind), {}
+        "{}, ins AS (INSERT INTO {} (id, data)
+            SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
+             WHERE cur.current_version = $3 {RETURNING}, 'created'::text AS kind), {}
          SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte(),
         t.table(),
-        record_events_cte(4, events.hidden.len())
+        record_events_cte(4, hidden.len())
     );
+    let ids: Vec<String> = items
+        .iter()
+        .map(|(id, _, _)| id.as_str().to_owned())
+        .collect();
+    let docs: Vec<Json<&Value>> = items.iter().map(|(_, d, _)| Json(*d)).collect();
+    let templates: Vec<Json<&Value>> = items.iter().map(|(_, _, tpl)| Json(*tpl)).collect();
     let q = sqlx::query_as(&sql)
-        .bind(id.as_str())
-        .bind(data)
+        .bind(ids.clone())
+        .bind(docs)
         .bind(t.schema_version);
-    let row: Option<Record> = match bind_events(q, t, events, vec![id.as_str().to_owned()])
-        .fetch_optional(exec)
+    let rows: Vec<Record> = match bind_row_events(q, t, full, hidden, ids, templates)
+        .fetch_all(exec)
         .await
     {
         Err(e) if pg_code(&e).as_deref() == Some("23505") => {
-            return Err(StorageError::Conflict(format!(
-                "a record with id {id} already exists"
-            )));
+            return Err(StorageError::Conflict(match items {
+                [(id, _, _)] => format!("a record with id {id} already exists"),
+                _ => "a record id in the batch already exists".into(),
+            }));
         }
         other => other.map_err(map_err)?,
     };
-    row.map(|r| t.with_resource(r))
-        .ok_or(StorageError::SchemaChanged)
+    Ok(rows.into_iter().map(|r| t.with_resource(r)).collect())
 }
 
 /// Whether a create with this idempotency key already finished within 24 h
@@ -310,21 +418,41 @@ impl RecordWithFlag {
     }
 }
 
+/// A record as stored, its document unparsed.
+pub async fn get_raw(
+    pool: &PgPool,
+    t: Target<'_>,
+    id: &RecordId,
+) -> Result<Option<RawRecord>, StorageError> {
+    let sql = format!(
+        "SELECT id, version, created_at, updated_at, data::text AS data FROM {} WHERE id = $1",
+        t.table()
+    );
+    let row: Option<RawRecord> = sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(map_err)?;
+    Ok(row.map(|mut r| {
+        r.resource = t.resource.as_str().to_owned();
+        r
+    }))
+}
+
 pub async fn get(
     pool: &PgPool,
     t: Target<'_>,
     id: &RecordId,
 ) -> Result<Option<Record>, StorageError> {
-    let sql = format!(
-        "SELECT id, version, created_at, updated_at, data FROM {} WHERE id = $1",
-        t.table()
-    );
-    let row: Option<Record> = sqlx::query_as(&sql)
-        .bind(id.as_str())
-        .fetch_optional(pool)
-        .await
-        .map_err(map_err)?;
-    Ok(row.map(|r| t.with_resource(r)))
+    let Some(raw) = get_raw(pool, t, id).await? else {
+        return Ok(None);
+    };
+    let record = raw.parsed().map_err(|e| {
+        StorageError::Db(sqlx::Error::Decode(
+            format!("stored record {id}: {e}").into(),
+        ))
+    })?;
+    Ok(Some(record))
 }
 
 /// Deletes a record (at `if_match` if given); returns the deleted version.
@@ -433,37 +561,20 @@ pub async fn create_batch(
     events: &RecordEvents,
     items: &[(RecordId, Value)],
 ) -> Result<Vec<Record>, StorageError> {
-    let ids: Vec<String> = items.iter().map(|(id, _)| id.as_str().to_owned()).collect();
-    let docs: Vec<Value> = items.iter().map(|(_, d)| d.clone()).collect();
-    let sql = format!(
-        "{}, ins AS (INSERT INTO {} (id, data)
-            SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
-             WHERE cur.current_version = $3 {RETURNING}, 'created'::text AS kind), {}
-         SELECT id, version, created_at, updated_at, data FROM ins",
-        t.version_cte(),
-        t.table(),
-        record_events_cte(4, events.hidden.len())
-    );
-    let q = sqlx::query_as(&sql)
-        .bind(ids.clone())
-        .bind(docs)
-        .bind(t.schema_version);
-    let rows: Vec<Record> = match bind_events(q, t, events, ids.clone()).fetch_all(pool).await {
-        Err(e) if pg_code(&e).as_deref() == Some("23505") => {
-            return Err(StorageError::Conflict(
-                "a record id in the batch already exists".into(),
-            ));
-        }
-        other => other.map_err(map_err)?,
-    };
-    if rows.len() != items.len() {
+    let rows: Vec<(&RecordId, &Value, &Value)> = items
+        .iter()
+        .map(|(id, doc)| (id, doc, &events.template))
+        .collect();
+    let written = insert_rows(pool, t, events.full, &events.hidden, &rows).await?;
+    if written.len() != items.len() {
         return Err(StorageError::SchemaChanged);
     }
-    let mut by_id: std::collections::HashMap<String, Record> = rows
-        .into_iter()
-        .map(|r| (r.id.clone(), t.with_resource(r)))
-        .collect();
-    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+    let mut by_id: std::collections::HashMap<String, Record> =
+        written.into_iter().map(|r| (r.id.clone(), r)).collect();
+    Ok(items
+        .iter()
+        .filter_map(|(id, _)| by_id.remove(id.as_str()))
+        .collect())
 }
 
 /// A tenant's resources, in name order (the re-encryption job's walk).

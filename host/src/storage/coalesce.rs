@@ -1,0 +1,277 @@
+//! Group commit of creates. Concurrent creates are queued here and written
+//! by a few workers: each takes what is waiting (up to [`MAX_ROWS`]), puts
+//! the creates of one resource (same tenant, resource and schema version)
+//! in one multi-row statement, and several resources' statements in one
+//! transaction, so a burst of writes shares statements, commits and WAL
+//! flushes instead of paying one of each per record. Every create is
+//! answered only after the transaction holding it committed.
+//!
+//! One write's failure never fails another's: when a statement fails, the
+//! transaction is rolled back and every resource's creates are written
+//! again alone; a statement of several creates that fails (a document the
+//! database refuses, an id that exists) is written again one create at a
+//! time, so only the create at fault fails.
+//!
+//! An idle worker takes a create at once, so under light load nothing
+//! waits for company; the queue is bounded (`QUEUE` creates), so callers
+//! wait for room under overload as they would for a connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::records::{Record, Target, insert_rows};
+use super::{StorageError, pg_code};
+use crate::domain::{RecordId, ResourceName, TenantId};
+use crate::events::outbox::RecordEvents;
+
+/// Most creates one worker writes at once (in one transaction).
+pub const MAX_ROWS: usize = 64;
+/// Creates that may wait for a worker.
+const QUEUE: usize = 4096;
+
+/// What the rows of one statement share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Group {
+    tenant: TenantId,
+    resource: ResourceName,
+    schema_version: i32,
+    full: bool,
+    hidden: Vec<Vec<String>>,
+}
+
+/// One create: its row, its event template, and who waits for it.
+struct Job {
+    group: Group,
+    id: RecordId,
+    data: Value,
+    template: Value,
+    reply: oneshot::Sender<Result<Record, StorageError>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Coalescer {
+    queue: mpsc::Sender<JobBox>,
+}
+
+/// A job behind a pointer (the channel moves only that).
+struct JobBox(Box<Job>);
+
+impl std::fmt::Debug for JobBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("id", &self.0.id).finish()
+    }
+}
+
+impl Coalescer {
+    /// Starts `workers` writers on the pool.
+    pub fn start(pool: PgPool, workers: usize) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            tokio::spawn(work(pool.clone(), rx.clone()));
+        }
+        Self { queue }
+    }
+
+    /// Creates one record (no idempotency key: those take their own
+    /// transaction); answers once it is durable.
+    pub async fn create(
+        &self,
+        t: Target<'_>,
+        events: &RecordEvents,
+        id: &RecordId,
+        data: &Value,
+    ) -> Result<Record, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            group: Group {
+                tenant: t.tenant.clone(),
+                resource: t.resource.clone(),
+                schema_version: t.schema_version,
+                full: events.full,
+                hidden: events.hidden.clone(),
+            },
+            id: id.clone(),
+            data: data.clone(),
+            template: events.template.clone(),
+            reply,
+        };
+        self.queue
+            .send(JobBox(Box::new(job)))
+            .await
+            .map_err(|_| StorageError::Db(sqlx::Error::PoolClosed))?;
+        answer
+            .await
+            .map_err(|_| StorageError::Db(sqlx::Error::PoolClosed))?
+    }
+}
+
+async fn work(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<JobBox>>>) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut rx = rx.lock().await;
+            match rx.recv().await {
+                Some(JobBox(job)) => jobs.push(*job),
+                None => return,
+            }
+            while jobs.len() < MAX_ROWS {
+                match rx.try_recv() {
+                    Ok(JobBox(job)) => jobs.push(*job),
+                    Err(_) => break,
+                }
+            }
+        }
+        write(&pool, jobs).await;
+    }
+}
+
+/// The creates of one statement.
+type Rows = Vec<Job>;
+
+fn grouped(jobs: Vec<Job>) -> Vec<Rows> {
+    let mut order: Vec<Group> = Vec::new();
+    let mut by: HashMap<Group, Rows> = HashMap::new();
+    for job in jobs {
+        if !by.contains_key(&job.group) {
+            order.push(job.group.clone());
+        }
+        by.entry(job.group.clone()).or_default().push(job);
+    }
+    order.iter().filter_map(|g| by.remove(g)).collect()
+}
+
+async fn write(pool: &PgPool, jobs: Vec<Job>) {
+    let mut groups = grouped(jobs);
+    if groups.len() == 1 {
+        if let Some(rows) = groups.pop() {
+            alone(pool, rows).await;
+        }
+        return;
+    }
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = StorageError::Db(e);
+            for rows in groups {
+                fail(rows, &e);
+            }
+            return;
+        }
+    };
+    let mut written = Vec::with_capacity(groups.len());
+    for rows in &groups {
+        match statement(&mut *tx, rows).await {
+            Ok(records) => written.push(records),
+            Err(_) => {
+                // One statement failed and took the transaction with it:
+                // every group again, each alone.
+                let _ = tx.rollback().await;
+                for rows in groups {
+                    alone(pool, rows).await;
+                }
+                return;
+            }
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            for (rows, records) in groups.into_iter().zip(written) {
+                answer(rows, records);
+            }
+        }
+        Err(e) => {
+            let e = StorageError::Db(e);
+            for rows in groups {
+                fail(rows, &e);
+            }
+        }
+    }
+}
+
+/// One group in its own statement (autocommit); when a statement of
+/// several fails for something one of them holds, each create alone.
+async fn alone(pool: &PgPool, rows: Rows) {
+    match statement(pool, &rows).await {
+        Ok(records) => answer(rows, records),
+        Err(e) if rows.len() > 1 && !shared_failure(&e) => {
+            for job in rows {
+                let one = vec![job];
+                match statement(pool, &one).await {
+                    Ok(records) => answer(one, records),
+                    Err(e) => fail(one, &e),
+                }
+            }
+        }
+        Err(e) => fail(rows, &e),
+    }
+}
+
+async fn statement<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    rows: &Rows,
+) -> Result<Vec<Record>, StorageError> {
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let g = &first.group;
+    let t = Target {
+        tenant: &g.tenant,
+        resource: &g.resource,
+        schema_version: g.schema_version,
+    };
+    let items: Vec<(&RecordId, &Value, &Value)> =
+        rows.iter().map(|j| (&j.id, &j.data, &j.template)).collect();
+    insert_rows(exec, t, g.full, &g.hidden, &items).await
+}
+
+/// A failure no create of the statement is alone to blame for: the
+/// tenant is gone, or the database cannot be reached.
+fn shared_failure(e: &StorageError) -> bool {
+    matches!(
+        e,
+        StorageError::TenantNotFound
+            | StorageError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+    )
+}
+
+/// Answers each create with its row; a create whose row is missing found
+/// the schema moved on.
+fn answer(rows: Rows, records: Vec<Record>) {
+    let mut by_id: HashMap<String, Record> =
+        records.into_iter().map(|r| (r.id.clone(), r)).collect();
+    for job in rows {
+        let out = by_id
+            .remove(job.id.as_str())
+            .ok_or(StorageError::SchemaChanged);
+        let _ = job.reply.send(out);
+    }
+}
+
+fn fail(rows: Rows, e: &StorageError) {
+    for job in rows {
+        let _ = job.reply.send(Err(copy(e)));
+    }
+}
+
+/// The same error again, for each create it failed.
+fn copy(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::TenantNotFound => StorageError::TenantNotFound,
+        StorageError::NotFound(m) => StorageError::NotFound(m.clone()),
+        StorageError::BadRequest(m) => StorageError::BadRequest(m.clone()),
+        StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
+        StorageError::PreconditionFailed(m) => StorageError::PreconditionFailed(m.clone()),
+        StorageError::SchemaChanged => StorageError::SchemaChanged,
+        StorageError::Db(sqlx::Error::PoolTimedOut) => StorageError::Db(sqlx::Error::PoolTimedOut),
+        StorageError::Db(sqlx::Error::PoolClosed) => StorageError::Db(sqlx::Error::PoolClosed),
+        StorageError::Db(e) => StorageError::Db(sqlx::Error::Protocol(format!(
+            "the write failed{}: {e}",
+            pg_code(e).map(|c| format!(" ({c})")).unwrap_or_default()
+        ))),
+    }
+}
