@@ -197,7 +197,7 @@ impl Default for Settings {
             local_postgres: "auto".into(),
             data_dir: PathBuf::from(".bss"),
             db_max_connections: 32,
-            write_workers: 4,
+            write_workers: 2,
             jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
