@@ -423,3 +423,49 @@ async fn concurrent_creates_land_even_when_one_of_them_is_refused() {
         assert_eq!(created, expected);
     }
 }
+
+/// A schema change holds its resource while it checks the stored records:
+/// creates to that resource wait for it, and no other tenant's creates do,
+/// even with one writer of coalesced creates.
+#[tokio::test]
+async fn a_schema_change_in_progress_holds_up_only_its_own_resource() {
+    use sqlx::Executor;
+    use std::time::Duration;
+    let app = TestApp::spawn_with(|s| s.write_workers = 1).await;
+    let (a_id, a) = app.tenant_with_invoices().await;
+    let (_, b) = app.tenant_with_invoices().await;
+    // Tenant A's resource row, held as a schema change holds it.
+    let schema = bss::domain::TenantId::parse(&a_id).unwrap().schema_ident();
+    let mut change = app.db().await;
+    change.execute("BEGIN").await.unwrap();
+    change
+        .execute(
+            format!("SELECT 1 FROM {schema}._resources WHERE resource = 'invoices' FOR UPDATE")
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    let held: Vec<_> = (0..4)
+        .map(|i| {
+            let req = app.request(Method::POST, "/v1/data/invoices", Some(&a));
+            tokio::spawn(req.json(&invoice(i)).send())
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let others = (0..20).map(|i| {
+        let (app, b) = (&app, &b);
+        async move { app.post("/v1/data/invoices", b, &invoice(i)).await }
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(others))
+        .await
+        .expect("tenant B's creates waited for tenant A's schema change");
+    for resp in answered {
+        let status = resp.status();
+        assert_eq!(status, 201, "{}", resp.text().await.unwrap());
+    }
+    assert!(held.iter().all(|h| !h.is_finished()));
+    change.execute("COMMIT").await.unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), 201);
+    }
+}

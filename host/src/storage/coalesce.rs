@@ -12,6 +12,13 @@
 //! database refuses, an id that exists) is written again one create at a
 //! time, so only the create at fault fails.
 //!
+//! No tenant's resource can hold the writers, nor the pool: their
+//! statements lock the resource row `NOWAIT`, and the creates of a resource
+//! whose schema is being changed (the row locked while its records are
+//! checked) are handed back to their requests, which queue them again after
+//! a pause, holding no connection meanwhile, for up to [`LOCKED_WAIT`]
+//! (then 503 with `Retry-After`).
+//!
 //! An idle worker takes a create at once, so under light load nothing
 //! waits for company; the queue is bounded (`QUEUE` creates), so callers
 //! wait for room under overload as they would for a connection.
@@ -23,7 +30,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::records::{Record, Target, insert_rows};
+use super::records::{Record, Target, Wait, insert_rows};
 use super::{StorageError, pg_code};
 use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::events::outbox::RecordEvents;
@@ -32,6 +39,8 @@ use crate::events::outbox::RecordEvents;
 pub const MAX_ROWS: usize = 64;
 /// Creates that may wait for a worker.
 const QUEUE: usize = 4096;
+/// How long a create waits for a schema change of its resource to end.
+pub const LOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the rows of one statement share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -49,7 +58,8 @@ struct Job {
     id: RecordId,
     data: Value,
     template: Value,
-    reply: oneshot::Sender<Result<Record, StorageError>>,
+    /// The record, or `None`: not written, the resource is locked.
+    reply: oneshot::Sender<Result<Option<Record>, StorageError>>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +96,31 @@ impl Coalescer {
         id: &RecordId,
         data: &Value,
     ) -> Result<Record, StorageError> {
+        let deadline = tokio::time::Instant::now() + LOCKED_WAIT;
+        let mut pause = std::time::Duration::from_millis(20);
+        loop {
+            if let Some(record) = self.queued(t, events, id, data).await? {
+                return Ok(record);
+            }
+            // The resource is locked by a schema change: try again after a
+            // pause, holding nothing while it lasts.
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(StorageError::Locked);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// One pass through a writer: the record, or `None` when its resource
+    /// was locked.
+    async fn queued(
+        &self,
+        t: Target<'_>,
+        events: &RecordEvents,
+        id: &RecordId,
+        data: &Value,
+    ) -> Result<Option<Record>, StorageError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             group: Group {
@@ -198,11 +233,13 @@ async fn write(pool: &PgPool, jobs: Vec<Job>) {
 async fn alone(pool: &PgPool, rows: Rows) {
     match statement(pool, &rows).await {
         Ok(records) => answer(rows, records),
-        Err(e) if rows.len() > 1 && !shared_failure(&e) => {
+        Err(StorageError::Locked) => hand_back(rows),
+        Err(e) if rows.len() > 1 && row_specific(&e) => {
             for job in rows {
                 let one = vec![job];
                 match statement(pool, &one).await {
                     Ok(records) => answer(one, records),
+                    Err(StorageError::Locked) => hand_back(one),
                     Err(e) => fail(one, &e),
                 }
             }
@@ -226,17 +263,30 @@ async fn statement<'e, E: sqlx::PgExecutor<'e>>(
     };
     let items: Vec<(&RecordId, &Value, &Value)> =
         rows.iter().map(|j| (&j.id, &j.data, &j.template)).collect();
-    insert_rows(exec, t, g.full, &g.hidden, &items).await
+    insert_rows(exec, t, g.full, &g.hidden, &items, Wait::No).await
 }
 
-/// A failure no create of the statement is alone to blame for: the
-/// tenant is gone, or the database cannot be reached.
-fn shared_failure(e: &StorageError) -> bool {
-    matches!(
-        e,
-        StorageError::TenantNotFound
-            | StorageError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-    )
+/// A failure one create of a statement may be alone to blame for: a value
+/// the database refuses (SQLSTATE class 22) or a constraint it breaks
+/// (class 23, an id that exists among them). Anything else (the tenant
+/// gone, the database unreachable) fails the statement's creates together
+/// rather than once per create.
+fn row_specific(e: &StorageError) -> bool {
+    match e {
+        StorageError::Conflict(_) | StorageError::BadRequest(_) => true,
+        StorageError::Db(db) => {
+            pg_code(db).is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+        }
+        _ => false,
+    }
+}
+
+/// Creates not written because their resource is locked: their requests
+/// write them themselves.
+fn hand_back(rows: Rows) {
+    for job in rows {
+        let _ = job.reply.send(Ok(None));
+    }
 }
 
 /// Answers each create with its row; a create whose row is missing found
@@ -247,6 +297,7 @@ fn answer(rows: Rows, records: Vec<Record>) {
     for job in rows {
         let out = by_id
             .remove(job.id.as_str())
+            .map(Some)
             .ok_or(StorageError::SchemaChanged);
         let _ = job.reply.send(out);
     }
@@ -267,6 +318,7 @@ fn copy(e: &StorageError) -> StorageError {
         StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
         StorageError::PreconditionFailed(m) => StorageError::PreconditionFailed(m.clone()),
         StorageError::SchemaChanged => StorageError::SchemaChanged,
+        StorageError::Locked => StorageError::Locked,
         StorageError::Db(sqlx::Error::PoolTimedOut) => StorageError::Db(sqlx::Error::PoolTimedOut),
         StorageError::Db(sqlx::Error::PoolClosed) => StorageError::Db(sqlx::Error::PoolClosed),
         StorageError::Db(e) => StorageError::Db(sqlx::Error::Protocol(format!(

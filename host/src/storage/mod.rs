@@ -35,6 +35,10 @@ pub enum StorageError {
     /// revalidates against the new version and retries.
     #[error("schema version changed")]
     SchemaChanged,
+    /// The resource row is locked (a schema change is checking its
+    /// records) and the statement asked not to wait (`NOWAIT`).
+    #[error("the resource is locked by a schema change")]
+    Locked,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -60,6 +64,10 @@ impl From<StorageError> for crate::error::ApiError {
             StorageError::BadRequest(m) => ApiError::bad_request(m),
             StorageError::Conflict(m) => ApiError::conflict(m),
             StorageError::PreconditionFailed(m) => ApiError::PreconditionFailed(m),
+            StorageError::Locked => ApiError::Unavailable {
+                detail: "the resource's schema is being changed; send the write again".into(),
+                retry_after_secs: 5,
+            },
             StorageError::SchemaChanged => ApiError::conflict(
                 "the resource's schema changed while the write was in progress; retry",
             ),

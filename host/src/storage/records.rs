@@ -138,6 +138,14 @@ fn bind_row_events<'q, O>(
         .bind(event_ids)
 }
 
+/// Whether a write waits for a schema change holding the resource row
+/// (`No`: it fails at once with [`StorageError::Locked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Yes,
+    No,
+}
+
 impl Target<'_> {
     fn table(&self) -> String {
         self.resource.table_in(self.tenant)
@@ -145,10 +153,18 @@ impl Target<'_> {
 
     /// A CTE that locks the resource row and yields its current version.
     fn version_cte(&self) -> String {
+        self.version_cte_with(Wait::Yes)
+    }
+
+    fn version_cte_with(&self, wait: Wait) -> String {
         format!(
-            "WITH cur AS (SELECT current_version FROM {}._resources WHERE resource = {} FOR KEY SHARE)",
+            "WITH cur AS (SELECT current_version FROM {}._resources WHERE resource = {} FOR KEY SHARE{})",
             self.tenant.schema_ident(),
-            super::schemas::quote_literal(self.resource.as_str())
+            super::schemas::quote_literal(self.resource.as_str()),
+            match wait {
+                Wait::Yes => "",
+                Wait::No => " NOWAIT",
+            }
         )
     }
 
@@ -174,6 +190,7 @@ impl Target<'_> {
 fn map_err(e: sqlx::Error) -> StorageError {
     match pg_code(&e).as_deref() {
         Some("42P01") => StorageError::NotFound("resource not found".into()),
+        Some("55P03") => StorageError::Locked,
         // PostgreSQL's jsonb holds no U+0000 in strings.
         Some("22P05") => StorageError::BadRequest(
             "a string in the document holds \\u0000, which cannot be stored".into(),
@@ -241,7 +258,7 @@ where
     E: sqlx::PgExecutor<'e>,
 {
     let rows = [(id, data, &events.template)];
-    let row = insert_rows(exec, t, events.full, &events.hidden, &rows).await?;
+    let row = insert_rows(exec, t, events.full, &events.hidden, &rows, Wait::Yes).await?;
     row.into_iter().next().ok_or(StorageError::SchemaChanged)
 }
 
@@ -255,6 +272,7 @@ pub async fn insert_rows<'e, E>(
     full: bool,
     hidden: &[Vec<String>],
     items: &[(&RecordId, &Value, &Value)],
+    wait: Wait,
 ) -> Result<Vec<Record>, StorageError>
 where
     E: sqlx::PgExecutor<'e>,
@@ -264,7 +282,7 @@ where
             SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
              WHERE cur.current_version = $3 {RETURNING}, 'created'::text AS kind), {}
          SELECT id, version, created_at, updated_at, data FROM ins",
-        t.version_cte(),
+        t.version_cte_with(wait),
         t.table(),
         record_events_cte(4, hidden.len())
     );
@@ -565,7 +583,7 @@ pub async fn create_batch(
         .iter()
         .map(|(id, doc)| (id, doc, &events.template))
         .collect();
-    let written = insert_rows(pool, t, events.full, &events.hidden, &rows).await?;
+    let written = insert_rows(pool, t, events.full, &events.hidden, &rows, Wait::Yes).await?;
     if written.len() != items.len() {
         return Err(StorageError::SchemaChanged);
     }
