@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 use super::OutboxEvent;
-use super::kafka::KafkaPublisher;
+use super::kafka::{self, KafkaPublisher};
 
 /// Why a batch was not acknowledged; the relay retries it.
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +34,19 @@ impl Broker {
         }
     }
 
-    /// Publishes a batch in order; `Ok` means every event was acknowledged.
-    pub async fn publish(&self, events: &[OutboxEvent]) -> Result<(), PublishError> {
+    /// Hands a batch to the broker in order; what it returns resolves once
+    /// every event of the batch is acknowledged. Several batches may be in
+    /// flight at once (their acknowledgements are awaited in order).
+    pub async fn send(&self, events: &[OutboxEvent]) -> Result<Acks, PublishError> {
         match self {
             Self::BuiltIn(tx) => {
                 for e in events {
                     // No subscriber is not an error: the log keeps the event.
                     let _ = tx.send(Arc::new(e.clone()));
                 }
-                Ok(())
+                Ok(Acks::Done)
             }
-            Self::Kafka(k) => k.publish(events).await,
+            Self::Kafka(k) => Ok(Acks::Kafka(k.send(events).await?)),
         }
     }
 
@@ -53,6 +55,23 @@ impl Broker {
         match self {
             Self::BuiltIn(tx) => Some(tx.subscribe()),
             Self::Kafka(_) => None,
+        }
+    }
+}
+
+/// The acknowledgements of one batch handed to the broker.
+pub enum Acks {
+    /// The built-in broker acknowledges on hand-over.
+    Done,
+    Kafka(kafka::Acks),
+}
+
+impl Acks {
+    /// Ok once every event of the batch is acknowledged.
+    pub async fn all(self) -> Result<(), PublishError> {
+        match self {
+            Self::Done => Ok(()),
+            Self::Kafka(acks) => acks.all().await,
         }
     }
 }

@@ -12,7 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::Mutex;
 
 use super::OutboxEvent;
@@ -119,10 +119,11 @@ impl KafkaPublisher {
         Ok(())
     }
 
-    /// Sends a batch and waits until every message is acknowledged. The
-    /// idempotent producer keeps per-partition order across its retries;
-    /// keys put all events of one record on one partition.
-    pub async fn publish(&self, events: &[OutboxEvent]) -> Result<(), PublishError> {
+    /// Enqueues a batch, in order, and returns its acknowledgements to
+    /// wait for: the relay keeps several batches in flight. The idempotent
+    /// producer keeps per-partition order across its retries; keys put all
+    /// events of one record on one partition.
+    pub async fn send(&self, events: &[OutboxEvent]) -> Result<Acks, PublishError> {
         let topics: Vec<String> = events.iter().map(|e| self.topic_of(e)).collect();
         let mut distinct = topics.clone();
         distinct.sort();
@@ -159,7 +160,18 @@ impl KafkaPublisher {
                 .map_err(|(err, _)| PublishError(format!("enqueueing to {topic}: {err}")))?;
             pending.push(delivery);
         }
-        for delivery in pending {
+        Ok(Acks(pending))
+    }
+}
+
+/// The broker's acknowledgements of an enqueued batch (they arrive whether
+/// or not anyone waits for them).
+pub struct Acks(Vec<DeliveryFuture>);
+
+impl Acks {
+    /// Ok once every message of the batch is acknowledged.
+    pub async fn all(self) -> Result<(), PublishError> {
+        for delivery in self.0 {
             match delivery.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((err, _))) => return Err(PublishError(format!("not acknowledged: {err}"))),

@@ -210,13 +210,24 @@ pub async fn last_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
     Ok(max.unwrap_or(0))
 }
 
-/// Sequenced events not yet acknowledged by the broker, oldest first.
-pub async fn unpublished(pool: &PgPool, limit: i64) -> Result<Vec<OutboxEvent>, sqlx::Error> {
+/// Everything up to this log position has been acknowledged by the broker.
+pub async fn published_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let (seq,): (i64,) = sqlx::query_as("SELECT published_seq FROM bss.relay_state WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(seq)
+}
+
+/// Sequenced events after log position `after`, oldest first.
+pub async fn sequenced_after(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<OutboxEvent>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {EVENT_COLUMNS} FROM bss.outbox
-          WHERE seq > (SELECT published_seq FROM bss.relay_state WHERE id = 1)
-          ORDER BY seq LIMIT $1"
+        "SELECT {EVENT_COLUMNS} FROM bss.outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
     ))
+    .bind(after)
     .bind(limit)
     .fetch_all(pool)
     .await

@@ -21,7 +21,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Notify, watch};
 
-use super::broker::Broker;
+use super::broker::{Acks, Broker};
 use super::outbox;
 use crate::plugins::{Enriched, Plugins};
 
@@ -29,6 +29,8 @@ use crate::plugins::{Enriched, Plugins};
 const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
+/// Batches handed to the broker and not yet acknowledged, at most.
+const PUBLISH_WINDOW: usize = 8;
 const ENRICH_BATCH: i64 = 20;
 /// A tenant's enrichment worker stores what it has done at least this often.
 const ENRICH_FLUSH: Duration = Duration::from_millis(100);
@@ -340,33 +342,71 @@ async fn publish_loop(pool: &PgPool, broker: &Broker, log: &EventLog) -> Result<
     }
 }
 
-/// Publishes sequenced events until none are left; false if the broker failed.
+/// A batch handed to the broker, not yet acknowledged.
+struct InFlight {
+    last: i64,
+    written: Vec<chrono::DateTime<chrono::Utc>>,
+    acks: Acks,
+    sent: Instant,
+}
+
+/// Publishes sequenced events until none are left; false if the broker
+/// failed. Up to [`PUBLISH_WINDOW`] batches are in flight at once (handed
+/// to the broker in log order); the published position moves in log order
+/// as their acknowledgements arrive, so after a failure everything from the
+/// first unacknowledged batch is sent again (at least once, never lost).
 async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::Error> {
+    let mut read = outbox::published_seq(pool).await?;
+    let mut in_flight = std::collections::VecDeque::<InFlight>::new();
     loop {
-        let batch = outbox::unpublished(pool, PUBLISH_BATCH).await?;
-        if batch.is_empty() {
-            return Ok(true);
+        while in_flight.len() < PUBLISH_WINDOW {
+            let batch = outbox::sequenced_after(pool, read, PUBLISH_BATCH).await?;
+            let Some(last) = batch.last().map(|e| e.seq) else {
+                break;
+            };
+            read = last;
+            match broker.send(&batch).await {
+                Ok(acks) => in_flight.push_back(InFlight {
+                    last,
+                    written: batch.iter().map(|e| e.created_at).collect(),
+                    acks,
+                    sent: Instant::now(),
+                }),
+                Err(e) => return Ok(publish_failed(&e.to_string(), batch.len())),
+            }
+            if batch.len() < PUBLISH_BATCH as usize {
+                break; // caught up with the sequencer
+            }
         }
-        let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, broker.publish(&batch)).await;
-        let failure = match outcome {
+        let Some(batch) = in_flight.pop_front() else {
+            return Ok(true);
+        };
+        let left = PUBLISH_TIMEOUT.saturating_sub(batch.sent.elapsed());
+        let failure = match tokio::time::timeout(left, batch.acks.all()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no acknowledgement within {PUBLISH_TIMEOUT:?}")),
         };
         if let Some(e) = failure {
-            metrics::counter!("events_publish_errors_total").increment(1);
-            tracing::warn!(error = %e, pending = batch.len(), "publishing events failed; will retry");
-            return Ok(false);
+            let pending =
+                batch.written.len() + in_flight.iter().map(|b| b.written.len()).sum::<usize>();
+            return Ok(publish_failed(&e, pending));
         }
-        let last = batch.iter().map(|e| e.seq).max().unwrap_or(0);
-        outbox::mark_published(pool, last).await?;
+        outbox::mark_published(pool, batch.last).await?;
         let now = chrono::Utc::now();
-        for e in &batch {
-            let latency = (now - e.created_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        for created in &batch.written {
+            let latency = (now - *created).num_microseconds().unwrap_or(0) as f64 / 1e6;
             metrics::histogram!("event_publish_latency_seconds").record(latency.max(0.0));
         }
-        metrics::counter!("events_published_total").increment(batch.len() as u64);
+        metrics::counter!("events_published_total").increment(batch.written.len() as u64);
     }
+}
+
+/// Counts and logs a failed publication; the relay retries it (false).
+fn publish_failed(error: &str, pending: usize) -> bool {
+    metrics::counter!("events_publish_errors_total").increment(1);
+    tracing::warn!(error, pending, "publishing events failed; will retry");
+    false
 }
 
 /// Wakes the leader on another replica: one NOTIFY covers every write that
