@@ -24,43 +24,9 @@ pub fn invoice(n: u64) -> Value {
            "customer": {"name": "Acme Corporation", "email": "billing@acme.example"}})
 }
 
-pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
-    prepare_with(base, secret, false).await
-}
-
-/// Like [`prepare`]; with `encrypted`, the customer's name and email (two
-/// fields, nested) are `x-encrypted`.
-pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::Result<Target> {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
-    let mint = |tenant: Option<&str>, role: &str| {
-        jwt::mint(
-            secret,
-            &Claims {
-                sub: "bench".into(),
-                tenant_id: tenant.map(str::to_owned),
-                roles: vec![role.into()],
-                exp,
-                iss: None,
-                aud: None,
-            },
-        )
-    };
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    let tenant = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let resp = client
-        .post(format!("{base}/v1/tenants"))
-        .bearer_auth(mint(None, "platform-admin")?)
-        .json(&json!({"id": tenant}))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        resp.status() == 201,
-        "creating the bench tenant: {}",
-        resp.status()
-    );
-    let token = mint(Some(&tenant), "admin")?;
+/// The `invoices` schema (a schema PUT's body); with `encrypted`, the
+/// customer's name and email are `x-encrypted`.
+pub fn invoice_schema(encrypted: bool) -> Value {
     let mut schema = json!({"schema": {
         "type": "object",
         "required": ["number", "total"],
@@ -78,6 +44,50 @@ pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::
                 json!(true);
         }
     }
+    schema
+}
+
+/// A bearer token for the bench, valid for a day.
+pub fn mint(secret: &str, tenant: Option<&str>, role: &str) -> anyhow::Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 24 * 3600;
+    jwt::mint(
+        secret,
+        &Claims {
+            sub: "bench".into(),
+            tenant_id: tenant.map(str::to_owned),
+            roles: vec![role.into()],
+            exp,
+            iss: None,
+            aud: None,
+        },
+    )
+}
+
+pub async fn prepare(base: &str, secret: &str) -> anyhow::Result<Target> {
+    prepare_with(base, secret, false).await
+}
+
+/// Like [`prepare`]; with `encrypted`, the customer's name and email (two
+/// fields, nested) are `x-encrypted`.
+pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::Result<Target> {
+    let mint = |tenant: Option<&str>, role: &str| mint(secret, tenant, role);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let tenant = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let resp = client
+        .post(format!("{base}/v1/tenants"))
+        .bearer_auth(mint(None, "platform-admin")?)
+        .json(&json!({"id": tenant}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status() == 201,
+        "creating the bench tenant: {}",
+        resp.status()
+    );
+    let token = mint(Some(&tenant), "admin")?;
+    let schema = invoice_schema(encrypted);
     let resp = client
         .put(format!("{base}/v1/schemas/invoices"))
         .bearer_auth(&token)
@@ -218,6 +228,8 @@ pub(crate) struct Req {
     method: &'static str,
     path: String,
     body: Option<Vec<u8>>,
+    /// Another bearer token than the load's.
+    token: Option<Arc<str>>,
 }
 
 impl Req {
@@ -226,6 +238,7 @@ impl Req {
             method: "GET",
             path,
             body: None,
+            token: None,
         }
     }
 
@@ -234,6 +247,15 @@ impl Req {
             method: "POST",
             path: path.to_owned(),
             body: Some(body.to_string().into_bytes()),
+            token: None,
+        }
+    }
+
+    /// The same request with another bearer token.
+    pub(crate) fn with_token(self, token: Arc<str>) -> Self {
+        Self {
+            token: Some(token),
+            ..self
         }
     }
 
@@ -243,7 +265,10 @@ impl Req {
         let _ = write!(
             out,
             "{} {} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n",
-            self.method, self.path, load.addr, load.token
+            self.method,
+            self.path,
+            load.addr,
+            self.token.as_deref().unwrap_or(&load.token)
         );
         if let Some(body) = &self.body {
             let _ = write!(

@@ -11,7 +11,9 @@
 //! same creates without, alternating, in one run), `--only creates` or
 //! `--only reads` (one half of the default report), `--profile DIR` (a
 //! CPU profile of each HTTP scenario, see `profile.rs`), `--write-workers N`
-//! (the service's writers of coalesced creates).
+//! (the service's writers of coalesced creates), `--only tenants` with
+//! `--tenants N` (S8: provisioning, and load spread over N tenants beside
+//! one, in a database of its own made anew each run; see `tenants.rs`).
 //! Every row also says how much CPU a request cost in this process (the
 //! service and the load generator) and in PostgreSQL.
 //! It is a benchmark, not a test: it asserts nothing.
@@ -22,12 +24,14 @@ mod plugins;
 mod pocketbase;
 mod profile;
 mod relay;
+mod tenants;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use bss::config::Settings;
 use bss::startup::Application;
+use sqlx::Connection;
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -42,6 +46,8 @@ struct Options {
     profile: Option<std::path::PathBuf>,
     /// The service's `write_workers` (default: its own default).
     write_workers: Option<usize>,
+    /// Tenants of `--only tenants`.
+    tenants: usize,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -55,6 +61,7 @@ fn options() -> anyhow::Result<Options> {
         plugins: "plugins/target/wasm32-wasip2/release".into(),
         profile: None,
         write_workers: None,
+        tenants: 10_000,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -70,6 +77,7 @@ fn options() -> anyhow::Result<Options> {
             "--plugins" => o.plugins = v.into(),
             "--profile" => o.profile = Some(v.into()),
             "--write-workers" => o.write_workers = Some(v.parse()?),
+            "--tenants" => o.tenants = v.parse()?,
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -119,13 +127,27 @@ fn median(mut runs: Vec<Figures>) -> Figures {
 }
 
 const DATABASE: &str = "bss_bench";
+/// The database of `--only tenants`, dropped before each run.
+const TENANTS_DATABASE: &str = "bss_bench_tenants";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = options()?;
+    let many = o.only.as_deref() == Some("tenants");
+    let database = if many {
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", o.server_url)).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {TENANTS_DATABASE} WITH (FORCE)"
+        ))
+        .execute(&mut admin)
+        .await?;
+        TENANTS_DATABASE
+    } else {
+        DATABASE
+    };
     let settings = Settings {
         http_addr: "127.0.0.1:0".parse()?,
-        database_url: Some(format!("{}/{DATABASE}", o.server_url)),
+        database_url: Some(format!("{}/{database}", o.server_url)),
         // Leaves room under max_connections for pgbench's 64 clients.
         db_max_connections: 24,
         kafka_brokers: o.kafka.clone(),
@@ -141,13 +163,26 @@ async fn main() -> anyhow::Result<()> {
     let base = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until(std::future::pending()));
 
+    if many {
+        let secret = bss::auth::LocalSecret::resolve(&settings)?;
+        return tenants::run(&o, &base, secret.as_str()).await;
+    }
     let target =
         http_load::prepare(&base, bss::auth::LocalSecret::resolve(&settings)?.as_str()).await?;
     if o.only.as_deref() == Some("plugins") {
         let hooked =
             http_load::prepare(&base, bss::auth::LocalSecret::resolve(&settings)?.as_str()).await?;
         let seconds = Duration::from_secs(o.seconds);
-        return plugins::run(&o.plugins, o.runs, target, hooked, &o.clients, seconds).await;
+        return plugins::run(
+            &o.plugins,
+            o.runs,
+            target,
+            hooked,
+            &o.clients,
+            seconds,
+            o.profile.as_deref(),
+        )
+        .await;
     }
     if o.only.as_deref() == Some("encryption") {
         let secret = bss::auth::LocalSecret::resolve(&settings)?;
@@ -240,6 +275,10 @@ async fn main() -> anyhow::Result<()> {
     if creates {
         let drain = relay::drain(&target, &base, &db).await?;
         row("relay: drain 20,000 events of batch writes", 0, drain, None);
+        if o.kafka.is_some() {
+            let floor = relay::broker_floor(&settings).await?;
+            row("Kafka floor: one event, send -> ack", 1, floor, None);
+        }
     }
     for &c in &o.clients {
         if !reads {

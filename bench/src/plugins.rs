@@ -145,6 +145,7 @@ pub async fn run(
     hooked: crate::http_load::Target,
     clients: &[usize],
     seconds: Duration,
+    profile: Option<&Path>,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(plugins_dir.join("no_negative_totals.wasm"))?;
     let cache: PathBuf =
@@ -273,8 +274,16 @@ pub async fn run(
     for &c in clients {
         let (mut with, mut without) = (Vec::new(), Vec::new());
         for _ in 0..runs {
+            let p = crate::profile::start(profile, &format!("creates-no-hook-{c}"))?;
             without.push(crate::http_load::creates(&target, c, seconds).await?);
+            if let Some(p) = p {
+                p.finish()?;
+            }
+            let p = crate::profile::start(profile, &format!("creates-hook-{c}"))?;
             with.push(crate::http_load::creates(&hooked, c, seconds).await?);
+            if let Some(p) = p {
+                p.finish()?;
+            }
         }
         let (w, wo) = (crate::median(with), crate::median(without));
         row("POST /v1/data/invoices, no plugin", c, wo, None);

@@ -116,3 +116,39 @@ pub async fn drain(target: &Target, base: &str, db: &str) -> anyhow::Result<Figu
     }
     window.finish(base, db).await
 }
+
+/// The broker's own floor: one event at a time through the relay's
+/// producer (same settings), send → acknowledgement.
+pub async fn broker_floor(settings: &bss::config::Settings) -> anyhow::Result<Figures> {
+    use bss::events::OutboxEvent;
+    use bss::events::kafka::KafkaPublisher;
+    let config = bss::startup::kafka_config(settings).context("no Kafka configured")?;
+    let publisher = KafkaPublisher::new(config)?;
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let started = Instant::now();
+    for seq in 0..300 {
+        let event = OutboxEvent {
+            seq,
+            event_id: uuid::Uuid::new_v4(),
+            tenant_id: "bench".into(),
+            resource: "invoices".into(),
+            kind: "business_store.bench.probe".into(),
+            kafka_key: format!("bench/{seq}"),
+            envelope: serde_json::json!({"probe": seq}),
+            created_at: chrono::Utc::now(),
+        };
+        let t0 = Instant::now();
+        publisher
+            .send(std::slice::from_ref(&event))
+            .await?
+            .all()
+            .await?;
+        hist.record(t0.elapsed().as_micros() as u64)?;
+    }
+    Ok(Figures {
+        rate: hist.len() as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        ..Default::default()
+    })
+}

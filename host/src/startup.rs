@@ -39,7 +39,8 @@ pub struct Application {
     kafka: Option<(KafkaConfig, Arc<KafkaPublisher>)>,
 }
 
-fn kafka_config(s: &Settings) -> Option<KafkaConfig> {
+/// Kafka's configuration, when a broker is set.
+pub fn kafka_config(s: &Settings) -> Option<KafkaConfig> {
     Some(KafkaConfig {
         brokers: s.kafka_brokers.clone()?,
         topic_per_resource: s.kafka_topic_per_resource,

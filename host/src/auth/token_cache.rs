@@ -16,8 +16,9 @@ use super::Principal;
 
 /// How long a verified token is trusted without a new check.
 pub const TTL: Duration = Duration::from_secs(60);
-/// Most tokens remembered at once.
-pub const MAX_ENTRIES: usize = 10_000;
+/// Most tokens remembered at once: a token for each of 10,000 tenants'
+/// several users (an entry is a few hundred bytes: about 25 MB at most).
+pub const MAX_ENTRIES: usize = 50_000;
 
 #[derive(Debug, Default)]
 pub struct TokenCache {
