@@ -13,7 +13,8 @@
 //! CPU profile of each HTTP scenario, see `profile.rs`), `--write-workers N`
 //! (the service's writers of coalesced creates), `--only tenants` with
 //! `--tenants N` (S8: provisioning, and load spread over N tenants beside
-//! one, in a database of its own made anew each run; see `tenants.rs`).
+//! one, in a database of its own; see `tenants.rs`). Every run starts
+//! from an empty database (dropped first).
 //! Every row also says how much CPU a request cost in this process (the
 //! service and the load generator) and in PostgreSQL.
 //! It is a benchmark, not a test: it asserts nothing.
@@ -127,24 +128,21 @@ fn median(mut runs: Vec<Figures>) -> Figures {
 }
 
 const DATABASE: &str = "bss_bench";
-/// The database of `--only tenants`, dropped before each run.
+/// The database of `--only tenants` (each database is dropped before a run).
 const TENANTS_DATABASE: &str = "bss_bench_tenants";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = options()?;
     let many = o.only.as_deref() == Some("tenants");
-    let database = if many {
-        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", o.server_url)).await?;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {TENANTS_DATABASE} WITH (FORCE)"
-        ))
+    let database = if many { TENANTS_DATABASE } else { DATABASE };
+    // Every run starts from an empty database: the outbox and pgbench's
+    // tables of earlier runs (their dead rows too, where autovacuum is off)
+    // would otherwise weigh on this one.
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", o.server_url)).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .execute(&mut admin)
         .await?;
-        TENANTS_DATABASE
-    } else {
-        DATABASE
-    };
     let settings = Settings {
         http_addr: "127.0.0.1:0".parse()?,
         database_url: Some(format!("{}/{database}", o.server_url)),
