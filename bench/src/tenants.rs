@@ -73,39 +73,20 @@ pub async fn run(o: &Options, base: &str, secret: &str) -> anyhow::Result<()> {
         "{:<46} {:>7} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8}",
         "scenario", "clients", "rate/s", "p50 ms", "p99 ms", "ratio", "own µs", "all µs"
     );
-    for &c in &o.clients {
-        let (mut spread, mut single) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let name = format!("creates-spread-{c}");
-            spread.push(measured(o, &name, creates(&load, all, c, seconds)).await?);
-            let name = format!("creates-one-{c}");
-            single.push(measured(o, &name, creates(&load, one, c, seconds)).await?);
+    for kind in ["creates", "reads"] {
+        for &c in &o.clients {
+            let (mut spread, mut single) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let name = format!("{kind}-spread-{c}");
+                spread.push(measured(o, &name, one_load(kind, &load, all, c, seconds)).await?);
+                let name = format!("{kind}-one-{c}");
+                single.push(measured(o, &name, one_load(kind, &load, one, c, seconds)).await?);
+            }
+            let (spread, single) = (median(spread), median(single));
+            let name = format!("{kind} over {count} tenants");
+            row(&name, c, spread, Some(spread.rate / single.rate));
+            row(&format!("{kind}, one tenant"), c, single, None);
         }
-        let (s, o) = (median(spread), median(single));
-        row(
-            &format!("creates over {count} tenants"),
-            c,
-            s,
-            Some(s.rate / o.rate),
-        );
-        row("creates, one tenant", c, o, None);
-    }
-    for &c in &o.clients {
-        let (mut spread, mut single) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let name = format!("reads-spread-{c}");
-            spread.push(measured(o, &name, reads(&load, all, c, seconds)).await?);
-            let name = format!("reads-one-{c}");
-            single.push(measured(o, &name, reads(&load, one, c, seconds)).await?);
-        }
-        let (s, o) = (median(spread), median(single));
-        row(
-            &format!("reads over {count} tenants"),
-            c,
-            s,
-            Some(s.rate / o.rate),
-        );
-        row("reads, one tenant", c, o, None);
     }
     memory("after the load");
     Ok(())
@@ -150,6 +131,21 @@ async fn set_up(
 /// Spreads request `n` over the tenants (the same spread for every load).
 fn pick(tenants: &[Tenant], n: u64) -> &Tenant {
     &tenants[(n.wrapping_mul(2_654_435_761) % tenants.len() as u64) as usize]
+}
+
+/// Creates or reads, spread over `tenants`.
+async fn one_load(
+    kind: &str,
+    load: &Load,
+    tenants: &[Tenant],
+    clients: usize,
+    d: Duration,
+) -> anyhow::Result<Figures> {
+    if kind == "creates" {
+        creates(load, tenants, clients, d).await
+    } else {
+        reads(load, tenants, clients, d).await
+    }
 }
 
 async fn creates(
