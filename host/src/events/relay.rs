@@ -365,14 +365,19 @@ async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::E
                 break;
             };
             read = last;
-            match broker.send(&batch).await {
-                Ok(acks) => in_flight.push_back(InFlight {
+            // Handing over may create topics first: bounded like the acks.
+            match tokio::time::timeout(PUBLISH_TIMEOUT, broker.send(&batch)).await {
+                Ok(Ok(acks)) => in_flight.push_back(InFlight {
                     last,
                     written: batch.iter().map(|e| e.created_at).collect(),
                     acks,
                     sent: Instant::now(),
                 }),
-                Err(e) => return Ok(publish_failed(&e.to_string(), batch.len())),
+                Ok(Err(e)) => return Ok(publish_failed(&e.to_string(), batch.len())),
+                Err(_) => {
+                    let e = format!("not handed to the broker within {PUBLISH_TIMEOUT:?}");
+                    return Ok(publish_failed(&e, batch.len()));
+                }
             }
             if batch.len() < PUBLISH_BATCH as usize {
                 break; // caught up with the sequencer
