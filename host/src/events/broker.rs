@@ -67,6 +67,14 @@ pub enum Acks {
 }
 
 impl Acks {
+    /// Bytes the batch holds in the broker's client until acknowledged.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Done => 0,
+            Self::Kafka(acks) => acks.bytes(),
+        }
+    }
+
     /// Ok once every event of the batch is acknowledged.
     pub async fn all(self) -> Result<(), PublishError> {
         match self {

@@ -130,6 +130,7 @@ impl KafkaPublisher {
         distinct.dedup();
         self.ensure_topics(&distinct).await?;
         let mut pending = Vec::with_capacity(events.len());
+        let mut bytes = 0;
         for (e, topic) in events.iter().zip(&topics) {
             let id = e.event_id.to_string();
             let headers = OwnedHeaders::new()
@@ -150,6 +151,7 @@ impl KafkaPublisher {
                     value: Some("application/cloudevents+json"),
                 });
             let payload = e.envelope.to_string();
+            bytes += payload.len() + e.kafka_key.len();
             let record = FutureRecord::to(topic)
                 .key(e.kafka_key.as_str())
                 .payload(payload.as_str())
@@ -160,18 +162,26 @@ impl KafkaPublisher {
                 .map_err(|(err, _)| PublishError(format!("enqueueing to {topic}: {err}")))?;
             pending.push(delivery);
         }
-        Ok(Acks(pending))
+        Ok(Acks { pending, bytes })
     }
 }
 
 /// The broker's acknowledgements of an enqueued batch (they arrive whether
 /// or not anyone waits for them).
-pub struct Acks(Vec<DeliveryFuture>);
+pub struct Acks {
+    pending: Vec<DeliveryFuture>,
+    /// What the batch holds in the producer's queue until acknowledged.
+    bytes: usize,
+}
 
 impl Acks {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Ok once every message of the batch is acknowledged.
     pub async fn all(self) -> Result<(), PublishError> {
-        for delivery in self.0 {
+        for delivery in self.pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((err, _))) => return Err(PublishError(format!("not acknowledged: {err}"))),

@@ -29,8 +29,11 @@ use crate::plugins::{Enriched, Plugins};
 const LEADER_LOCK: i64 = 0x6273_7372_656c_6179;
 const SEQUENCE_BATCH: i64 = 1000;
 const PUBLISH_BATCH: i64 = 500;
-/// Batches handed to the broker and not yet acknowledged, at most.
+/// Batches handed to the broker and not yet acknowledged, at most...
 const PUBLISH_WINDOW: usize = 8;
+/// ...and their payload bytes (full-payload events carry whole records):
+/// another batch is handed over only below this (one always may be).
+const PUBLISH_WINDOW_BYTES: usize = 16 << 20;
 const ENRICH_BATCH: i64 = 20;
 /// A tenant's enrichment worker stores what it has done at least this often.
 const ENRICH_FLUSH: Duration = Duration::from_millis(100);
@@ -351,15 +354,16 @@ struct InFlight {
 }
 
 /// Publishes sequenced events until none are left; false if the broker
-/// failed. Up to [`PUBLISH_WINDOW`] batches are in flight at once (handed
-/// to the broker in log order); the published position moves in log order
-/// as their acknowledgements arrive, so after a failure everything from the
+/// failed. Up to [`PUBLISH_WINDOW`] batches and [`PUBLISH_WINDOW_BYTES`]
+/// of payload are in flight at once (handed to the broker in log order);
+/// the published position moves in log order as their acknowledgements
+/// arrive, so after a failure everything from the
 /// first unacknowledged batch is sent again (at least once, never lost).
 async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::Error> {
     let mut read = outbox::published_seq(pool).await?;
     let mut in_flight = std::collections::VecDeque::<InFlight>::new();
     loop {
-        while in_flight.len() < PUBLISH_WINDOW {
+        while window_has_room(&in_flight) {
             let batch = outbox::sequenced_after(pool, read, PUBLISH_BATCH).await?;
             let Some(last) = batch.last().map(|e| e.seq) else {
                 break;
@@ -405,6 +409,12 @@ async fn publish_pending(pool: &PgPool, broker: &Broker) -> Result<bool, sqlx::E
         }
         metrics::counter!("events_published_total").increment(batch.written.len() as u64);
     }
+}
+
+/// Whether another batch may be handed to the broker.
+fn window_has_room(in_flight: &std::collections::VecDeque<InFlight>) -> bool {
+    let bytes: usize = in_flight.iter().map(|b| b.acks.bytes()).sum();
+    in_flight.is_empty() || (in_flight.len() < PUBLISH_WINDOW && bytes < PUBLISH_WINDOW_BYTES)
 }
 
 /// Counts and logs a failed publication; the relay retries it (false).
