@@ -2,7 +2,8 @@
 //! and runs it until a shutdown signal, with the background tasks it owns.
 //! Shutdown is bounded: streams are told to end, requests get
 //! `shutdown_drain_secs` to finish (a second signal cuts that short), then
-//! the background tasks stop before the pool closes.
+//! the writers of coalesced creates write what was queued and the
+//! background tasks stop, before the pool closes.
 
 mod http_server;
 
@@ -169,6 +170,9 @@ impl Application {
         let servers = serve(&state, listener, ops_listener)?;
         shutdown.await;
         drain(&state, &servers).await;
+        // Creates queued by requests that were cut short are written (or
+        // fail) before the pool closes.
+        state.writes.stop(Duration::from_secs(10)).await;
         for task in &background {
             task.abort();
         }

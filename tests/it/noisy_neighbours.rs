@@ -177,3 +177,59 @@ async fn a_tenant_cannot_hold_more_event_streams_than_its_share() {
     }
     assert!(reopened, "the closed stream's place was not freed");
 }
+
+/// A burst of one tenant's creates does not queue ahead of another
+/// tenant's create: the writers of coalesced creates take the waiting
+/// tenants' creates in turns, so tenant B's create goes in the next
+/// transaction, not after the hundreds tenant A queued first.
+#[tokio::test]
+async fn a_burst_of_creates_does_not_queue_ahead_of_another_tenants_create() {
+    use sqlx::Executor;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BURST: usize = 600;
+    let app = Arc::new(TestApp::spawn().await);
+    let (a_id, a) = app.tenant_with_invoices().await;
+    let (_, b) = app.tenant_with_invoices().await;
+    // Tenant A's table locked: its first creates hold the writers, the
+    // rest of its burst queues behind them.
+    let tenant = bss::domain::TenantId::parse(&a_id).unwrap();
+    let table = bss::domain::ResourceName::parse("invoices")
+        .unwrap()
+        .table_in(&tenant);
+    let mut lock = app.db().await;
+    lock.execute("BEGIN").await.unwrap();
+    lock.execute(format!("LOCK TABLE {table} IN EXCLUSIVE MODE").as_str())
+        .await
+        .unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let create = |token: String, n: usize| {
+        let (app, answered) = (app.clone(), answered.clone());
+        tokio::spawn(async move {
+            let doc = json!({"number": format!("N-{n}"), "total": n});
+            let resp = app.post("/v1/data/invoices", &token, &doc).await;
+            (answered.fetch_add(1, Ordering::SeqCst), resp.status())
+        })
+    };
+    let burst: Vec<_> = (0..BURST).map(|n| create(a.clone(), n)).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = create(b.clone(), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !quiet.is_finished(),
+        "the writers are held by tenant A's table"
+    );
+    lock.execute("COMMIT").await.unwrap();
+    let (position, status) = quiet.await.unwrap();
+    assert_eq!(status, 201);
+    for h in burst {
+        assert_eq!(h.await.unwrap().1, 201);
+    }
+    // In arrival order it would be answered last; in turns, with the
+    // second or third transaction.
+    assert!(
+        position < BURST / 2,
+        "tenant B's create was answered {position}th of {}",
+        BURST + 1
+    );
+}

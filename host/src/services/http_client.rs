@@ -239,7 +239,10 @@ impl ServiceClient {
         for attempt in 0..self.attempts {
             if attempt > 0 {
                 let pause = backoff(attempt);
-                if Instant::now() + pause + self.connect_timeout >= deadline {
+                // With slack: a busy machine fires timers late, and an
+                // attempt cut by the deadline would read as a timeout.
+                let needs = pause + self.connect_timeout + self.connect_timeout / 2;
+                if Instant::now() + needs >= deadline {
                     break;
                 }
                 tokio::time::sleep(pause).await;

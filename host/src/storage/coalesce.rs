@@ -22,13 +22,24 @@
 //! An idle worker takes a create at once, so under light load nothing
 //! waits for company; the queue is bounded (`QUEUE` creates), so callers
 //! wait for room under overload as they would for a connection.
+//!
+//! No tenant's burst delays another's creates: the queue keeps each
+//! tenant's creates apart and a worker takes them in turns, one create of
+//! each waiting tenant at a time, so a create of a quiet tenant goes in the
+//! next transaction however many a busy tenant has queued; and a tenant may
+//! hold at most `PER_TENANT` (a quarter) of the queue, so it alone never
+//! fills it and another tenant's create never waits for room.
+//!
+//! [`Coalescer::stop`] lets the workers finish what they took and ends
+//! them; creates queued after it fail as the closed pool would fail them.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
 
 use super::records::{Record, Target, Wait, insert_rows};
 use super::{StorageError, pg_code};
@@ -39,6 +50,8 @@ use crate::events::outbox::RecordEvents;
 pub const MAX_ROWS: usize = 64;
 /// Creates that may wait for a worker.
 const QUEUE: usize = 4096;
+/// Creates of one tenant that may wait for a worker.
+const PER_TENANT: usize = QUEUE / 4;
 /// How long a create waits for a schema change of its resource to end.
 pub const LOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -64,27 +77,168 @@ struct Job {
 
 #[derive(Debug, Clone)]
 pub struct Coalescer {
-    queue: mpsc::Sender<JobBox>,
+    queue: Arc<Queue>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-/// A job behind a pointer (the channel moves only that).
-struct JobBox(Box<Job>);
+/// The creates waiting for a worker, apart per tenant.
+#[derive(Default)]
+struct Queue {
+    waiting: Mutex<Waiting>,
+    /// A create was queued, or the queue closed: for workers.
+    queued: Notify,
+    /// Creates were taken: for callers waiting for room.
+    taken: Notify,
+}
 
-impl std::fmt::Debug for JobBox {
+impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("id", &self.0.id).finish()
+        f.debug_struct("Queue")
+            .field("len", &self.lock().len)
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Waiting {
+    by_tenant: HashMap<TenantId, VecDeque<Job>>,
+    /// The tenants with creates waiting, in the order of their turns.
+    turns: VecDeque<TenantId>,
+    len: usize,
+    closed: bool,
+}
+
+/// What pushing a create found.
+enum Pushed {
+    Queued,
+    Full(Box<Job>),
+    Closed,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a create, waiting while the queue or the tenant's part of it
+    /// is full; false once the queue is closed.
+    async fn push(&self, job: Job) -> bool {
+        let mut job = Box::new(job);
+        loop {
+            // Registered before looking, so no room made meanwhile is missed.
+            let room = self.taken.notified();
+            match self.try_push(job) {
+                Pushed::Queued => {
+                    self.queued.notify_one();
+                    return true;
+                }
+                Pushed::Closed => return false,
+                Pushed::Full(back) => job = back,
+            }
+            room.await;
+        }
+    }
+
+    fn try_push(&self, job: Box<Job>) -> Pushed {
+        let mut w = self.lock();
+        if w.closed {
+            return Pushed::Closed;
+        }
+        let tenant = &job.group.tenant;
+        let mine = w.by_tenant.get(tenant).map_or(0, VecDeque::len);
+        if w.len >= QUEUE || mine >= PER_TENANT {
+            return Pushed::Full(job);
+        }
+        if mine == 0 {
+            w.turns.push_back(tenant.clone());
+        }
+        w.len += 1;
+        w.by_tenant
+            .entry(tenant.clone())
+            .or_default()
+            .push_back(*job);
+        Pushed::Queued
+    }
+
+    /// Waits for creates and takes up to [`MAX_ROWS`] of them, one of each
+    /// waiting tenant in turn; `None` once the queue is closed and empty.
+    async fn take(&self) -> Option<Vec<Job>> {
+        loop {
+            let queued = self.queued.notified();
+            {
+                let mut w = self.lock();
+                if w.len > 0 {
+                    let jobs = w.take_turns();
+                    let left = w.len > 0;
+                    drop(w);
+                    self.taken.notify_waiters();
+                    if left {
+                        // Another worker may take what is left.
+                        self.queued.notify_one();
+                    }
+                    return Some(jobs);
+                }
+                if w.closed {
+                    return None;
+                }
+            }
+            queued.await;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.queued.notify_waiters();
+        self.taken.notify_waiters();
+    }
+}
+
+impl Waiting {
+    fn take_turns(&mut self) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        while jobs.len() < MAX_ROWS {
+            let Some(tenant) = self.turns.pop_front() else {
+                break;
+            };
+            let Some(queue) = self.by_tenant.get_mut(&tenant) else {
+                continue;
+            };
+            if let Some(job) = queue.pop_front() {
+                jobs.push(job);
+                self.len -= 1;
+            }
+            if queue.is_empty() {
+                self.by_tenant.remove(&tenant);
+            } else {
+                self.turns.push_back(tenant);
+            }
+        }
+        jobs
     }
 }
 
 impl Coalescer {
     /// Starts `workers` writers on the pool.
     pub fn start(pool: PgPool, workers: usize) -> Self {
-        let (queue, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..workers.max(1) {
-            tokio::spawn(work(pool.clone(), rx.clone()));
+        let queue = Arc::new(Queue::default());
+        let workers = (0..workers.max(1))
+            .map(|_| tokio::spawn(work(pool.clone(), queue.clone())))
+            .collect();
+        Self {
+            queue,
+            workers: Arc::new(Mutex::new(workers)),
         }
-        Self { queue }
+    }
+
+    /// Closes the queue and waits (at most `wait`) for the workers to write
+    /// what was queued before.
+    pub async fn stop(&self, wait: std::time::Duration) {
+        self.queue.close();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let joined = futures_util::future::join_all(workers);
+        if tokio::time::timeout(wait, joined).await.is_err() {
+            tracing::warn!("the writers of coalesced creates did not finish in time");
+        }
     }
 
     /// Creates one record (no idempotency key: those take their own
@@ -135,32 +289,17 @@ impl Coalescer {
             template: events.template.clone(),
             reply,
         };
-        self.queue
-            .send(JobBox(Box::new(job)))
-            .await
-            .map_err(|_| StorageError::Db(sqlx::Error::PoolClosed))?;
+        if !self.queue.push(job).await {
+            return Err(StorageError::Db(sqlx::Error::PoolClosed));
+        }
         answer
             .await
             .map_err(|_| StorageError::Db(sqlx::Error::PoolClosed))?
     }
 }
 
-async fn work(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<JobBox>>>) {
-    loop {
-        let mut jobs = Vec::new();
-        {
-            let mut rx = rx.lock().await;
-            match rx.recv().await {
-                Some(JobBox(job)) => jobs.push(*job),
-                None => return,
-            }
-            while jobs.len() < MAX_ROWS {
-                match rx.try_recv() {
-                    Ok(JobBox(job)) => jobs.push(*job),
-                    Err(_) => break,
-                }
-            }
-        }
+async fn work(pool: PgPool, queue: Arc<Queue>) {
+    while let Some(jobs) = queue.take().await {
         write(&pool, jobs).await;
     }
 }
@@ -325,5 +464,82 @@ fn copy(e: &StorageError) -> StorageError {
             "the write failed{}: {e}",
             pg_code(e).map(|c| format!(" ({c})")).unwrap_or_default()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tenant: &str, n: usize) -> Job {
+        let (reply, _) = oneshot::channel();
+        Job {
+            group: Group {
+                tenant: TenantId::parse(tenant).unwrap(),
+                resource: ResourceName::parse("invoices").unwrap(),
+                schema_version: 1,
+                full: false,
+                hidden: Vec::new(),
+            },
+            id: RecordId::parse(&format!("r{n}")).unwrap(),
+            data: Value::Null,
+            template: Value::Null,
+            reply,
+        }
+    }
+
+    fn tenants(jobs: &[Job]) -> Vec<&str> {
+        jobs.iter().map(|j| j.group.tenant.as_str()).collect()
+    }
+
+    #[test]
+    fn a_quiet_tenants_create_goes_in_the_next_transaction_whatever_a_busy_one_queued() {
+        let queue = Queue::default();
+        for n in 0..500 {
+            assert!(matches!(
+                queue.try_push(Box::new(job("busy", n))),
+                Pushed::Queued
+            ));
+        }
+        assert!(matches!(
+            queue.try_push(Box::new(job("quiet", 0))),
+            Pushed::Queued
+        ));
+        let first = queue.lock().take_turns();
+        assert_eq!(first.len(), MAX_ROWS);
+        assert_eq!(tenants(&first).iter().filter(|t| **t == "quiet").count(), 1);
+        // The busy tenant's creates keep their order.
+        let busy: Vec<&str> = first
+            .iter()
+            .filter(|j| j.group.tenant.as_str() == "busy")
+            .map(|j| j.id.as_str())
+            .collect();
+        let expected: Vec<String> = (0..MAX_ROWS - 1).map(|n| format!("r{n}")).collect();
+        assert_eq!(busy, expected);
+        assert_eq!(queue.lock().len, 500 - (MAX_ROWS - 1));
+    }
+
+    #[test]
+    fn one_tenant_holds_at_most_its_part_of_the_queue() {
+        let queue = Queue::default();
+        for n in 0..PER_TENANT {
+            assert!(matches!(
+                queue.try_push(Box::new(job("busy", n))),
+                Pushed::Queued
+            ));
+        }
+        assert!(matches!(
+            queue.try_push(Box::new(job("busy", PER_TENANT))),
+            Pushed::Full(_)
+        ));
+        assert!(matches!(
+            queue.try_push(Box::new(job("quiet", 0))),
+            Pushed::Queued
+        ));
+        queue.close();
+        assert!(matches!(
+            queue.try_push(Box::new(job("quiet", 1))),
+            Pushed::Closed
+        ));
     }
 }
