@@ -13,7 +13,8 @@
 //! CPU profile of each HTTP scenario, see `profile.rs`), `--write-workers N`
 //! (the service's writers of coalesced creates), `--only tenants` with
 //! `--tenants N` (S8: provisioning, and load spread over N tenants beside
-//! one, in a database of its own; see `tenants.rs`). Every run starts
+//! one, in a database of its own; see `tenants.rs`), `--db-connections N`
+//! (the service's pool, default 24). Every run starts
 //! from an empty database (dropped first).
 //! Every row also says how much CPU a request cost in this process (the
 //! service and the load generator) and in PostgreSQL.
@@ -49,6 +50,8 @@ struct Options {
     write_workers: Option<usize>,
     /// Tenants of `--only tenants`.
     tenants: usize,
+    /// The service's `db_max_connections` (default 24: room for pgbench's 64).
+    db_connections: u32,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -63,6 +66,7 @@ fn options() -> anyhow::Result<Options> {
         profile: None,
         write_workers: None,
         tenants: 10_000,
+        db_connections: 24,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -79,6 +83,7 @@ fn options() -> anyhow::Result<Options> {
             "--profile" => o.profile = Some(v.into()),
             "--write-workers" => o.write_workers = Some(v.parse()?),
             "--tenants" => o.tenants = v.parse()?,
+            "--db-connections" => o.db_connections = v.parse()?,
             other => anyhow::bail!("unknown option {other}"),
         }
     }
@@ -147,7 +152,7 @@ async fn main() -> anyhow::Result<()> {
         http_addr: "127.0.0.1:0".parse()?,
         database_url: Some(format!("{}/{database}", o.server_url)),
         // Leaves room under max_connections for pgbench's 64 clients.
-        db_max_connections: 24,
+        db_max_connections: o.db_connections,
         kafka_brokers: o.kafka.clone(),
         // Measures the service, not the per-tenant rate limiter.
         rate_limit_rps: 0,
