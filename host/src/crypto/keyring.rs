@@ -28,9 +28,11 @@ use crate::services::http_client::CallError;
 use crate::storage::StorageError;
 use crate::storage::tasks::{self, NewTask, Queued};
 
-/// Most keys cached (tenant × key id); past it, expired and then the
-/// soonest-expiring entries are dropped.
-pub const MAX_CACHED: usize = 10_000;
+/// Most keys cached (tenant × key id): the current and a few older keys of
+/// each of 10,000 tenants (an entry is about 150 bytes). Past it, the
+/// expired entries go, then the soonest-expiring tenth at once, so a full
+/// cache does not scan itself on every insert.
+pub const MAX_CACHED: usize = 50_000;
 /// The built-in keyring's key id.
 pub const LOCAL_KEY_ID: &str = "local-1";
 /// How long a derived key of the built-in keyring is kept (deriving is
@@ -345,22 +347,29 @@ impl Keyring {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
-        if cache.len() >= MAX_CACHED && !cache.contains_key(&slot) {
-            let now = Instant::now();
-            cache.retain(|_, c| c.until > now);
-            while cache.len() >= MAX_CACHED {
-                let soonest = cache
-                    .iter()
-                    .min_by_key(|(_, c)| c.until)
-                    .map(|(k, _)| k.clone());
-                match soonest {
-                    Some(k) => cache.remove(&k),
-                    None => break,
-                };
-            }
+        if !cache.contains_key(&slot) {
+            make_room(&mut cache, MAX_CACHED);
         }
         cache.insert(slot, entry);
     }
+}
+
+/// Leaves room for one more entry under `max`: drops the expired entries,
+/// then, if that is not enough, the soonest-expiring tenth.
+fn make_room(cache: &mut Cache, max: usize) {
+    if cache.len() < max {
+        return;
+    }
+    let now = Instant::now();
+    cache.retain(|_, c| c.until > now);
+    if cache.len() < max {
+        return;
+    }
+    let mut untils: Vec<Instant> = cache.values().map(|c| c.until).collect();
+    let tenth = untils.len() / 10;
+    let (_, cut, _) = untils.select_nth_unstable(tenth);
+    let cut = *cut;
+    cache.retain(|_, c| c.until > cut);
 }
 
 /// Forgets a slot's fetch gate when dropped.
@@ -513,5 +522,42 @@ fn unavailable(reason: &str, retry_after_secs: u64) -> CryptoError {
     CryptoError::KeyUnavailable {
         reason: reason.to_owned(),
         retry_after_secs,
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    fn entry(until: Instant) -> Cached {
+        Cached {
+            key: Arc::new(DataKey {
+                id: "k".into(),
+                bytes: [0; 32],
+            }),
+            until,
+            refresh_at: until,
+        }
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_expired_then_the_soonest_expiring_tenth() {
+        let now = Instant::now();
+        let mut cache = Cache::new();
+        for i in 0..100u64 {
+            let until = now + Duration::from_secs(60 + i);
+            cache.insert((format!("t{i}"), String::new()), entry(until));
+        }
+        make_room(&mut cache, 100);
+        assert_eq!(cache.len(), 89, "the ten soonest and the cut itself");
+        assert!(!cache.contains_key(&("t0".into(), String::new())));
+        assert!(cache.contains_key(&("t99".into(), String::new())));
+        // Expired entries go first, and are enough when they are many.
+        cache.insert(("gone".into(), String::new()), entry(now));
+        make_room(&mut cache, 90);
+        assert_eq!(cache.len(), 89);
+        assert!(!cache.contains_key(&("gone".into(), String::new())));
+        make_room(&mut cache, 1_000);
+        assert_eq!(cache.len(), 89, "room enough: nothing dropped");
     }
 }
