@@ -87,11 +87,29 @@ pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::
         resp.status()
     );
     let token = mint(Some(&tenant), "admin")?;
-    let schema = invoice_schema(encrypted);
+    // Records to read: 10,000.
+    let ids = seed(&client, base, &token, encrypted, 0..10_000).await?;
+    Ok(Target {
+        base: base.to_owned(),
+        token,
+        client,
+        ids: Arc::new(ids),
+    })
+}
+
+/// Gives the token's tenant the `invoices` schema and the invoices numbered
+/// `numbers` (created in batches of 1,000); the ids of the records created.
+pub async fn seed(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    encrypted: bool,
+    numbers: std::ops::Range<u64>,
+) -> anyhow::Result<Vec<String>> {
     let resp = client
         .put(format!("{base}/v1/schemas/invoices"))
-        .bearer_auth(&token)
-        .json(&schema)
+        .bearer_auth(token)
+        .json(&invoice_schema(encrypted))
         .send()
         .await?;
     anyhow::ensure!(
@@ -99,13 +117,13 @@ pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::
         "creating the schema: {}",
         resp.status()
     );
-    // Records to read: 10,000, in batches.
     let mut ids = Vec::new();
-    for chunk in 0..10u64 {
-        let items: Vec<Value> = (0..1000).map(|i| invoice(chunk * 1000 + i)).collect();
+    let numbers: Vec<u64> = numbers.collect();
+    for chunk in numbers.chunks(1000) {
+        let items: Vec<Value> = chunk.iter().map(|&n| invoice(n)).collect();
         let resp: Value = client
             .post(format!("{base}/v1/data/invoices/batch"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .json(&json!({"items": items}))
             .send()
             .await?
@@ -118,12 +136,7 @@ pub async fn prepare_with(base: &str, secret: &str, encrypted: bool) -> anyhow::
                 .filter_map(|r| r["id"].as_str().map(str::to_owned)),
         );
     }
-    Ok(Target {
-        base: base.to_owned(),
-        token,
-        client,
-        ids: Arc::new(ids),
-    })
+    Ok(ids)
 }
 
 impl Target {

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::http_load::{Load, Req, closed_loop, invoice, invoice_schema, mint};
+use crate::http_load::{Load, Req, closed_loop, invoice, mint, seed};
 use crate::{Figures, Options, measured, median, row};
 
 /// Records each tenant starts with (what the reads read).
@@ -100,28 +100,9 @@ async fn set_up(
     id: &str,
 ) -> anyhow::Result<Tenant> {
     let token = mint(secret, Some(id), "admin")?;
-    let resp = client
-        .put(format!("{base}/v1/schemas/invoices"))
-        .bearer_auth(&token)
-        .json(&invoice_schema(false))
-        .send()
-        .await?;
-    anyhow::ensure!(resp.status() == 201, "schema of {id}: {}", resp.status());
-    let items: Vec<Value> = (0..RECORDS).map(invoice).collect();
-    let resp: Value = client
-        .post(format!("{base}/v1/data/invoices/batch"))
-        .bearer_auth(&token)
-        .json(&json!({ "items": items }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let ids = resp["items"]
-        .as_array()
-        .context("batch answer")?
-        .iter()
-        .filter_map(|r| r["id"].as_str().map(str::to_owned))
-        .collect();
+    let ids = seed(client, base, &token, false, 0..RECORDS)
+        .await
+        .with_context(|| format!("tenant {id}"))?;
     Ok(Tenant {
         token: token.into(),
         ids,

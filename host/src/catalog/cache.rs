@@ -137,12 +137,9 @@ impl SchemaCache {
         });
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.current.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.current.is_empty()
     }
 
     fn remove(&self, key: &Key) {
