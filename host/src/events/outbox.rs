@@ -291,12 +291,16 @@ pub async fn log(
     .await
 }
 
-/// Deletes published events older than the retention period.
+/// Deletes published events older than the retention period, but not
+/// those still to be matched against webhooks or with pending deliveries.
 pub async fn expire(pool: &PgPool, retention_secs: u64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM bss.outbox
           WHERE seq <= (SELECT published_seq FROM bss.relay_state WHERE id = 1)
-            AND created_at < now() - make_interval(secs => $1)",
+            AND seq <= (SELECT dispatched_seq FROM bss.webhook_state WHERE id = 1)
+            AND created_at < now() - make_interval(secs => $1)
+            AND NOT EXISTS (SELECT 1 FROM bss.webhook_deliveries d
+                             WHERE d.event_seq = outbox.seq AND d.status = 'pending')",
     )
     .bind(retention_secs as f64)
     .execute(pool)

@@ -12,6 +12,7 @@ pub mod records;
 pub mod schemas;
 pub mod tasks;
 pub mod tenants;
+pub mod webhooks;
 
 pub use database::{Database, pg_code};
 
