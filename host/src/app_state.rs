@@ -33,6 +33,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub event_log: EventLog,
     pub plugins: Arc<Plugins>,
+    /// The webhook sender's guard, client and settings.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Per-tenant admission: archived tenants and rate limits.
     pub gate: crate::api::tenant_gate::TenantGate,
     /// Turns `true` when the service begins to shut down: long-lived

@@ -186,6 +186,37 @@ pub struct Settings {
     /// Pause between two batches of the re-encryption job, in ms
     /// (`BSS_RESEAL_PAUSE_MS`): it yields the database to live traffic.
     pub reseal_pause_ms: u64,
+    /// How long one webhook attempt may take, in ms (`BSS_WEBHOOK_TIMEOUT_MS`).
+    pub webhook_timeout_ms: u64,
+    /// Seconds before each attempt of a delivery, the first 0
+    /// (`BSS_WEBHOOK_RETRY_SCHEDULE`; jittered by ±10%).
+    pub webhook_retry_schedule: String,
+    /// The longest `Retry-After` honoured, in seconds
+    /// (`BSS_WEBHOOK_RETRY_AFTER_MAX_SECS`).
+    pub webhook_retry_after_max_secs: u64,
+    /// Address ranges webhooks may go to despite the SSRF guard
+    /// (`BSS_WEBHOOK_ALLOW`, comma-separated CIDRs).
+    pub webhook_allow: String,
+    /// Whether http (not only https) endpoints are allowed
+    /// (`BSS_WEBHOOK_ALLOW_HTTP`).
+    pub webhook_allow_http: bool,
+    /// Attempts in flight at once in this replica (`BSS_WEBHOOK_MAX_IN_FLIGHT`).
+    pub webhook_max_in_flight: usize,
+    /// Attempts in flight at once per tenant and per endpoint, over all
+    /// replicas (`BSS_WEBHOOK_PER_TENANT`, `BSS_WEBHOOK_PER_ENDPOINT`).
+    pub webhook_per_tenant: i64,
+    pub webhook_per_endpoint: i64,
+    /// How often a replica looks for due deliveries, in ms
+    /// (`BSS_WEBHOOK_POLL_MS`); new ones wake its own sender at once.
+    pub webhook_poll_ms: u64,
+    /// How long finished deliveries are kept, in seconds
+    /// (`BSS_WEBHOOK_RETENTION_SECS`).
+    pub webhook_retention_secs: u64,
+    /// An endpoint failing this long without a success is disabled, in
+    /// seconds (`BSS_WEBHOOK_DISABLE_AFTER_SECS`).
+    pub webhook_disable_after_secs: u64,
+    /// Endpoints one tenant may have (`BSS_WEBHOOK_MAX_PER_TENANT`).
+    pub webhook_max_per_tenant: i64,
 }
 
 impl Default for Settings {
@@ -269,6 +300,18 @@ impl Default for Settings {
             task_max_pending_per_tenant: 10_000,
             reseal_batch: 200,
             reseal_pause_ms: 10,
+            webhook_timeout_ms: 15_000,
+            webhook_retry_schedule: "0,5,300,1800,7200,18000,36000,36000".into(),
+            webhook_retry_after_max_secs: 3600,
+            webhook_allow: String::new(),
+            webhook_allow_http: false,
+            webhook_max_in_flight: 64,
+            webhook_per_tenant: 16,
+            webhook_per_endpoint: 4,
+            webhook_poll_ms: 250,
+            webhook_retention_secs: 30 * 24 * 3600,
+            webhook_disable_after_secs: 5 * 24 * 3600,
+            webhook_max_per_tenant: 100,
         }
     }
 }
@@ -389,6 +432,18 @@ impl Settings {
             "BSS_TASK_MAX_PENDING_PER_TENANT" => task_max_pending_per_tenant: parsed,
             "BSS_RESEAL_BATCH" => reseal_batch: parsed,
             "BSS_RESEAL_PAUSE_MS" => reseal_pause_ms: parsed,
+            "BSS_WEBHOOK_TIMEOUT_MS" => webhook_timeout_ms: parsed,
+            "BSS_WEBHOOK_RETRY_SCHEDULE" => webhook_retry_schedule: text,
+            "BSS_WEBHOOK_RETRY_AFTER_MAX_SECS" => webhook_retry_after_max_secs: parsed,
+            "BSS_WEBHOOK_ALLOW" => webhook_allow: text,
+            "BSS_WEBHOOK_ALLOW_HTTP" => webhook_allow_http: parsed,
+            "BSS_WEBHOOK_MAX_IN_FLIGHT" => webhook_max_in_flight: parsed,
+            "BSS_WEBHOOK_PER_TENANT" => webhook_per_tenant: parsed,
+            "BSS_WEBHOOK_PER_ENDPOINT" => webhook_per_endpoint: parsed,
+            "BSS_WEBHOOK_POLL_MS" => webhook_poll_ms: parsed,
+            "BSS_WEBHOOK_RETENTION_SECS" => webhook_retention_secs: parsed,
+            "BSS_WEBHOOK_DISABLE_AFTER_SECS" => webhook_disable_after_secs: parsed,
+            "BSS_WEBHOOK_MAX_PER_TENANT" => webhook_max_per_tenant: parsed,
         }
         Ok(())
     }
@@ -415,11 +470,42 @@ impl Settings {
             ("BSS_TASK_LEASE_SECS", self.task_lease_secs == 0),
             ("BSS_TASK_POLL_MS", self.task_poll_ms == 0),
             ("BSS_RESEAL_BATCH", self.reseal_batch <= 0),
+            ("BSS_WEBHOOK_TIMEOUT_MS", self.webhook_timeout_ms == 0),
+            ("BSS_WEBHOOK_MAX_IN_FLIGHT", self.webhook_max_in_flight == 0),
+            ("BSS_WEBHOOK_PER_TENANT", self.webhook_per_tenant <= 0),
+            ("BSS_WEBHOOK_PER_ENDPOINT", self.webhook_per_endpoint <= 0),
+            ("BSS_WEBHOOK_POLL_MS", self.webhook_poll_ms == 0),
+            (
+                "BSS_WEBHOOK_MAX_PER_TENANT",
+                self.webhook_max_per_tenant <= 0,
+            ),
         ];
-        match zero.iter().find(|(_, is_zero)| *is_zero) {
-            Some((key, _)) => anyhow::bail!("{key} must be more than 0"),
-            None => Ok(()),
+        if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            anyhow::bail!("{key} must be more than 0");
         }
+        self.webhook_guard()?;
+        crate::webhooks::parse_schedule(&self.webhook_retry_schedule)?;
+        Ok(())
+    }
+
+    pub fn webhook_guard(&self) -> anyhow::Result<crate::webhooks::Guard> {
+        crate::webhooks::Guard::new(&self.webhook_allow, self.webhook_allow_http)
+    }
+
+    pub fn webhook_settings(&self) -> anyhow::Result<crate::webhooks::WebhookSettings> {
+        Ok(crate::webhooks::WebhookSettings {
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            schedule: crate::webhooks::parse_schedule(&self.webhook_retry_schedule)?,
+            retry_after_max_secs: self.webhook_retry_after_max_secs as f64,
+            max_in_flight: self.webhook_max_in_flight,
+            per_tenant: self.webhook_per_tenant,
+            per_endpoint: self.webhook_per_endpoint,
+            poll: Duration::from_millis(self.webhook_poll_ms),
+            retention_secs: self.webhook_retention_secs,
+            disable_after_secs: self.webhook_disable_after_secs,
+            max_per_tenant: self.webhook_max_per_tenant,
+            transformer_deadline: Duration::from_millis(self.plugin_max_deadline_ms),
+        })
     }
 
     pub fn service_timeout(&self) -> Duration {

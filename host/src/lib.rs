@@ -18,3 +18,4 @@ pub mod startup;
 pub mod storage;
 pub mod tasks;
 pub mod telemetry;
+pub mod webhooks;

@@ -121,6 +121,10 @@ impl Application {
             broker: Arc::new(broker),
             event_log: EventLog::default(),
             plugins,
+            webhooks: Arc::new(crate::webhooks::Webhooks::new(
+                settings.webhook_guard()?,
+                settings.webhook_settings()?,
+            )?),
             gate: crate::api::tenant_gate::TenantGate::new(&settings),
             shutdown: tokio::sync::watch::Sender::new(false),
             streams: Default::default(),
@@ -209,6 +213,7 @@ impl Application {
         state.keyring.report_rotations(rotated);
         tasks.push(tokio::spawn(crate::tasks::run(state.clone(), rotations)));
         tasks.push(tokio::spawn(crate::tasks::follow_rotations(state.clone())));
+        tasks.push(tokio::spawn(crate::webhooks::run(state.clone())));
         if let Some((config, publisher)) = self.kafka.clone() {
             tasks.push(tokio::spawn(kafka::consume(
                 state.clone(),

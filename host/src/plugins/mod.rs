@@ -1,7 +1,8 @@
 //! Tenants' WebAssembly plugins: the registry of each tenant's active
 //! plugins (loaded on first use, reloaded when any replica changes them),
-//! their stats and circuit breakers, and the two places they run: the write
-//! path (validation hooks) and the relay (event enrichers).
+//! their stats and circuit breakers, and the places they run: the write
+//! path (validation hooks), the relay (event enrichers) and the webhook
+//! sender (transformers).
 //!
 //! Calls run on blocking threads: a plugin that spins until its deadline
 //! holds one of those, never an async worker. Each call holds one of the
@@ -649,6 +650,68 @@ impl Plugins {
             },
             None => outcome,
         }
+    }
+
+    /// Runs the tenant's webhook transformer `name` on a delivery: the
+    /// request to send, None to cancel it, or why it failed (counted, and
+    /// its breaker trips on repeated failures like any plugin's).
+    pub async fn transform(
+        &self,
+        tenant: &str,
+        name: &str,
+        event: &Value,
+        request: WebhookRequest,
+    ) -> Result<Option<WebhookRequest>, String> {
+        let set = self
+            .set(tenant)
+            .await
+            .map_err(|e| format!("could not be loaded: {e}"))?;
+        let active = set
+            .plugins
+            .iter()
+            .find(|p| p.name == name && p.manifest.kind == Kind::WebhookTransformer)
+            .cloned()
+            .ok_or_else(|| "is not an active webhook transformer of the tenant".to_owned())?;
+        let mut ctx = Context {
+            tenant_id: tenant.to_owned(),
+            resource: event["data"]["resource"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            operation: event["type"].as_str().unwrap_or_default().to_owned(),
+            actor: event["actor"].as_str().unwrap_or_default().to_owned(),
+            request_id: event["id"].as_str().unwrap_or_default().to_owned(),
+            config: String::new(),
+        };
+        let slot = self
+            .slot(tenant, self.settings.slot_wait)
+            .await
+            .ok_or_else(|| Failure::Busy.to_string())?;
+        let rt = self.runtime.clone();
+        let text = event.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _held = slot;
+            let loaded = active.ready().map_err(|f| f.to_string())?;
+            if let Err(retry) = active.stats.breaker.try_acquire() {
+                let failure = Failure::Tripped(retry.as_secs().max(1));
+                active.stats.failed(&failure, Duration::ZERO);
+                return Err(failure.to_string());
+            }
+            ctx.config.clone_from(&loaded.config);
+            let start = Instant::now();
+            match rt.transform(loaded, &ctx, &text, &request) {
+                Ok(out) => {
+                    active.stats.succeeded(start.elapsed(), false);
+                    Ok(out)
+                }
+                Err(failure) => {
+                    active.stats.failed(&failure, start.elapsed());
+                    Err(failure.to_string())
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Follows other replicas' plugin changes (`NOTIFY bss_plugins`).
