@@ -14,6 +14,7 @@ pub mod schemas;
 pub mod tasks;
 pub mod tenant_gate;
 pub mod tenants;
+pub mod webhooks;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,7 +43,7 @@ use crate::error::{ApiError, Problem};
 #[openapi(
     info(title = "Business Store", description = "Multi-tenant business data service"),
     modifiers(&BearerAuth),
-    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "plugins"), (name = "tasks"), (name = "operations"))
+    tags((name = "tenants"), (name = "schemas"), (name = "records"), (name = "events"), (name = "plugins"), (name = "tasks"), (name = "webhooks"), (name = "operations"))
 )]
 pub struct ApiDoc;
 
@@ -86,6 +87,7 @@ pub fn routes(with_metrics: bool) -> (Router<SharedState>, utoipa::openapi::Open
         .merge(events::router())
         .merge(plugins::router())
         .merge(tasks::router())
+        .merge(webhooks::router())
         .merge(broker::router())
         .merge(operations::router(with_metrics))
         .split_for_parts()

@@ -1,6 +1,7 @@
 //! Example webhook transformer: posts `{"text": "<type> <subject>"}` instead
-//! of the raw event, and cancels deliveries of the event types listed in
-//! `config.skip`.
+//! of the raw event (to `config.path` when set), cancels deliveries of the
+//! event types listed in `config.skip`, and traps on those in
+//! `config.trapOn` (to show what a failing transformer does).
 
 use bss_plugin::serde_json::{Value, json};
 use bss_plugin::{Context, WebhookRequest, WebhookTransformer};
@@ -15,11 +16,19 @@ impl WebhookTransformer for WebhookChat {
         mut request: WebhookRequest,
     ) -> Option<WebhookRequest> {
         let kind = event["type"].as_str().unwrap_or_default();
-        if ctx.config["skip"]
-            .as_array()
-            .is_some_and(|skip| skip.iter().any(|s| s.as_str() == Some(kind)))
-        {
+        let listed = |key: &str| {
+            ctx.config[key]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|s| s.as_str() == Some(kind)))
+        };
+        if listed("trapOn") {
+            panic!("webhook-chat was asked to trap on {kind}");
+        }
+        if listed("skip") {
             return None;
+        }
+        if let Some(path) = ctx.config["path"].as_str() {
+            request.path = path.to_owned();
         }
         let subject = event["subject"].as_str().unwrap_or_default();
         request.body = json!({"text": format!("{kind} {subject}")}).to_string();
@@ -62,5 +71,16 @@ mod tests {
         );
         let skip = Context::for_test(json!({"skip": ["business_store.data.created"]}));
         assert!(WebhookChat::transform(&skip, &event, request()).is_none());
+        let moved = Context::for_test(json!({"path": "/chat?room=1"}));
+        let out = WebhookChat::transform(&moved, &event, request()).unwrap();
+        assert_eq!(out.path, "/chat?room=1");
+    }
+
+    #[test]
+    #[should_panic(expected = "asked to trap")]
+    fn traps_on_the_listed_types() {
+        let event = json!({"type": "business_store.data.updated", "subject": "invoices/7"});
+        let trap = Context::for_test(json!({"trapOn": ["business_store.data.updated"]}));
+        WebhookChat::transform(&trap, &event, request());
     }
 }
