@@ -27,4 +27,5 @@ mod server;
 mod tasks;
 mod tenants;
 mod tokens;
+mod webhooks;
 mod wit;

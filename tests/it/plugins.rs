@@ -580,8 +580,8 @@ async fn a_restarted_service_loads_plugins_from_its_disk_cache() {
     assert!(accepted, "the other replica dropped the deleted hook");
 }
 
-/// Webhook deliveries (capability 8) are not built yet; the transformer
-/// world runs through the same runtime, called directly here.
+/// The transformer world through the runtime directly (deliveries through
+/// a transformer: `webhooks.rs`).
 #[test]
 fn a_webhook_transformer_rewrites_or_cancels_a_delivery() {
     use bss::plugins::sandbox::Caller;

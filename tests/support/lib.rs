@@ -2,6 +2,7 @@
 //! on the local PostgreSQL, tokens, and small fake peer services.
 
 pub mod fake_services;
+pub mod receiver;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
