@@ -51,7 +51,9 @@ CREATE TABLE bss.webhook_deliveries (
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (webhook_id, event_id)
+    -- One delivery per event and endpoint (a log position is one event);
+    -- also the delivery log's order.
+    UNIQUE (webhook_id, event_seq)
 );
 CREATE INDEX webhook_deliveries_due ON bss.webhook_deliveries (webhook_id, next_attempt_at)
     WHERE status = 'pending';
@@ -59,9 +61,6 @@ CREATE INDEX webhook_deliveries_head ON bss.webhook_deliveries (webhook_id, even
     WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_leased ON bss.webhook_deliveries (tenant_id)
     WHERE status = 'pending' AND leased_until IS NOT NULL;
-CREATE INDEX webhook_deliveries_pending_seq ON bss.webhook_deliveries (event_seq)
-    WHERE status = 'pending';
-CREATE INDEX webhook_deliveries_log ON bss.webhook_deliveries (webhook_id, event_seq);
 CREATE INDEX webhook_deliveries_finished ON bss.webhook_deliveries (updated_at)
     WHERE status <> 'pending';
 

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::Figures;
 
+#[derive(Clone)]
 pub struct Target {
     base: String,
     token: String,
@@ -157,6 +158,36 @@ impl Target {
             "uploading the plugin: {}",
             resp.text().await?
         );
+        Ok(())
+    }
+
+    /// Registers a webhook endpoint for this target's tenant.
+    pub async fn register_webhook(&self, spec: &Value) -> anyhow::Result<()> {
+        let resp = self
+            .client
+            .post(format!("{}/v1/webhooks", self.base))
+            .bearer_auth(&self.token)
+            .json(spec)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "registering a webhook: {}",
+            resp.text().await?
+        );
+        Ok(())
+    }
+
+    /// Creates one record.
+    pub async fn create(&self, doc: &Value) -> anyhow::Result<()> {
+        let resp = self
+            .client
+            .post(format!("{}/v1/data/invoices", self.base))
+            .bearer_auth(&self.token)
+            .json(doc)
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 201, "create answered {}", resp.status());
         Ok(())
     }
 

@@ -14,7 +14,8 @@
 //! (the service's writers of coalesced creates), `--only tenants` with
 //! `--tenants N` (S8: provisioning, and load spread over N tenants beside
 //! one, in a database of its own; see `tenants.rs`), `--db-connections N`
-//! (the service's pool, default 24). Every run starts
+//! (the service's pool, default 24), `--only webhooks` (the webhook sender
+//! beside a plain HTTP client, see `webhooks.rs`). Every run starts
 //! from an empty database (dropped first).
 //! Every row also says how much CPU a request cost in this process (the
 //! service and the load generator) and in PostgreSQL.
@@ -27,6 +28,7 @@ mod pocketbase;
 mod profile;
 mod relay;
 mod tenants;
+mod webhooks;
 
 use std::time::Duration;
 
@@ -158,8 +160,16 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_rps: 0,
         ..Settings::default()
     };
+    let webhooks = o.only.as_deref() == Some("webhooks");
     let settings = Settings {
         write_workers: o.write_workers.unwrap_or(settings.write_workers),
+        // The receiver is on loopback, over http.
+        webhook_allow: if webhooks {
+            "127.0.0.1/32".into()
+        } else {
+            String::new()
+        },
+        webhook_allow_http: webhooks,
         ..settings
     };
     let app = Application::build(settings.clone()).await?;
@@ -186,6 +196,10 @@ async fn main() -> anyhow::Result<()> {
             o.profile.as_deref(),
         )
         .await;
+    }
+    if webhooks {
+        let db = format!("{}/{DATABASE}", o.server_url);
+        return webhooks::run(&target, &db, Duration::from_secs(o.seconds)).await;
     }
     if o.only.as_deref() == Some("encryption") {
         let secret = bss::auth::LocalSecret::resolve(&settings)?;

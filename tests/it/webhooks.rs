@@ -259,7 +259,7 @@ async fn misbehaving_receivers_are_bounded() {
     let rx = Receiver::start().await;
     let (_, token) = app.tenant_with_invoices().await;
     let mut hooks = Vec::new();
-    for path in ["/gone", "/redirect", "/hang", "/big", "/status/429"] {
+    for path in ["/gone", "/redirect", "/hang", "/big", "/status/429", "/nul"] {
         let h = register(
             &app,
             &token,
@@ -269,7 +269,7 @@ async fn misbehaving_receivers_are_bounded() {
         hooks.push(h);
     }
     create_invoice(&app, &token, 1).await;
-    let [gone, redirect, hang, big, busy] = &hooks[..] else {
+    let [gone, redirect, hang, big, busy, nul] = &hooks[..] else {
         unreachable!()
     };
 
@@ -294,6 +294,10 @@ async fn misbehaving_receivers_are_bounded() {
     let ok = wait_status(&app, &token, big, "succeeded", 1).await;
     let kept = ok[0]["attemptLog"][0]["response"].as_str().unwrap();
     assert_eq!(kept.len(), 20_000);
+
+    // A binary answer is kept as text.
+    let ok = wait_status(&app, &token, nul, "succeeded", 1).await;
+    assert_eq!(ok[0]["attempts"], 1);
 
     // 429 with Retry-After: 1 waits a second, not the schedule's 0.2 s.
     let failed = wait_status(&app, &token, busy, "failed", 1).await;

@@ -3,7 +3,8 @@
 //! `/ok`; `/fail/<n>` (500 for the first n requests of each `webhook-id`);
 //! `/status/<code>` (with `Retry-After: 1` on 429 and 503); `/slow/<ms>`;
 //! `/hang` (never answers); `/gone` (410); `/redirect` (302 to a private
-//! address); `/big` (200 with a 20 MB body).
+//! address); `/big` (200 with a 20 MB body); `/nul` (200, a NUL byte in
+//! the body).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,6 +163,7 @@ async fn answer(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
             "too late".into_response()
         }
         "gone" => (StatusCode::GONE, "gone").into_response(),
+        "nul" => (StatusCode::OK, "binary\0answer").into_response(),
         "redirect" => (
             StatusCode::FOUND,
             [("location", "http://10.0.0.1/internal")],

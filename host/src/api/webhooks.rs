@@ -62,7 +62,7 @@ struct WebhookInput {
     /// One delivery at a time, in log order (a failing one holds the rest).
     #[serde(default)]
     fifo: Option<bool>,
-    /// Attempts started per second, at most.
+    /// Attempts started per second, at most (per replica).
     #[serde(default)]
     rate_limit_per_sec: Option<i32>,
     /// Disabled endpoints get no deliveries (default true).
@@ -143,10 +143,13 @@ fn valid_type(t: &str) -> bool {
 }
 
 /// Checks an endpoint's fields, every problem at once.
+/// A change checks again only what it changes (a paused endpoint whose
+/// host no longer resolves can still be paused).
 async fn validate(
     state: &SharedState,
     tenant: &TenantId,
     input: WebhookInput,
+    before: Option<&Endpoint>,
 ) -> ApiResult<Fields> {
     let mut errors = Vec::new();
     if input.url.len() > MAX_URL {
@@ -154,7 +157,9 @@ async fn validate(
             "/url",
             format!("at most {MAX_URL} characters"),
         ));
-    } else if let Err(e) = state.webhooks.guard.check_registration(&input.url).await {
+    } else if before.is_none_or(|b| b.url != input.url)
+        && let Err(e) = state.webhooks.guard.check_registration(&input.url).await
+    {
         errors.push(FieldError::request("/url", e.to_string()));
     }
     if input.events.is_empty() || input.events.len() > MAX_TYPES {
@@ -188,6 +193,7 @@ async fn validate(
         }
     }
     if let Some(name) = &input.transformer
+        && before.is_none_or(|b| b.transformer.as_ref() != Some(name))
         && !store::transformer_exists(&state.pool, tenant.as_str(), name).await?
     {
         errors.push(FieldError::request(
@@ -250,7 +256,7 @@ async fn create_webhook(
     JsonBody(input): JsonBody<WebhookInput>,
 ) -> ApiResult<(StatusCode, Json<WebhookView>)> {
     let tenant = principal.tenant_with(Role::Admin)?;
-    let fields = validate(&state, tenant, input).await?;
+    let fields = validate(&state, tenant, input, None).await?;
     let id = Uuid::now_v7();
     let secret = sign::new_secret();
     let sealed = hooks::seal_secrets(&state.keyring, tenant.as_str(), id, &secret, None).await?;
@@ -321,7 +327,7 @@ async fn patch_webhook(
     json_patch::merge(&mut doc, &patch);
     let input: WebhookInput = serde_json::from_value(doc)
         .map_err(|e| ApiError::bad_request(format!("the patched endpoint is not valid: {e}")))?;
-    let fields = validate(&state, tenant, input).await?;
+    let fields = validate(&state, tenant, input, Some(&current)).await?;
     let updated = store::update(&state.pool, tenant.as_str(), current.id, &fields)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no webhook {id:?}")))?;
@@ -387,8 +393,19 @@ async fn rotate_secret(
         Some((old.as_str(), until)),
     )
     .await?;
-    if !store::set_secrets(&state.pool, tenant.as_str(), current.id, &sealed).await? {
-        return Err(ApiError::not_found(format!("no webhook {id:?}")));
+    if !store::set_secrets(
+        &state.pool,
+        tenant.as_str(),
+        current.id,
+        &current.secrets,
+        &sealed,
+    )
+    .await?
+    {
+        return Err(ApiError::conflict(format!(
+            "webhook {id} changed while its secret was rotated (another rotation, or it was \
+             deleted); nothing was rotated by this request"
+        )));
     }
     Ok(Json(RotatedSecret {
         secret,
@@ -598,7 +615,7 @@ struct ReplayView {
     /// Deliveries queued (the range's events the endpoint matches).
     queued: i64,
     /// The range held more than 10,000 events: replay again from
-    /// `continueFrom` for the rest.
+    /// `continueFrom` (the first event left out) for the rest.
     more: bool,
     continue_from: Option<DateTime<Utc>>,
 }
@@ -631,7 +648,7 @@ async fn replay(
         Json(ReplayView {
             queued: done.queued,
             more: done.more,
-            continue_from: if done.more { done.last_time } else { None },
+            continue_from: if done.more { done.continue_from } else { None },
         }),
     ))
 }

@@ -292,15 +292,21 @@ pub async fn log(
 }
 
 /// Deletes published events older than the retention period, but not
-/// those still to be matched against webhooks or with pending deliveries.
+/// those still to be matched against webhooks, nor any from the oldest
+/// pending delivery to an enabled endpoint on (a disabled endpoint's
+/// deliveries wait for it to be enabled again; events gone by then fail as
+/// `event-gone`).
 pub async fn expire(pool: &PgPool, retention_secs: u64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM bss.outbox
           WHERE seq <= (SELECT published_seq FROM bss.relay_state WHERE id = 1)
             AND seq <= (SELECT dispatched_seq FROM bss.webhook_state WHERE id = 1)
             AND created_at < now() - make_interval(secs => $1)
-            AND NOT EXISTS (SELECT 1 FROM bss.webhook_deliveries d
-                             WHERE d.event_seq = outbox.seq AND d.status = 'pending')",
+            AND seq < coalesce((SELECT min(h.seq) FROM bss.webhooks w, LATERAL (
+                                   SELECT d.event_seq AS seq FROM bss.webhook_deliveries d
+                                    WHERE d.webhook_id = w.id AND d.status = 'pending'
+                                    ORDER BY d.event_seq LIMIT 1) h
+                                 WHERE w.enabled), 9223372036854775807)",
     )
     .bind(retention_secs as f64)
     .execute(pool)

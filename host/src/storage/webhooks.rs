@@ -55,6 +55,9 @@ pub struct Fields {
 }
 
 /// Stores a new endpoint, unless the tenant has `max` already (None).
+/// Registrations of one tenant take turns (the cap holds), and none runs
+/// while events are being matched: an endpoint gets every event written
+/// from its `created_at` on, and none before.
 pub async fn insert(
     pool: &PgPool,
     tenant: &str,
@@ -63,10 +66,18 @@ pub async fn insert(
     secrets: &Value,
     max: i64,
 ) -> Result<Option<Endpoint>, StorageError> {
-    Ok(sqlx::query_as(&format!(
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('bss.webhooks:' || $1, 0))")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT 1 FROM bss.webhook_state WHERE id = 1 FOR SHARE")
+        .execute(&mut *tx)
+        .await?;
+    let created: Option<Endpoint> = sqlx::query_as(&format!(
         "INSERT INTO bss.webhooks (id, tenant_id, url, events, resources, transformer, description,
-                                   fifo, rate_limit_per_sec, enabled, secrets)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                                   fifo, rate_limit_per_sec, enabled, secrets, created_at, updated_at)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, clock_timestamp(), clock_timestamp()
           WHERE (SELECT count(*) FROM bss.webhooks WHERE tenant_id = $2) < $12
          RETURNING {ENDPOINT_COLUMNS}"
     ))
@@ -82,8 +93,10 @@ pub async fn insert(
     .bind(f.enabled)
     .bind(secrets)
     .bind(max)
-    .fetch_optional(pool)
-    .await?)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(created)
 }
 
 /// The tenant's endpoints, oldest first.
@@ -137,17 +150,22 @@ pub async fn update(
     .await?)
 }
 
+/// Replaces an endpoint's secrets if they are still `was` (false: the
+/// endpoint is gone, or another rotation came first).
 pub async fn set_secrets(
     pool: &PgPool,
     tenant: &str,
     id: Uuid,
+    was: &Value,
     secrets: &Value,
 ) -> Result<bool, StorageError> {
     let done = sqlx::query(
-        "UPDATE bss.webhooks SET secrets = $3, updated_at = now() WHERE tenant_id = $1 AND id = $2",
+        "UPDATE bss.webhooks SET secrets = $4, updated_at = now()
+          WHERE tenant_id = $1 AND id = $2 AND secrets = $3",
     )
     .bind(tenant)
     .bind(id)
+    .bind(was)
     .bind(secrets)
     .execute(pool)
     .await?;
@@ -195,7 +213,7 @@ pub async fn dispatch(pool: &PgPool, limit: i64) -> Result<(i64, i64), StorageEr
              -- Events from the endpoint's registration on (older ones: replay).
              WHERE ev.created_at >= w.created_at AND {MATCHES_SQL}
              ORDER BY ev.seq
-            ON CONFLICT (webhook_id, event_id) DO NOTHING
+            ON CONFLICT (webhook_id, event_seq) DO NOTHING
             RETURNING 1
          ), moved AS (
             UPDATE bss.webhook_state SET dispatched_seq = (SELECT max(seq) FROM ev)
@@ -259,17 +277,26 @@ pub async fn claim(pool: &PgPool, l: ClaimLimits) -> Result<Vec<Claimed>, Storag
                      AS tenant_rank
               FROM bss.webhooks w
               CROSS JOIN LATERAL (
-                 SELECT d.id, d.next_attempt_at, d.event_seq FROM bss.webhook_deliveries d
-                  WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= now()
-                    AND (d.leased_until IS NULL OR d.leased_until <= now())
-                    AND (NOT w.fifo OR d.event_seq = (
-                          SELECT min(h.event_seq) FROM bss.webhook_deliveries h
-                           WHERE h.webhook_id = w.id AND h.status = 'pending'))
-                  ORDER BY d.next_attempt_at, d.event_seq
-                  LIMIT greatest(0, (CASE WHEN w.fifo THEN 1 ELSE $2 END)
-                         - coalesce((SELECT b.n FROM busy b WHERE b.webhook_id = w.id), 0))
+                 -- Any due deliveries, the longest-due first…
+                 (SELECT d.id, d.next_attempt_at, d.event_seq FROM bss.webhook_deliveries d
+                   WHERE NOT w.fifo AND d.webhook_id = w.id AND d.status = 'pending'
+                     AND d.next_attempt_at <= now()
+                     AND (d.leased_until IS NULL OR d.leased_until <= now())
+                   ORDER BY d.next_attempt_at, d.event_seq
+                   LIMIT greatest(0, $2 - coalesce((SELECT b.n FROM busy b WHERE b.webhook_id = w.id), 0)))
+                 UNION ALL
+                 -- …or, for a fifo endpoint, its oldest pending one when due.
+                 (SELECT h.id, h.next_attempt_at, h.event_seq
+                    FROM (SELECT d.id, d.next_attempt_at, d.event_seq, d.leased_until
+                            FROM bss.webhook_deliveries d
+                           WHERE w.fifo AND d.webhook_id = w.id AND d.status = 'pending'
+                           ORDER BY d.event_seq LIMIT 1) h
+                   WHERE h.next_attempt_at <= now()
+                     AND (h.leased_until IS NULL OR h.leased_until <= now()))
               ) c
              WHERE w.enabled
+               -- An archived tenant's deliveries wait (its data is unreachable).
+               AND w.tenant_id IN (SELECT id FROM bss.tenants WHERE status = 'active')
          ), pick AS (
             SELECT id FROM cand WHERE tenant_rank <= $3 ORDER BY next_attempt_at LIMIT $1
          ), locked AS (
@@ -423,17 +450,27 @@ pub async fn record(
         ..Default::default()
     };
     let failed_attempt = !matches!(next, Next::Succeeded | Next::Cancelled);
+    // The endpoint's row is written only when its failure streak starts or
+    // ends (not on every attempt).
     let streak: Option<(Option<f64>,)> = sqlx::query_as(
-        "UPDATE bss.webhooks
-            SET failing_since = CASE WHEN $2 THEN coalesce(failing_since, now()) ELSE NULL END
-          WHERE id = $1
-         RETURNING extract(epoch FROM now() - failing_since)::float8",
+        "SELECT extract(epoch FROM now() - failing_since)::float8 FROM bss.webhooks WHERE id = $1",
     )
     .bind(c.webhook_id)
-    .bind(failed_attempt)
     .fetch_optional(&mut *tx)
     .await?;
-    let failing_for = streak.and_then(|(s,)| s).unwrap_or(0.0);
+    let streak = streak.map(|(s,)| s);
+    if matches!(streak, Some(Some(_))) != failed_attempt && streak.is_some() {
+        sqlx::query(
+            "UPDATE bss.webhooks
+                SET failing_since = CASE WHEN $2 THEN now() ELSE NULL END
+              WHERE id = $1",
+        )
+        .bind(c.webhook_id)
+        .bind(failed_attempt)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let failing_for = streak.flatten().unwrap_or(0.0);
     let disable = match next {
         Next::Gone => Some(format!(
             "the endpoint answered 410 Gone on {}",
@@ -502,6 +539,56 @@ pub async fn record(
     }
     tx.commit().await?;
     Ok(Some(out))
+}
+
+/// Records successful attempts of deliveries this replica still holds the
+/// leases of, in one statement (those whose lease it lost are left out):
+/// the fast path, since a success causes no event and ends a failure
+/// streak. Returns how many were recorded.
+pub async fn record_successes(
+    pool: &PgPool,
+    done: &[(Claimed, Attempt)],
+) -> Result<u64, StorageError> {
+    let ids: Vec<Uuid> = done.iter().map(|(c, _)| c.id).collect();
+    let leases: Vec<Uuid> = done.iter().map(|(c, _)| c.lease).collect();
+    let at: Vec<DateTime<Utc>> = done.iter().map(|(_, a)| a.at).collect();
+    let took: Vec<i32> = done.iter().map(|(_, a)| a.duration_ms).collect();
+    let codes: Vec<Option<i32>> = done.iter().map(|(_, a)| a.status_code).collect();
+    let answers: Vec<Option<String>> = done.iter().map(|(_, a)| a.response.clone()).collect();
+    let (n,): (i64,) = sqlx::query_as(
+        "WITH i AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $5::int[],
+                                 $6::text[]) AS i(id, lease, at, duration_ms, code, response)
+         ), upd AS (
+            UPDATE bss.webhook_deliveries d
+               SET status = 'succeeded', attempts = d.attempts + 1, step = d.step + 1,
+                   leased_until = NULL, lease = NULL, last_status_code = i.code,
+                   last_error = NULL, updated_at = now()
+              FROM i WHERE d.id = i.id AND d.lease = i.lease
+            RETURNING d.id, d.webhook_id, d.attempts
+         ), added AS (
+            INSERT INTO bss.webhook_attempts (delivery_id, n, at, duration_ms, status_code, response)
+            SELECT upd.id, upd.attempts, i.at, i.duration_ms, i.code, i.response
+              FROM upd JOIN i ON i.id = upd.id
+         ), trimmed AS (
+            DELETE FROM bss.webhook_attempts a USING upd
+             WHERE a.delivery_id = upd.id AND upd.attempts > $7 AND a.n <= upd.attempts - $7
+         ), healed AS (
+            UPDATE bss.webhooks w SET failing_since = NULL
+             WHERE w.id IN (SELECT webhook_id FROM upd) AND w.failing_since IS NOT NULL
+         )
+         SELECT count(*) FROM upd",
+    )
+    .bind(&ids)
+    .bind(&leases)
+    .bind(&at)
+    .bind(&took)
+    .bind(&codes)
+    .bind(&answers)
+    .bind(ATTEMPTS_KEPT)
+    .fetch_one(pool)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// A delivery as its tenant sees it.
@@ -648,12 +735,13 @@ pub async fn retry(
 /// What a replay queued.
 #[derive(Debug, Clone, Copy)]
 pub struct Replayed {
-    /// Events of the range the endpoint matches (each queued once).
+    /// Deliveries queued: events of the range the endpoint matches (those
+    /// still pending keep their place).
     pub queued: i64,
     /// Whether the range holds more than `limit` events: replay again from
-    /// `last_time`.
+    /// `continue_from` (the time of the first event left out).
     pub more: bool,
-    pub last_time: Option<DateTime<Utc>>,
+    pub continue_from: Option<DateTime<Utc>>,
 }
 
 /// Queues, for one endpoint, the tenant's events of a time range that it
@@ -674,6 +762,12 @@ pub async fn replay(
                AND o.created_at >= $3 AND ($4::timestamptz IS NULL OR o.created_at < $4)
                AND o.seq <= (SELECT dispatched_seq FROM bss.webhook_state WHERE id = 1)
              ORDER BY o.seq LIMIT $5
+         ), after_ev AS (
+            SELECT o.created_at FROM bss.outbox o
+             WHERE o.tenant_id = $1 AND o.seq > (SELECT coalesce(max(seq), 0) FROM ev)
+               AND o.created_at >= $3 AND ($4::timestamptz IS NULL OR o.created_at < $4)
+               AND o.seq <= (SELECT dispatched_seq FROM bss.webhook_state WHERE id = 1)
+             ORDER BY o.seq LIMIT 1
          ), up AS (
             INSERT INTO bss.webhook_deliveries
                    (id, tenant_id, webhook_id, event_seq, event_id, event_type, event_time)
@@ -681,24 +775,27 @@ pub async fn replay(
               FROM ev JOIN bss.webhooks w ON w.id = $2
              WHERE {MATCHES_SQL}
              ORDER BY ev.seq
-            ON CONFLICT (webhook_id, event_id) DO UPDATE
+            ON CONFLICT (webhook_id, event_seq) DO UPDATE
                SET status = 'pending', step = 0, next_attempt_at = now(), updated_at = now()
+             -- One still pending keeps its place in its schedule.
+             WHERE bss.webhook_deliveries.status <> 'pending'
             RETURNING 1
          )
-         SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM up),
-                (SELECT max(created_at) FROM ev)"
+         SELECT (SELECT count(*) FROM ev) + (SELECT count(*) FROM after_ev),
+                (SELECT count(*) FROM up),
+                (SELECT created_at FROM after_ev)"
     ))
     .bind(&endpoint.tenant_id)
     .bind(endpoint.id)
     .bind(since)
     .bind(until)
-    .bind(limit + 1)
+    .bind(limit)
     .fetch_one(pool)
     .await?;
     Ok(Replayed {
         queued,
         more: read > limit,
-        last_time: last,
+        continue_from: last,
     })
 }
 

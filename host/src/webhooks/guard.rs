@@ -24,12 +24,10 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Refused {
     #[error("{0}")]
     Url(String),
-    #[error("{host} resolves to {ip}, {why}: webhooks are not sent there")]
-    Address {
-        host: String,
-        ip: IpAddr,
-        why: &'static str,
-    },
+    /// The address itself is not shown: a tenant learns that a name is
+    /// refused and why, not what the operator's DNS says about it.
+    #[error("{host} is (or resolves to) {why}: webhooks are not sent there")]
+    Address { host: String, why: &'static str },
     #[error("{host} does not resolve: {error}")]
     Resolve { host: String, error: String },
 }
@@ -127,7 +125,6 @@ impl Guard {
             None => Ok(()),
             Some(why) => Err(Refused::Address {
                 host: host.to_owned(),
-                ip,
                 why,
             }),
         }
@@ -189,6 +186,10 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         } else {
             None
         });
+    }
+    // ::ffff:0:a.b.c.d (IPv4-translated, SIIT).
+    if s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0 {
+        return forbidden_v4(embedded(s[6], s[7]));
     }
     // 64:ff9b::/96, NAT64 of an IPv4 address.
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
@@ -281,6 +282,7 @@ mod tests {
             "::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::ffff:0:127.0.0.1",
             "::127.0.0.1",
             "64:ff9b::10.0.0.1",
             "64:ff9b:1::1",

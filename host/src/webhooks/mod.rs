@@ -46,10 +46,20 @@ const DISPATCH_BATCH: i64 = 1000;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// Tenants whose backlog is in `/metrics` (the largest ones).
 const TENANTS_REPORTED: usize = 20;
+/// Successful attempts recorded per statement, at most.
+const RECORD_BATCH: usize = 256;
+/// Under load, the sender waits this long after an attempt ends for others
+/// to end too, and claims for all of them at once.
+const CLAIM_COALESCE: Duration = Duration::from_millis(2);
 /// Finished deliveries deleted per housekeeping pass.
 const PRUNE_PER_PASS: i64 = 10_000;
 /// A lease outlives the longest attempt (transformer and request) by this.
 const LEASE_SLACK_SECS: f64 = 10.0;
+/// What an attempt may spend before its request (the secrets' key, loading
+/// the transformer, waiting for a plugin call slot), beyond the
+/// transformer's own deadline. An attempt is cut off at its budget, so it
+/// is always recorded while its lease holds.
+const PREPARE_SECS: f64 = 20.0;
 /// How long the previous secret keeps signing after a rotation.
 pub const ROTATION_OVERLAP_SECS: i64 = 24 * 3600;
 
@@ -136,9 +146,15 @@ impl Webhooks {
         Ok(())
     }
 
+    /// The most one attempt may take, request and all.
+    fn attempt_budget(&self) -> Duration {
+        self.settings.timeout
+            + self.settings.transformer_deadline
+            + Duration::from_secs_f64(PREPARE_SECS)
+    }
+
     fn lease_secs(&self) -> f64 {
-        (self.settings.timeout + self.settings.transformer_deadline).as_secs_f64()
-            + LEASE_SLACK_SECS
+        self.attempt_budget().as_secs_f64() + LEASE_SLACK_SECS
     }
 }
 
@@ -202,9 +218,11 @@ pub async fn open_secrets(
 pub async fn run(state: SharedState) {
     let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
     let _stop = AbortOnDrop(dispatcher);
+    let _housekeeping = AbortOnDrop(tokio::spawn(housekeeping_loop(state.clone())));
+    let (succeeded, successes) = tokio::sync::mpsc::channel(RECORD_BATCH * 4);
+    let _recorder = AbortOnDrop(tokio::spawn(record_successes(state.clone(), successes)));
     let hooks = state.webhooks.clone();
     let mut attempts = JoinSet::new();
-    let mut housekeeping_at = tokio::time::Instant::now();
     loop {
         while attempts.try_join_next().is_some() {}
         let free = hooks.settings.max_in_flight.saturating_sub(attempts.len());
@@ -220,15 +238,11 @@ pub async fn run(state: SharedState) {
                 Ok(claimed) => {
                     took = claimed.len();
                     for c in claimed {
-                        attempts.spawn(attempt(state.clone(), c));
+                        attempts.spawn(attempt(state.clone(), c, succeeded.clone()));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "taking webhook deliveries failed"),
             }
-        }
-        if tokio::time::Instant::now() >= housekeeping_at {
-            housekeeping(&state).await;
-            housekeeping_at = tokio::time::Instant::now() + HOUSEKEEPING_EVERY;
         }
         // A full batch may have left more due: look again at once, unless
         // every slot is busy.
@@ -240,9 +254,13 @@ pub async fn run(state: SharedState) {
             continue;
         }
         tokio::select! {
+            // New deliveries, or successes recorded (their leases released).
             () = hooks.wake.notified() => {}
             () = tokio::time::sleep(hooks.settings.poll) => {}
-            Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+            Some(_) = attempts.join_next(), if !attempts.is_empty() => {
+                // Others ending about now are claimed for together.
+                tokio::time::sleep(CLAIM_COALESCE).await;
+            }
         }
     }
 }
@@ -289,6 +307,38 @@ async fn dispatch_loop(state: SharedState) {
     }
 }
 
+/// Successful attempts on their way to [`record_successes`].
+type Successes = tokio::sync::mpsc::Sender<(Claimed, Attempt)>;
+
+/// Records successful attempts in batches (as many as waited while the
+/// previous batch was written, up to [`RECORD_BATCH`]).
+async fn record_successes(
+    state: SharedState,
+    mut successes: tokio::sync::mpsc::Receiver<(Claimed, Attempt)>,
+) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while successes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        match store::record_successes(&state.pool, &batch).await {
+            Ok(n) => {
+                metrics::counter!("webhook_deliveries_total", "outcome" => "succeeded")
+                    .increment(n);
+                if (n as usize) < batch.len() {
+                    tracing::info!(
+                        lost = batch.len() - n as usize,
+                        "webhook deliveries' leases ran out during their attempts; other replicas have them"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, deliveries = batch.len(), "recording webhook deliveries failed; they are sent again when their leases end");
+            }
+        }
+        batch.clear();
+        // Others may now be claimed.
+        state.webhooks.wake();
+    }
+}
+
 /// How an attempt went, before it is recorded.
 enum Outcome {
     Answered(Answer),
@@ -297,7 +347,7 @@ enum Outcome {
 }
 
 /// One attempt of a leased delivery, recorded with what it leads to.
-async fn attempt(state: SharedState, c: Claimed) {
+async fn attempt(state: SharedState, c: Claimed, succeeded: Successes) {
     let hooks = &state.webhooks;
     if let Some(per_sec) = c.rate_limit_per_sec
         && let Err(wait) = hooks.rate_slot(c.webhook_id, per_sec)
@@ -309,12 +359,29 @@ async fn attempt(state: SharedState, c: Claimed) {
     }
     let at = Utc::now();
     let started = Instant::now();
-    let outcome = deliver(&state, &c).await;
+    let budget = hooks.attempt_budget();
+    let outcome = tokio::time::timeout(budget, deliver(&state, &c))
+        .await
+        .unwrap_or_else(|_| {
+            Outcome::Failed(SendError::new(
+                "timeout",
+                format!(
+                    "the attempt (transformer and request) took more than {} s",
+                    budget.as_secs()
+                ),
+            ))
+        });
     let took = started.elapsed();
     metrics::histogram!("webhook_attempt_duration_seconds").record(took.as_secs_f64());
     let (attempt, next) = judge(&hooks.settings, &c, outcome, at, took);
     metrics::counter!("webhook_attempts_total", "result" => attempt_label(&attempt, next))
         .increment(1);
+    if next == Next::Succeeded {
+        // Recorded with others in one statement; if the recorder is gone
+        // (shutting down) the lease runs out and it is sent again.
+        let _ = succeeded.send((c, attempt)).await;
+        return;
+    }
     let source = format!("/business-store/{}", state.settings.instance_id);
     let by = Recorder {
         source: &source,
@@ -360,6 +427,14 @@ fn attempt_label(a: &Attempt, next: Next) -> &'static str {
     }
 }
 
+/// Text PostgreSQL can store (`text` and `jsonb` refuse NUL).
+fn storable(mut s: String) -> String {
+    if s.contains('\0') {
+        s = s.replace('\0', "\u{fffd}");
+    }
+    s
+}
+
 /// What an attempt's outcome means: its record, and what comes next.
 fn judge(
     settings: &WebhookSettings,
@@ -388,7 +463,7 @@ fn judge(
         Outcome::Cancelled => Next::Cancelled,
         Outcome::Failed(e) => {
             attempt.error_kind = Some(e.kind);
-            attempt.error = Some(e.message);
+            attempt.error = Some(storable(e.message));
             if e.kind == "event-gone" {
                 Next::Failed
             } else {
@@ -397,7 +472,7 @@ fn judge(
         }
         Outcome::Answered(a) => {
             attempt.status_code = Some(i32::from(a.status));
-            attempt.response = Some(a.body);
+            attempt.response = Some(storable(a.body));
             match a.status {
                 200..=299 => Next::Succeeded,
                 410 => {
@@ -493,7 +568,15 @@ async fn deliver(state: &SharedState, c: &Claimed) -> Outcome {
     }
 }
 
-/// Prunes old deliveries and refreshes the gauges.
+/// Prunes old deliveries and refreshes the gauges, beside the sender (a
+/// slow count never holds up sending).
+async fn housekeeping_loop(state: SharedState) {
+    loop {
+        housekeeping(&state).await;
+        tokio::time::sleep(HOUSEKEEPING_EVERY).await;
+    }
+}
+
 async fn housekeeping(state: &SharedState) {
     let hooks = &state.webhooks;
     let retention = hooks.settings.retention_secs as f64;
