@@ -54,6 +54,22 @@ pub struct Fields {
     pub enabled: bool,
 }
 
+type EndpointQuery<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, Endpoint, sqlx::postgres::PgArguments>;
+
+/// Binds an endpoint's fields, in their column order, after the id and
+/// tenant parameters.
+fn bind_fields<'q>(q: EndpointQuery<'q>, f: &'q Fields) -> EndpointQuery<'q> {
+    q.bind(&f.url)
+        .bind(&f.events)
+        .bind(&f.resources)
+        .bind(&f.transformer)
+        .bind(&f.description)
+        .bind(f.fifo)
+        .bind(f.rate_limit_per_sec)
+        .bind(f.enabled)
+}
+
 /// Stores a new endpoint, unless the tenant has `max` already (None).
 /// Registrations of one tenant take turns (the cap holds), and none runs
 /// while events are being matched: an endpoint gets every event written
@@ -74,27 +90,18 @@ pub async fn insert(
     sqlx::query("SELECT 1 FROM bss.webhook_state WHERE id = 1 FOR SHARE")
         .execute(&mut *tx)
         .await?;
-    let created: Option<Endpoint> = sqlx::query_as(&format!(
+    let sql = format!(
         "INSERT INTO bss.webhooks (id, tenant_id, url, events, resources, transformer, description,
                                    fifo, rate_limit_per_sec, enabled, secrets, created_at, updated_at)
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, clock_timestamp(), clock_timestamp()
           WHERE (SELECT count(*) FROM bss.webhooks WHERE tenant_id = $2) < $12
          RETURNING {ENDPOINT_COLUMNS}"
-    ))
-    .bind(id)
-    .bind(tenant)
-    .bind(&f.url)
-    .bind(&f.events)
-    .bind(&f.resources)
-    .bind(&f.transformer)
-    .bind(&f.description)
-    .bind(f.fifo)
-    .bind(f.rate_limit_per_sec)
-    .bind(f.enabled)
-    .bind(secrets)
-    .bind(max)
-    .fetch_optional(&mut *tx)
-    .await?;
+    );
+    let created = bind_fields(sqlx::query_as(&sql).bind(id).bind(tenant), f)
+        .bind(secrets)
+        .bind(max)
+        .fetch_optional(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(created)
 }
@@ -127,7 +134,7 @@ pub async fn update(
     id: Uuid,
     f: &Fields,
 ) -> Result<Option<Endpoint>, StorageError> {
-    Ok(sqlx::query_as(&format!(
+    let sql = format!(
         "UPDATE bss.webhooks SET url = $3, events = $4, resources = $5, transformer = $6,
                 description = $7, fifo = $8, rate_limit_per_sec = $9,
                 disabled_reason = CASE WHEN $10 THEN NULL ELSE disabled_reason END,
@@ -135,19 +142,10 @@ pub async fn update(
                 enabled = $10, updated_at = now()
           WHERE tenant_id = $1 AND id = $2
          RETURNING {ENDPOINT_COLUMNS}"
-    ))
-    .bind(tenant)
-    .bind(id)
-    .bind(&f.url)
-    .bind(&f.events)
-    .bind(&f.resources)
-    .bind(&f.transformer)
-    .bind(&f.description)
-    .bind(f.fifo)
-    .bind(f.rate_limit_per_sec)
-    .bind(f.enabled)
-    .fetch_optional(pool)
-    .await?)
+    );
+    Ok(bind_fields(sqlx::query_as(&sql).bind(tenant).bind(id), f)
+        .fetch_optional(pool)
+        .await?)
 }
 
 /// Replaces an endpoint's secrets if they are still `was` (false: the
