@@ -55,12 +55,12 @@ CREATE TABLE bss.webhook_deliveries (
     -- also the delivery log's order.
     UNIQUE (webhook_id, event_seq)
 );
-CREATE INDEX webhook_deliveries_due ON bss.webhook_deliveries (webhook_id, next_attempt_at)
+-- The claim's order (longest-due first, then log order), read from the index
+-- with its limit: a claim never sorts an endpoint's backlog.
+CREATE INDEX webhook_deliveries_due ON bss.webhook_deliveries (webhook_id, next_attempt_at, event_seq)
     WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_head ON bss.webhook_deliveries (webhook_id, event_seq)
     WHERE status = 'pending';
-CREATE INDEX webhook_deliveries_leased ON bss.webhook_deliveries (tenant_id)
-    WHERE status = 'pending' AND leased_until IS NOT NULL;
 CREATE INDEX webhook_deliveries_finished ON bss.webhook_deliveries (updated_at)
     WHERE status <> 'pending';
 

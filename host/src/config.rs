@@ -202,8 +202,8 @@ pub struct Settings {
     pub webhook_allow_http: bool,
     /// Attempts in flight at once in this replica (`BSS_WEBHOOK_MAX_IN_FLIGHT`).
     pub webhook_max_in_flight: usize,
-    /// Attempts in flight at once per tenant and per endpoint, over all
-    /// replicas (`BSS_WEBHOOK_PER_TENANT`, `BSS_WEBHOOK_PER_ENDPOINT`).
+    /// Attempts in flight at once per tenant and per endpoint, in each
+    /// replica (`BSS_WEBHOOK_PER_TENANT`, `BSS_WEBHOOK_PER_ENDPOINT`).
     pub webhook_per_tenant: i64,
     pub webhook_per_endpoint: i64,
     /// How often a replica looks for due deliveries, in ms

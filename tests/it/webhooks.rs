@@ -730,13 +730,9 @@ async fn a_replica_killed_mid_delivery_loses_nothing() {
             "event {id} never delivered"
         );
     }
-    let hits = rx.hits("/slow").len();
-    eprintln!(
-        "{in_flight} requests had arrived when A was killed; {hits} requests for 12 events ({} duplicates)",
-        hits - 12
-    );
-    // The deliveries all end succeeded (B records them).
-    let until = Instant::now() + Duration::from_secs(30);
+    // The deliveries all end succeeded: B sends A's again once their leases
+    // end (the attempt budget, about 23 s here, and 10 s more) and records them.
+    let until = Instant::now() + Duration::from_secs(120);
     loop {
         let (pending,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM bss.webhook_deliveries WHERE status <> 'succeeded'",
@@ -753,6 +749,17 @@ async fn a_replica_killed_mid_delivery_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let hits = rx.hits("/slow").len();
+    eprintln!(
+        "{in_flight} requests had arrived when A was killed; {hits} requests for 12 events ({} duplicates)",
+        hits - 12
+    );
+    // What A had in flight (each answer takes 1.5 s: none was recorded)
+    // was sent again, with the same webhook-id.
+    assert!(
+        hits >= 12 + in_flight,
+        "{hits} requests, {in_flight} in flight at the kill"
+    );
     b.kill().unwrap();
     b.wait().unwrap();
 }

@@ -227,14 +227,17 @@ pub async fn dispatch(pool: &PgPool, limit: i64) -> Result<(i64, i64), StorageEr
 }
 
 /// How much a claim may take.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClaimLimits {
     pub take: i64,
-    /// In flight at once per endpoint (1 for `fifo` endpoints) and per
-    /// tenant, counted over every replica's leases.
+    /// In flight at once per endpoint (a `fifo` endpoint: one over all
+    /// replicas) and per tenant, in this replica.
     pub per_endpoint: i64,
     pub per_tenant: i64,
     pub lease_secs: f64,
+    /// What this replica has in flight: per endpoint, and per tenant.
+    pub busy_endpoints: (Vec<Uuid>, Vec<i64>),
+    pub busy_tenants: (Vec<String>, Vec<i64>),
 }
 
 /// A delivery leased to this replica, with what sending it needs.
@@ -258,20 +261,22 @@ pub struct Claimed {
     pub resource: Option<String>,
 }
 
-/// Leases due deliveries: at most `per_endpoint` in flight per endpoint (a
-/// `fifo` endpoint: only its oldest pending delivery, one at a time) and
-/// `per_tenant` per tenant, so a tenant's slow endpoints take only its own
-/// share; the longest-due first.
-pub async fn claim(pool: &PgPool, l: ClaimLimits) -> Result<Vec<Claimed>, StorageError> {
+/// Leases due deliveries: with what this replica has in flight, at most
+/// `per_endpoint` per endpoint (a `fifo` endpoint: only its oldest pending
+/// delivery, one at a time) and `per_tenant` per tenant, so a tenant's slow
+/// endpoints take only its own share; the longest-due first. (In-flight
+/// counts are the replica's own: counting leases in the database would
+/// cost every claim a scan, and every lease an index entry.)
+pub async fn claim(pool: &PgPool, l: &ClaimLimits) -> Result<Vec<Claimed>, StorageError> {
     Ok(sqlx::query_as(
-        "WITH busy AS (
-            SELECT tenant_id, webhook_id, count(*) AS n FROM bss.webhook_deliveries
-             WHERE status = 'pending' AND leased_until IS NOT NULL AND leased_until > now()
-             GROUP BY tenant_id, webhook_id
+        "WITH busy_ep AS (
+            SELECT * FROM unnest($5::uuid[], $6::int8[]) AS b(webhook_id, n)
+         ), busy_t AS (
+            SELECT * FROM unnest($7::text[], $8::int8[]) AS b(tenant_id, n)
          ), cand AS (
             SELECT c.id, c.next_attempt_at,
                    row_number() OVER (PARTITION BY w.tenant_id ORDER BY c.next_attempt_at, c.event_seq)
-                     + coalesce((SELECT sum(b.n) FROM busy b WHERE b.tenant_id = w.tenant_id), 0)
+                     + coalesce((SELECT b.n FROM busy_t b WHERE b.tenant_id = w.tenant_id), 0)
                      AS tenant_rank
               FROM bss.webhooks w
               CROSS JOIN LATERAL (
@@ -281,7 +286,7 @@ pub async fn claim(pool: &PgPool, l: ClaimLimits) -> Result<Vec<Claimed>, Storag
                      AND d.next_attempt_at <= now()
                      AND (d.leased_until IS NULL OR d.leased_until <= now())
                    ORDER BY d.next_attempt_at, d.event_seq
-                   LIMIT greatest(0, $2 - coalesce((SELECT b.n FROM busy b WHERE b.webhook_id = w.id), 0)))
+                   LIMIT greatest(0, $2 - coalesce((SELECT b.n FROM busy_ep b WHERE b.webhook_id = w.id), 0)))
                  UNION ALL
                  -- …or, for a fifo endpoint, its oldest pending one when due.
                  (SELECT h.id, h.next_attempt_at, h.event_seq
@@ -320,6 +325,10 @@ pub async fn claim(pool: &PgPool, l: ClaimLimits) -> Result<Vec<Claimed>, Storag
     .bind(l.per_endpoint)
     .bind(l.per_tenant)
     .bind(l.lease_secs)
+    .bind(&l.busy_endpoints.0)
+    .bind(&l.busy_endpoints.1)
+    .bind(&l.busy_tenants.0)
+    .bind(&l.busy_tenants.1)
     .fetch_all(pool)
     .await?)
 }
@@ -545,7 +554,7 @@ pub async fn record(
 /// streak. Returns how many were recorded.
 pub async fn record_successes(
     pool: &PgPool,
-    done: &[(Claimed, Attempt)],
+    done: &[(&Claimed, &Attempt)],
 ) -> Result<u64, StorageError> {
     let ids: Vec<Uuid> = done.iter().map(|(c, _)| c.id).collect();
     let leases: Vec<Uuid> = done.iter().map(|(c, _)| c.lease).collect();

@@ -3,7 +3,7 @@
 //! Every replica runs [`run`]: a dispatcher that follows the event log and
 //! writes one delivery per (event, matching endpoint) (one replica at a
 //! time, see `storage::webhooks::dispatch`), and a sender that leases due
-//! deliveries (bounded per endpoint and per tenant over all replicas) and
+//! deliveries (bounded per endpoint and per tenant in the replica) and
 //! attempts them: the CloudEvent, or what the endpoint's transformer made
 //! of it, signed per Standard Webhooks 1.0 (`webhook-id` is the event id,
 //! the same on every attempt and replay), sent through the SSRF guard
@@ -20,7 +20,7 @@ pub mod guard;
 pub mod send;
 pub mod sign;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,6 +114,39 @@ pub struct Webhooks {
     next_slot: DashMap<Uuid, Instant>,
     /// Tenants whose backlog gauges were last set (zeroed when done).
     reported: std::sync::Mutex<HashSet<String>>,
+    /// Deliveries this replica holds, per endpoint and per tenant.
+    in_flight: std::sync::Mutex<InFlight>,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    endpoints: HashMap<Uuid, i64>,
+    tenants: HashMap<String, i64>,
+}
+
+/// A claimed delivery's place in the replica's in-flight counts, given
+/// back when dropped (after its attempt is recorded or it is released).
+#[derive(Debug)]
+struct Held {
+    hooks: Arc<Webhooks>,
+    endpoint: Uuid,
+    tenant: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        fn down<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, i64>, key: &K) {
+            if let Some(n) = counts.get_mut(key) {
+                *n -= 1;
+                if *n <= 0 {
+                    counts.remove(key);
+                }
+            }
+        }
+        let mut f = self.hooks.lock_in_flight();
+        down(&mut f.endpoints, &self.endpoint);
+        down(&mut f.tenants, &self.tenant);
+    }
 }
 
 impl Webhooks {
@@ -126,7 +159,37 @@ impl Webhooks {
             wake: Notify::new(),
             next_slot: DashMap::new(),
             reported: Default::default(),
+            in_flight: Default::default(),
         })
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a claimed delivery in flight until the guard is dropped.
+    fn hold(self: &Arc<Self>, c: &Claimed) -> Held {
+        let mut f = self.lock_in_flight();
+        *f.endpoints.entry(c.webhook_id).or_default() += 1;
+        *f.tenants.entry(c.tenant_id.clone()).or_default() += 1;
+        Held {
+            hooks: self.clone(),
+            endpoint: c.webhook_id,
+            tenant: c.tenant_id.clone(),
+        }
+    }
+
+    /// What a claim may take now.
+    fn claim_limits(&self, take: usize) -> ClaimLimits {
+        let f = self.lock_in_flight();
+        ClaimLimits {
+            take: take as i64,
+            per_endpoint: self.settings.per_endpoint,
+            per_tenant: self.settings.per_tenant,
+            lease_secs: self.lease_secs(),
+            busy_endpoints: f.endpoints.iter().map(|(k, v)| (*k, *v)).unzip(),
+            busy_tenants: f.tenants.iter().map(|(k, v)| (k.clone(), *v)).unzip(),
+        }
     }
 
     /// Tells this replica's sender there are deliveries due now.
@@ -226,41 +289,27 @@ pub async fn run(state: SharedState) {
     loop {
         while attempts.try_join_next().is_some() {}
         let free = hooks.settings.max_in_flight.saturating_sub(attempts.len());
-        let mut took = 0;
         if free > 0 {
-            let limits = ClaimLimits {
-                take: free as i64,
-                per_endpoint: hooks.settings.per_endpoint,
-                per_tenant: hooks.settings.per_tenant,
-                lease_secs: hooks.lease_secs(),
-            };
-            match store::claim(&state.pool, limits).await {
+            match store::claim(&state.pool, &hooks.claim_limits(free)).await {
                 Ok(claimed) => {
-                    took = claimed.len();
                     for c in claimed {
-                        attempts.spawn(attempt(state.clone(), c, succeeded.clone()));
+                        let held = hooks.hold(&c);
+                        attempts.spawn(attempt(state.clone(), c, held, succeeded.clone()));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "taking webhook deliveries failed"),
             }
         }
-        // A full batch may have left more due: look again at once, unless
-        // every slot is busy.
-        if took > 0 && took == free {
-            tokio::select! {
-                Some(_) = attempts.join_next() => {}
-                () = tokio::time::sleep(hooks.settings.poll) => {}
-            }
-            continue;
-        }
+        // The sender claims again when woken: new deliveries (the
+        // dispatcher), slots given back (recorded attempts), or a poll for
+        // retries come due and other replicas' deliveries. An attempt
+        // ending frees nothing until it is recorded, so it does not wake it.
         tokio::select! {
-            // New deliveries, or successes recorded (their leases released).
-            () = hooks.wake.notified() => {}
-            () = tokio::time::sleep(hooks.settings.poll) => {}
-            Some(_) = attempts.join_next(), if !attempts.is_empty() => {
-                // Others ending about now are claimed for together.
+            () = hooks.wake.notified() => {
+                // Others finishing about now are claimed for together.
                 tokio::time::sleep(CLAIM_COALESCE).await;
             }
+            () = tokio::time::sleep(hooks.settings.poll) => {}
         }
     }
 }
@@ -307,18 +356,18 @@ async fn dispatch_loop(state: SharedState) {
     }
 }
 
-/// Successful attempts on their way to [`record_successes`].
-type Successes = tokio::sync::mpsc::Sender<(Claimed, Attempt)>;
+/// A successful attempt on its way to [`record_successes`], still counted
+/// in flight.
+type Success = (Claimed, Attempt, Held);
+type Successes = tokio::sync::mpsc::Sender<Success>;
 
 /// Records successful attempts in batches (as many as waited while the
 /// previous batch was written, up to [`RECORD_BATCH`]).
-async fn record_successes(
-    state: SharedState,
-    mut successes: tokio::sync::mpsc::Receiver<(Claimed, Attempt)>,
-) {
-    let mut batch = Vec::with_capacity(RECORD_BATCH);
+async fn record_successes(state: SharedState, mut successes: tokio::sync::mpsc::Receiver<Success>) {
+    let mut batch: Vec<Success> = Vec::with_capacity(RECORD_BATCH);
     while successes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        match store::record_successes(&state.pool, &batch).await {
+        let done: Vec<(&Claimed, &Attempt)> = batch.iter().map(|(c, a, _)| (c, a)).collect();
+        match store::record_successes(&state.pool, &done).await {
             Ok(n) => {
                 metrics::counter!("webhook_deliveries_total", "outcome" => "succeeded")
                     .increment(n);
@@ -347,7 +396,7 @@ enum Outcome {
 }
 
 /// One attempt of a leased delivery, recorded with what it leads to.
-async fn attempt(state: SharedState, c: Claimed, succeeded: Successes) {
+async fn attempt(state: SharedState, c: Claimed, held: Held, succeeded: Successes) {
     let hooks = &state.webhooks;
     if let Some(per_sec) = c.rate_limit_per_sec
         && let Err(wait) = hooks.rate_slot(c.webhook_id, per_sec)
@@ -379,7 +428,7 @@ async fn attempt(state: SharedState, c: Claimed, succeeded: Successes) {
     if next == Next::Succeeded {
         // Recorded with others in one statement; if the recorder is gone
         // (shutting down) the lease runs out and it is sent again.
-        let _ = succeeded.send((c, attempt)).await;
+        let _ = succeeded.send((c, attempt, held)).await;
         return;
     }
     let source = format!("/business-store/{}", state.settings.instance_id);
@@ -405,9 +454,6 @@ async fn attempt(state: SharedState, c: Claimed, succeeded: Successes) {
             if recorded.events > 0 {
                 state.event_log.written(recorded.events);
             }
-            if matches!(next, Next::Retry(s) if s <= 0.0) {
-                hooks.wake();
-            }
         }
         Ok(None) => {
             tracing::info!(delivery = %c.id, "a webhook delivery's lease ran out during its attempt; another replica has it");
@@ -416,6 +462,9 @@ async fn attempt(state: SharedState, c: Claimed, succeeded: Successes) {
             tracing::warn!(delivery = %c.id, error = %e, "recording a webhook attempt failed; the delivery is tried again when its lease ends");
         }
     }
+    // Its slot is free: the sender may claim again.
+    drop(held);
+    hooks.wake();
 }
 
 fn attempt_label(a: &Attempt, next: Next) -> &'static str {
