@@ -300,16 +300,16 @@ pub async fn run(state: SharedState) {
                 Err(e) => tracing::warn!(error = %e, "taking webhook deliveries failed"),
             }
         }
-        // The sender claims again when woken: new deliveries (the
-        // dispatcher), slots given back (recorded attempts), or a poll for
-        // retries come due and other replicas' deliveries. An attempt
-        // ending frees nothing until it is recorded, so it does not wake it.
+        // The sender claims again when woken (new deliveries, slots given
+        // back by recorded attempts), when an attempt ends, or on a poll
+        // (retries come due, other replicas' deliveries).
         tokio::select! {
-            () = hooks.wake.notified() => {
-                // Others finishing about now are claimed for together.
+            () = hooks.wake.notified() => {}
+            () = tokio::time::sleep(hooks.settings.poll) => {}
+            Some(_) = attempts.join_next(), if !attempts.is_empty() => {
+                // Others ending about now are claimed for together.
                 tokio::time::sleep(CLAIM_COALESCE).await;
             }
-            () = tokio::time::sleep(hooks.settings.poll) => {}
         }
     }
 }
