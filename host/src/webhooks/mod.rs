@@ -356,9 +356,8 @@ async fn dispatch_loop(state: SharedState) {
     }
 }
 
-/// A successful attempt on its way to [`record_successes`], still counted
-/// in flight.
-type Success = (Claimed, Attempt, Held);
+/// A successful attempt on its way to [`record_successes`].
+type Success = (Claimed, Attempt);
 type Successes = tokio::sync::mpsc::Sender<Success>;
 
 /// Records successful attempts in batches (as many as waited while the
@@ -366,7 +365,7 @@ type Successes = tokio::sync::mpsc::Sender<Success>;
 async fn record_successes(state: SharedState, mut successes: tokio::sync::mpsc::Receiver<Success>) {
     let mut batch: Vec<Success> = Vec::with_capacity(RECORD_BATCH);
     while successes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        let done: Vec<(&Claimed, &Attempt)> = batch.iter().map(|(c, a, _)| (c, a)).collect();
+        let done: Vec<(&Claimed, &Attempt)> = batch.iter().map(|(c, a)| (c, a)).collect();
         match store::record_successes(&state.pool, &done).await {
             Ok(n) => {
                 metrics::counter!("webhook_deliveries_total", "outcome" => "succeeded")
@@ -383,7 +382,7 @@ async fn record_successes(state: SharedState, mut successes: tokio::sync::mpsc::
             }
         }
         batch.clear();
-        // Others may now be claimed.
+        // A fifo endpoint's next delivery may now be claimed.
         state.webhooks.wake();
     }
 }
@@ -426,9 +425,12 @@ async fn attempt(state: SharedState, c: Claimed, held: Held, succeeded: Successe
     metrics::counter!("webhook_attempts_total", "result" => attempt_label(&attempt, next))
         .increment(1);
     if next == Next::Succeeded {
-        // Recorded with others in one statement; if the recorder is gone
-        // (shutting down) the lease runs out and it is sent again.
-        let _ = succeeded.send((c, attempt, held)).await;
+        // The request is over: its slot is free at once (the delivery's
+        // lease, held until it is recorded, keeps it from being claimed
+        // again). Recorded with others in one statement; if the recorder is
+        // gone (shutting down) the lease runs out and it is sent again.
+        drop(held);
+        let _ = succeeded.send((c, attempt)).await;
         return;
     }
     let source = format!("/business-store/{}", state.settings.instance_id);
