@@ -779,3 +779,23 @@ async fn a_replica_killed_mid_delivery_loses_nothing() {
     );
     b.kill();
 }
+
+#[tokio::test]
+async fn the_endpoint_cap_is_per_tenant() {
+    let app = TestApp::spawn_with(|s| {
+        open(s);
+        s.webhook_max_per_tenant = 2;
+    })
+    .await;
+    let rx = Receiver::start().await;
+    let (_, full) = app.tenant().await;
+    let (_, other) = app.tenant().await;
+    let spec = json!({"url": rx.url("/ok"), "events": ["*"]});
+    for _ in 0..2 {
+        register(&app, &full, spec.clone()).await;
+    }
+    let resp = app.post("/v1/webhooks", &full, &spec).await;
+    assert_eq!(resp.status(), 409);
+    // Another tenant is not held to the first one's endpoints.
+    register(&app, &other, spec).await;
+}

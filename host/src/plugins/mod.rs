@@ -95,6 +95,32 @@ impl Active {
     }
 }
 
+impl Active {
+    /// One call of this plugin outside the write path (enrichers,
+    /// transformers): refused while its breaker is open, given its config,
+    /// and counted in its stats and breaker whatever the outcome.
+    fn call<T>(
+        &self,
+        mut ctx: Context,
+        run: impl FnOnce(&Loaded, &Context) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let loaded = self.ready()?;
+        if let Err(retry) = self.stats.breaker.try_acquire() {
+            let failure = Failure::Tripped(retry.as_secs().max(1));
+            self.stats.failed(&failure, Duration::ZERO);
+            return Err(failure);
+        }
+        ctx.config.clone_from(&loaded.config);
+        let start = Instant::now();
+        let result = run(loaded, &ctx);
+        match &result {
+            Ok(_) => self.stats.succeeded(start.elapsed(), false),
+            Err(failure) => self.stats.failed(failure, start.elapsed()),
+        }
+        result
+    }
+}
+
 /// A tenant's active plugins, in name order.
 #[derive(Debug, Default)]
 pub struct TenantSet {
@@ -659,6 +685,7 @@ impl Plugins {
         &self,
         tenant: &str,
         name: &str,
+        resource: &str,
         event: &Value,
         request: WebhookRequest,
     ) -> Result<Option<WebhookRequest>, String> {
@@ -672,12 +699,9 @@ impl Plugins {
             .find(|p| p.name == name && p.manifest.kind == Kind::WebhookTransformer)
             .cloned()
             .ok_or_else(|| "is not an active webhook transformer of the tenant".to_owned())?;
-        let mut ctx = Context {
+        let ctx = Context {
             tenant_id: tenant.to_owned(),
-            resource: event["data"]["resource"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
+            resource: resource.to_owned(),
             operation: event["type"].as_str().unwrap_or_default().to_owned(),
             actor: event["actor"].as_str().unwrap_or_default().to_owned(),
             request_id: event["id"].as_str().unwrap_or_default().to_owned(),
@@ -691,24 +715,11 @@ impl Plugins {
         let text = event.to_string();
         tokio::task::spawn_blocking(move || {
             let _held = slot;
-            let loaded = active.ready().map_err(|f| f.to_string())?;
-            if let Err(retry) = active.stats.breaker.try_acquire() {
-                let failure = Failure::Tripped(retry.as_secs().max(1));
-                active.stats.failed(&failure, Duration::ZERO);
-                return Err(failure.to_string());
-            }
-            ctx.config.clone_from(&loaded.config);
-            let start = Instant::now();
-            match rt.transform(loaded, &ctx, &text, &request) {
-                Ok(out) => {
-                    active.stats.succeeded(start.elapsed(), false);
-                    Ok(out)
-                }
-                Err(failure) => {
-                    active.stats.failed(&failure, start.elapsed());
-                    Err(failure.to_string())
-                }
-            }
+            active
+                .call(ctx, |loaded, ctx| {
+                    rt.transform(loaded, ctx, &text, &request)
+                })
+                .map_err(|f| f.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -846,52 +857,45 @@ fn run_hook(
 fn run_enricher(
     rt: &Runtime,
     enricher: &Active,
-    mut ctx: Context,
+    ctx: Context,
     event: &Value,
     original: &Value,
 ) -> Option<Option<Value>> {
     let tenant = ctx.tenant_id.clone();
-    let loaded = enricher.ready().ok()?;
-    if let Err(retry) = enricher.stats.breaker.try_acquire() {
-        let failure = Failure::Tripped(retry.as_secs().max(1));
-        enricher.stats.failed(&failure, Duration::ZERO);
-        return None;
-    }
-    ctx.config.clone_from(&loaded.config);
-    let start = Instant::now();
-    let result = rt
-        .enrich(loaded, &ctx, &event.to_string())
-        .and_then(|out| match out {
-            None => Ok(None),
-            // Kept well under a broker's message size limit.
-            Some(text) if text.len() > ENRICHED_EVENT_MAX => Err(Failure::Output {
-                size: text.len(),
-                limit: ENRICHED_EVENT_MAX,
-            }),
-            Some(text) => match serde_json::from_str::<Value>(&text) {
-                Ok(Value::Object(mut map)) => {
-                    restore(&mut map, original, &FIXED_ATTRIBUTES);
-                    match (map.get_mut("data"), original.get("data")) {
-                        (Some(Value::Object(data)), Some(was)) => restore(data, was, &FIXED_DATA),
-                        (_, Some(was)) => {
-                            map.insert("data".into(), was.clone());
+    let result = enricher.call(ctx, |loaded, ctx| {
+        rt.enrich(loaded, ctx, &event.to_string())
+            .and_then(|out| match out {
+                None => Ok(None),
+                // Kept well under a broker's message size limit.
+                Some(text) if text.len() > ENRICHED_EVENT_MAX => Err(Failure::Output {
+                    size: text.len(),
+                    limit: ENRICHED_EVENT_MAX,
+                }),
+                Some(text) => match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(mut map)) => {
+                        restore(&mut map, original, &FIXED_ATTRIBUTES);
+                        match (map.get_mut("data"), original.get("data")) {
+                            (Some(Value::Object(data)), Some(was)) => {
+                                restore(data, was, &FIXED_DATA)
+                            }
+                            (_, Some(was)) => {
+                                map.insert("data".into(), was.clone());
+                            }
+                            _ => {}
                         }
-                        _ => {}
+                        Ok(Some(Value::Object(map)))
                     }
-                    Ok(Some(Value::Object(map)))
-                }
-                Ok(_) => Err(Failure::Invalid("the event must be a JSON object".into())),
-                Err(e) => Err(Failure::Invalid(format!("the event is not JSON: {e}"))),
-            },
-        });
+                    Ok(_) => Err(Failure::Invalid("the event must be a JSON object".into())),
+                    Err(e) => Err(Failure::Invalid(format!("the event is not JSON: {e}"))),
+                },
+            })
+    });
     match result {
-        Ok(out) => {
-            enricher.stats.succeeded(start.elapsed(), false);
-            Some(out)
-        }
+        Ok(out) => Some(out),
+        // Not loadable or tripped: counted, and said when it happened.
+        Err(Failure::Unavailable(_) | Failure::Tripped(_)) => None,
         Err(failure) => {
             tracing::warn!(tenant, plugin = %enricher.name, error = %failure, "enricher failed; the event goes on unchanged");
-            enricher.stats.failed(&failure, start.elapsed());
             None
         }
     }

@@ -492,19 +492,17 @@ pub async fn record(
     let tenant = &c.tenant_id;
     let subject = format!("webhooks/{}", c.webhook_id);
     let key = format!("{tenant}/{RESOURCE}/{}", c.webhook_id);
+    let tenant_id =
+        crate::domain::TenantId::parse(tenant).map_err(|e| StorageError::BadRequest(e.0))?;
+    // Correlated with the event whose delivery it is about.
+    let ctx = crate::events::EventContext {
+        source: by.source.to_owned(),
+        correlation_id: c.event_id.to_string(),
+    };
     let mut event = |kind: &str, data: Value| {
         let id = crate::events::envelope::new_event_id();
-        let envelope = json!({
-            "specversion": "1.0",
-            "id": id,
-            "type": kind,
-            "source": by.source,
-            "subject": subject,
-            "time": Utc::now(),
-            "datacontenttype": "application/json",
-            "tenantid": tenant,
-            "data": data,
-        });
+        let envelope =
+            crate::events::envelope::complete(&ctx, &tenant_id, id, kind, &subject, data);
         out.events += 1;
         (id, kind.to_owned(), envelope)
     };

@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::app_state::SharedState;
 use crate::crypto::{CryptoError, Keyring, Scope};
+use crate::events::relay::AbortOnDrop;
 use crate::plugins::WebhookRequest;
 use crate::storage::webhooks::{self as store, Attempt, ClaimLimits, Claimed, Next, Recorder};
 pub use guard::Guard;
@@ -279,11 +280,12 @@ pub async fn open_secrets(
 
 /// The dispatcher and the sender of this replica (for as long as it runs).
 pub async fn run(state: SharedState) {
-    let dispatcher = tokio::spawn(dispatch_loop(state.clone()));
-    let _stop = AbortOnDrop(dispatcher);
-    let _housekeeping = AbortOnDrop(tokio::spawn(housekeeping_loop(state.clone())));
     let (succeeded, successes) = tokio::sync::mpsc::channel(RECORD_BATCH * 4);
-    let _recorder = AbortOnDrop(tokio::spawn(record_successes(state.clone(), successes)));
+    let _helpers = AbortOnDrop(vec![
+        tokio::spawn(dispatch_loop(state.clone())),
+        tokio::spawn(housekeeping_loop(state.clone())),
+        tokio::spawn(record_successes(state.clone(), successes)),
+    ]);
     let hooks = state.webhooks.clone();
     let mut attempts = JoinSet::new();
     loop {
@@ -311,14 +313,6 @@ pub async fn run(state: SharedState) {
                 tokio::time::sleep(CLAIM_COALESCE).await;
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -581,7 +575,13 @@ async fn deliver(state: &SharedState, c: &Claimed) -> Outcome {
     if let Some(name) = &c.transformer {
         match state
             .plugins
-            .transform(&c.tenant_id, name, envelope, request)
+            .transform(
+                &c.tenant_id,
+                name,
+                c.resource.as_deref().unwrap_or_default(),
+                envelope,
+                request,
+            )
             .await
         {
             Ok(Some(r)) => request = r,
