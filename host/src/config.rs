@@ -78,6 +78,19 @@ pub struct Settings {
     pub kafka_topic_per_resource: bool,
     /// Create missing topics (`BSS_KAFKA_CREATE_TOPICS`, default true).
     pub kafka_create_topics: bool,
+    /// Publish events in CloudEvents structured content mode (the whole
+    /// envelope as the value, `application/cloudevents+json`) instead of
+    /// binary mode (attributes as `ce_` headers, `data` as the value)
+    /// (`BSS_KAFKA_STRUCTURED`, default false).
+    pub kafka_structured: bool,
+    /// Remote `$ref`s a schema may use, each URL prefix read from a local
+    /// directory: `<prefix>=<dir>[;…]` (`BSS_SCHEMA_REMOTES`; for
+    /// conformance testing; unset: none, and nothing is ever fetched).
+    pub schema_remotes: Option<String>,
+    /// Also publish every record event to this one topic, keyed by record,
+    /// so that one partition holds a record's whole history in order
+    /// (`BSS_KAFKA_RECORD_TOPIC`; unset: no such topic).
+    pub kafka_record_topic: Option<String>,
     pub kafka_partitions: i32,
     pub kafka_replication: i32,
     /// Consumer group of the `auth.tenant.*` consumer (`BSS_KAFKA_GROUP`).
@@ -254,6 +267,9 @@ impl Default for Settings {
             kafka_brokers: None,
             kafka_topic_per_resource: false,
             kafka_create_topics: true,
+            kafka_structured: false,
+            kafka_record_topic: None,
+            schema_remotes: None,
             kafka_partitions: 3,
             kafka_replication: 1,
             kafka_group: "business-store".into(),
@@ -386,6 +402,9 @@ impl Settings {
             "KAFKA_BROKERS" => kafka_brokers: some,
             "BSS_KAFKA_TOPIC_PER_RESOURCE" => kafka_topic_per_resource: parsed,
             "BSS_KAFKA_CREATE_TOPICS" => kafka_create_topics: parsed,
+            "BSS_KAFKA_STRUCTURED" => kafka_structured: parsed,
+            "BSS_KAFKA_RECORD_TOPIC" => kafka_record_topic: some,
+            "BSS_SCHEMA_REMOTES" => schema_remotes: some,
             "BSS_KAFKA_PARTITIONS" => kafka_partitions: parsed,
             "BSS_KAFKA_REPLICATION" => kafka_replication: parsed,
             "BSS_KAFKA_GROUP" => kafka_group: text,

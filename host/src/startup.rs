@@ -46,6 +46,8 @@ pub fn kafka_config(s: &Settings) -> Option<KafkaConfig> {
         brokers: s.kafka_brokers.clone()?,
         topic_per_resource: s.kafka_topic_per_resource,
         create_topics: s.kafka_create_topics,
+        structured: s.kafka_structured,
+        record_topic: s.kafka_record_topic.clone(),
         partitions: s.kafka_partitions,
         replication: s.kafka_replication,
         group_id: s.kafka_group.clone(),
@@ -55,6 +57,9 @@ pub fn kafka_config(s: &Settings) -> Option<KafkaConfig> {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if let Some(remotes) = &settings.schema_remotes {
+            crate::catalog::remotes::allow(&crate::catalog::remotes::parse(remotes)?);
+        }
         let database = Database::connect(&settings).await?;
         let validation = match &settings.validation_service_url {
             Some(url) => Some(ServiceClient::new("validation", url, &settings)?),

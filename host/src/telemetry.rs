@@ -32,7 +32,11 @@ pub fn init_logs(format: &str) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A second init (tests start several apps) is a no-op.
     let _ = if format == "pretty" {
-        builder.try_init()
+        // Colour only for a terminal: a file or a pipe gets plain text.
+        use std::io::IsTerminal;
+        builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init()
     } else {
         builder
             .json()
@@ -56,10 +60,156 @@ pub fn metrics() -> PrometheusHandle {
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(handle) => handle,
+                Ok(handle) => {
+                    describe_metrics();
+                    handle
+                }
                 // Another recorder is installed already: serve an empty one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
         })
         .clone()
+}
+
+/// `# HELP` for every family this process may export (Prometheus'
+/// exposition format: a family without one fails `promtool check metrics`).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    let counters: &[(&'static str, &'static str)] = &[
+        (
+            "http_requests_total",
+            "HTTP requests answered, by method, route template (unmatched for paths no route has) and status",
+        ),
+        (
+            "consumer_messages_total",
+            "Messages the event consumer handled, by topic and outcome",
+        ),
+        (
+            "consumer_errors_total",
+            "Errors of the event consumer, by kind (transient, permanent, client)",
+        ),
+        ("events_written_total", "Events written to the outbox"),
+        ("events_published_total", "Events published to the broker"),
+        (
+            "events_publish_errors_total",
+            "Failed attempts to publish a batch of events",
+        ),
+        (
+            "events_dropped_by_plugins_total",
+            "Events an enricher plugin dropped",
+        ),
+        ("plugin_calls_total", "Plugin calls, by outcome"),
+        (
+            "plugin_failures_total",
+            "Plugin calls that failed, by kind (trap, fuel, memory, deadline...)",
+        ),
+        (
+            "plugin_log_dropped_total",
+            "Plugin log lines dropped over the per-call bound",
+        ),
+        (
+            "reseal_records_scanned_total",
+            "Records a key-rotation reseal job read",
+        ),
+        (
+            "reseal_records_moved_total",
+            "Records a key-rotation reseal job re-encrypted",
+        ),
+        ("tasks_queued_total", "Tasks queued"),
+        ("tasks_scheduled_total", "Tasks handed to the Task Service"),
+        (
+            "tasks_parked_total",
+            "Tasks parked after their last attempt",
+        ),
+        (
+            "task_attempts_failed_total",
+            "Attempts to hand a task to the Task Service that failed",
+        ),
+        (
+            "task_service_local_scheduled_total",
+            "Tasks scheduled by the built-in stand-in for the Task Service",
+        ),
+        (
+            "webhook_deliveries_created_total",
+            "Webhook deliveries created from the event log",
+        ),
+        (
+            "webhook_deliveries_total",
+            "Webhook deliveries finished, by outcome",
+        ),
+        (
+            "webhook_attempts_total",
+            "Webhook delivery attempts, by result",
+        ),
+        (
+            "webhook_endpoints_disabled_total",
+            "Webhook endpoints disabled (410 Gone, or failing too long)",
+        ),
+        (
+            "webhook_transformer_cancelled_total",
+            "Webhook deliveries a transformer plugin cancelled",
+        ),
+        (
+            "auth_service_errors_total",
+            "Failed calls to the Auth Service, by kind",
+        ),
+        (
+            "validation_service_errors_total",
+            "Failed calls to the Validation Service, by kind",
+        ),
+        (
+            "task_service_errors_total",
+            "Failed calls to the Task Service, by kind",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(*name, *help);
+    }
+    let gauges: &[(&'static str, &'static str)] = &[
+        (
+            "consumer_lag",
+            "Messages of a consumed topic partition not consumed yet",
+        ),
+        ("outbox_backlog", "Events in the outbox not published yet"),
+        (
+            "reseal_jobs_running",
+            "Key-rotation reseal jobs running on this replica",
+        ),
+        ("tasks", "Tasks in the queue, by status"),
+        ("webhook_backlog", "Webhook deliveries pending"),
+        (
+            "webhook_backlog_oldest_seconds",
+            "Age of the oldest pending webhook delivery, in seconds",
+        ),
+        (
+            "webhook_tenant_backlog",
+            "Pending webhook deliveries of the tenants with the largest backlogs",
+        ),
+        (
+            "webhook_tenant_backlog_oldest_seconds",
+            "Age of the oldest pending delivery of the tenants with the largest backlogs, in seconds",
+        ),
+        ("webhook_endpoints", "Webhook endpoints, by state"),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(*name, *help);
+    }
+    let histograms: &[(&'static str, &'static str)] = &[
+        (
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by method, route template and status",
+        ),
+        (
+            "event_publish_latency_seconds",
+            "Time from an event's commit to its publication",
+        ),
+        ("plugin_call_duration_seconds", "Duration of a plugin call"),
+        (
+            "webhook_attempt_duration_seconds",
+            "Duration of a webhook delivery attempt",
+        ),
+    ];
+    for (name, help) in histograms {
+        describe_histogram!(*name, Unit::Seconds, *help);
+    }
 }

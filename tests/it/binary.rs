@@ -254,3 +254,151 @@ async fn a_second_sigint_while_draining_exits_at_once() {
         "exited at once on the second SIGINT ({took:?})"
     );
 }
+
+/// The keys of a JSON object, in order, duplicates kept (a `Value` would
+/// keep only the last of two equal keys); nested objects' too, each with
+/// its path.
+struct KeyLists(Vec<(String, Vec<String>)>);
+
+impl<'de> serde::Deserialize<'de> for KeyLists {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit(String);
+        impl<'de> serde::de::DeserializeSeed<'de> for Visit {
+            type Value = Vec<(String, Vec<String>)>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Vec<(String, Vec<String>)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::new();
+                let mut nested = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    nested.extend(map.next_value_seed(Visit(format!("{}/{key}", self.0)))?);
+                    keys.push(key);
+                }
+                nested.push((self.0, keys));
+                Ok(nested)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut nested = Vec::new();
+                while let Some(n) = seq.next_element_seed(Visit(self.0.clone()))? {
+                    nested.extend(n);
+                }
+                Ok(nested)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(vec![])
+            }
+        }
+        serde::de::DeserializeSeed::deserialize(Visit(String::new()), d).map(KeyLists)
+    }
+}
+
+#[tokio::test]
+async fn every_request_and_lifecycle_change_is_one_json_log_line_without_duplicate_keys() {
+    let served = serve(1, 30_000).await;
+    let client = reqwest::Client::new();
+    let tenant = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let token = bss_tests::token(&tenant, &["admin"]);
+    let resp = client
+        .post(format!("{}/v1/tenants", served.base))
+        .bearer_auth(bss_tests::platform_token())
+        .json(&serde_json::json!({"id": tenant}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client
+        .put(format!("{}/v1/schemas/invoices", served.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"schema": bss_tests::invoice_schema()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client
+        .get(format!("{}/v1/data/invoices/nope", served.base))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-log-test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // The lines are written as the requests end: wait for the last one.
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let logs = std::fs::read_to_string(&served.log).unwrap();
+        lines = logs.lines().map(str::to_owned).collect::<Vec<_>>();
+        if logs.contains("req-log-test") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut parsed = Vec::new();
+    for line in &lines {
+        let KeyLists(objects) =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for (path, keys) in objects {
+            let mut sorted = keys.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(
+                sorted.len(),
+                keys.len(),
+                "duplicate keys at {path:?}: {line}"
+            );
+        }
+        parsed.push(serde_json::from_str::<serde_json::Value>(line).unwrap());
+    }
+    let access = |route: &str, status: u16| {
+        parsed.iter().find(|l| {
+            l["message"] == "request answered"
+                && l["span"]["route"] == route
+                && l["status"] == status
+        })
+    };
+    let created = access("/v1/tenants", 201).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(created["span"]["method"], "POST");
+    let missing = access("/v1/data/{resource}/{id}", 404).unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(missing["span"]["tenant"], tenant.as_str());
+    assert_eq!(missing["span"]["request_id"], "req-log-test");
+    assert_eq!(missing["span"]["uri"], "/v1/data/invoices/nope");
+    for lifecycle in ["tenant provisioned", "schema applied"] {
+        assert!(
+            parsed
+                .iter()
+                .any(|l| l["message"] == lifecycle && l["tenant"] == tenant.as_str()),
+            "no {lifecycle:?} line: {lines:#?}"
+        );
+    }
+}

@@ -30,7 +30,27 @@ struct Received {
     key: String,
     headers: HashMap<String, String>,
     raw: String,
+    /// The CloudEvent: the value of a structured-mode message, or, of a
+    /// binary-mode one, its `ce_` headers as attributes and its value as
+    /// `data`.
     value: Value,
+}
+
+/// The envelope a message carries, in either content mode.
+fn envelope_of(headers: &HashMap<String, String>, raw: &[u8]) -> Value {
+    let payload: Value = serde_json::from_slice(raw).unwrap_or(Value::Null);
+    if !headers.keys().any(|k| k.starts_with("ce_")) {
+        return payload;
+    }
+    let mut event: serde_json::Map<String, Value> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("ce_")?.to_owned(), json!(v))))
+        .collect();
+    if let Some(ct) = headers.get("content-type") {
+        event.insert("datacontenttype".into(), json!(ct));
+    }
+    event.insert("data".into(), payload);
+    Value::Object(event)
 }
 
 /// Reads `topics` from the start until `want` messages pass `keep`.
@@ -86,9 +106,9 @@ async fn read_back(
         let received = Received {
             topic: msg.topic().to_owned(),
             key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-            headers,
             raw: String::from_utf8_lossy(msg.payload().unwrap_or_default()).into_owned(),
-            value: serde_json::from_slice(msg.payload().unwrap_or_default()).unwrap_or(Value::Null),
+            value: envelope_of(&headers, msg.payload().unwrap_or_default()),
+            headers,
         };
         if keep(&received) {
             out.push(received);
@@ -407,4 +427,107 @@ async fn a_message_the_database_cannot_store_is_dead_lettered_and_the_next_one_a
     assert!(dead[0].headers["dlq_reason"].contains("U+0000"), "{dead:?}");
     let metrics = app.metrics_text().await;
     assert!(metrics.contains("consumer_messages_total"), "counted");
+}
+
+/// What the official CloudEvents Python SDK's `from_kafka_event` makes of
+/// each message: `{"attributes", "data"}` or `{"error"}`.
+fn read_with_sdk(messages: &[&Received]) -> Vec<Value> {
+    let input: Vec<Value> = messages
+        .iter()
+        .map(|m| json!({"headers": m.headers, "key": m.key, "value": m.raw}))
+        .collect();
+    let read = python_tool("read_cloudevents.py", &Value::Array(input));
+    read.as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_cloudevents_sdk_reads_every_message_and_the_record_topic_keeps_a_records_history() {
+    let record_topic = format!("bss-test-records-{}", uuid::Uuid::new_v4().simple());
+    let topic = record_topic.clone();
+    let app = kafka_app(move |s| s.kafka_record_topic = Some(topic)).await;
+    let (tenant, token) = app.tenant_with_invoices().await;
+    let path = "/v1/data/invoices/ce-1";
+    app.put(path, &token, &json!({"number": "1", "total": 1}))
+        .await;
+    for total in 2..=3 {
+        app.put(path, &token, &json!({"number": "1", "total": total}))
+            .await;
+    }
+    app.delete(path, &token).await;
+
+    let mine = |m: &Received| m.headers.get("ce_tenantid") == Some(&tenant);
+    let history = read_back(&[record_topic.as_str()], 4, mine).await;
+    let types: Vec<&str> = history
+        .iter()
+        .map(|m| m.headers["ce_type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "business_store.data.created",
+            "business_store.data.updated",
+            "business_store.data.updated",
+            "business_store.data.deleted"
+        ],
+        "one topic, one key: the record's whole history in order"
+    );
+    let by_type = read_back(
+        &[
+            "business_store.data.created",
+            "business_store.data.updated",
+            "business_store.data.deleted",
+        ],
+        4,
+        mine,
+    )
+    .await;
+
+    // Binary content mode: attributes in headers, data alone as the value.
+    let log = event_log(&app, &token).await;
+    let all: Vec<&Received> = history.iter().chain(&by_type).collect();
+    let read = read_with_sdk(&all);
+    for (m, event) in all.iter().zip(&read) {
+        assert!(event.get("error").is_none(), "{event:#} from {m:#?}");
+        assert_eq!(m.headers["content-type"], "application/json");
+        let id = &event["attributes"]["id"];
+        let logged = log
+            .iter()
+            .find(|e| &e["id"] == id)
+            .unwrap_or_else(|| panic!("{id} is not in the log"));
+        for attribute in ["type", "source", "subject", "tenantid", "specversion"] {
+            assert_eq!(
+                event["attributes"][attribute], logged[attribute],
+                "{attribute}"
+            );
+        }
+        assert_eq!(event["attributes"]["datacontenttype"], "application/json");
+        assert_eq!(event["data"], logged["data"]);
+        assert_eq!(m.value, *logged, "the message carries the logged event");
+    }
+}
+
+#[tokio::test]
+async fn structured_content_mode_is_a_setting() {
+    let app = kafka_app(|s| s.kafka_structured = true).await;
+    let (tenant, token) = app.tenant_with_invoices().await;
+    app.put(
+        "/v1/data/invoices/st-1",
+        &token,
+        &json!({"number": "1", "total": 1}),
+    )
+    .await;
+    let got = read_back(&["business_store.data.created"], 1, |m| {
+        m.value["tenantid"] == tenant.as_str()
+    })
+    .await;
+    let m = &got[0];
+    assert_eq!(m.headers["content-type"], "application/cloudevents+json");
+    assert!(
+        !m.headers.keys().any(|k| k.starts_with("ce_")),
+        "{:?}",
+        m.headers
+    );
+    let read = read_with_sdk(&[m]);
+    assert_eq!(read[0]["attributes"]["id"], m.value["id"], "{read:#?}");
+    assert_eq!(read[0]["data"], m.value["data"]);
 }

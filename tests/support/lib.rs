@@ -359,6 +359,46 @@ pub fn mint(claims: &Claims) -> String {
 
 /// The `bss` binary: `BSS_TEST_BIN` (set by `scripts/test`, which builds
 /// it), else next to the test executable's directory.
+/// Runs `program` with `args`, `input` on its stdin; whether it succeeded,
+/// and what it wrote to stdout and to stderr.
+pub fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> (bool, String, String) {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {program}: {e} (scripts/test installs it)"));
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+        stdin
+            .write_all(input)
+            .unwrap_or_else(|e| panic!("writing to {program}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs one of `tests/support`'s Python scripts in the tools' virtual
+/// environment (`BSS_TEST_PYTHON`, which `scripts/test` prepares) on `input`
+/// (JSON on its stdin); what it printed, as JSON.
+pub fn python_tool(script: &str, input: &Value) -> Value {
+    let python = std::env::var("BSS_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("BSS_TEST_PYTHON is not set: run the tests with scripts/test (it installs the Python tools)")
+    });
+    let script = format!("{}/support/{script}", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = run_with_stdin(&python, &[&script], input.to_string().as_bytes());
+    assert!(ok, "{script} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{script}'s answer ({e}): {out}"))
+}
+
 /// A port nothing listens on now, for a process the test starts.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

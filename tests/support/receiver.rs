@@ -185,9 +185,6 @@ async fn answer(State(inner): State<Arc<Mutex<Inner>>>, req: Request) -> Respons
 /// library (Python `standardwebhooks`, in the interpreter `BSS_TEST_PYTHON`
 /// that `scripts/test` prepares): "ok" or why it refused, per request.
 pub fn verify(secret: &str, hits: &[Hit]) -> Vec<String> {
-    let python = std::env::var("BSS_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!("BSS_TEST_PYTHON is not set: run the tests with scripts/test (it installs standardwebhooks)")
-    });
     let input: Vec<Value> = hits
         .iter()
         .map(|h| {
@@ -202,23 +199,9 @@ pub fn verify(secret: &str, hits: &[Hit]) -> Vec<String> {
             })
         })
         .collect();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/support/verify_webhooks.py");
-    let mut child = std::process::Command::new(&python)
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {python}: {e}"));
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
-        stdin
-            .write_all(Value::Array(input).to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("writing to the verifier: {e}"));
-    }
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("the verifier: {e}"));
-    assert!(out.status.success(), "the verifier failed");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("the verifier's answer: {e}"))
+    serde_json::from_value(crate::python_tool(
+        "verify_webhooks.py",
+        &Value::Array(input),
+    ))
+    .unwrap_or_else(|e| panic!("the verifier's answer: {e}"))
 }

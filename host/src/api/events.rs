@@ -65,7 +65,7 @@ impl LogQuery {
 #[serde(rename_all = "camelCase")]
 struct EventPage {
     /// CloudEvents, oldest first.
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<crate::events::envelope::CloudEvent>)]
     items: Vec<Value>,
     /// The id to pass as `after` for the next page; null when this page was not full.
     next_cursor: Option<String>,

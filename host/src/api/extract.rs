@@ -1,6 +1,6 @@
 //! Request extractors that fail with problem documents: the verified caller,
 //! JSON bodies (415 for a wrong content type, 413 over the limit, 400 for
-//! malformed JSON, with the position), query pairs and `If-Match`.
+//! malformed JSON, with the position), query pairs and write preconditions.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::app_state::SharedState;
 use crate::auth::Principal;
 use crate::error::ApiError;
+pub use crate::storage::records::Precondition;
 
 impl FromRequestParts<SharedState> for Principal {
     type Rejection = ApiError;
@@ -42,6 +43,9 @@ impl FromRequestParts<SharedState> for Principal {
                 principal
             }
         };
+        if let Some(tenant) = &principal.tenant {
+            tracing::Span::current().record("tenant", tenant.as_str());
+        }
         state.gate.admit(state, &principal, parts).await?;
         Ok(principal)
     }
@@ -173,20 +177,88 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
     }
 }
 
-/// `If-Match: "<version>"`, if present.
-pub fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
+/// The preconditions of a write (RFC 9110 §13.1.1–13.1.2): `If-Match`
+/// with `*` (any current record) or one strong ETag (a weak one never
+/// matches: writes compare strongly), and, where `create_only` is allowed
+/// (PUT), `If-None-Match: *`.
+pub fn preconditions(headers: &HeaderMap, create_only: bool) -> Result<Precondition, ApiError> {
+    let if_match = header_text(headers, header::IF_MATCH)?
+        .map(parse_if_match)
+        .transpose()?;
+    let absent = match header_text(headers, header::IF_NONE_MATCH)? {
+        None => false,
+        Some(v) if create_only && v.trim() == "*" => true,
+        Some(_) if create_only => {
+            return Err(ApiError::bad_request(
+                "If-None-Match on a write accepts only * (create the record only if it does not exist)",
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "If-None-Match is not accepted on this write; use If-Match",
+            ));
+        }
     };
-    v.to_str()
-        .ok()
-        .map(str::trim)
-        .and_then(|v| v.strip_prefix('"')?.strip_suffix('"'))
-        .and_then(|v| v.parse::<i64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::bad_request("If-Match must be an ETag as returned by the API, e.g. \"3\"")
+    Ok(match (if_match, absent) {
+        // If-Match needs a current record and If-None-Match: * none.
+        (Some(_), true) => Precondition::Never,
+        (Some(condition), false) => condition,
+        (None, true) => Precondition::Absent,
+        (None, false) => Precondition::None,
+    })
+}
+
+/// A precondition header's value; an empty one (an empty list) counts as
+/// absent, as clients and proxies send it.
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
+    let value = headers
+        .get(&name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::bad_request(format!("{name} must be ASCII ETags or *")))
         })
+        .transpose()?;
+    Ok(value.filter(|v| !v.trim().is_empty()))
+}
+
+fn parse_if_match(value: &str) -> Result<Precondition, ApiError> {
+    if value.trim() == "*" {
+        return Ok(Precondition::Exists);
+    }
+    let malformed = || {
+        ApiError::bad_request(
+            "If-Match must be * or an ETag as returned by the API, e.g. \"3\" (a list of them separated by commas)",
+        )
+    };
+    // entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, in a comma-separated
+    // list (a comma may also sit inside a tag).
+    let mut versions = Vec::new();
+    let mut rest = value.trim();
+    while !rest.is_empty() {
+        let (weak, tag) = match rest.strip_prefix("W/") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let tag = tag.strip_prefix('"').ok_or_else(malformed)?;
+        let end = tag.find('"').ok_or_else(malformed)?;
+        // A weak tag, or one this API never issues, cannot match.
+        if let (false, Ok(v)) = (weak, tag[..end].parse::<i64>()) {
+            versions.push(v);
+        }
+        rest = tag[end + 1..].trim_start();
+        if !rest.is_empty() {
+            rest = rest.strip_prefix(',').ok_or_else(malformed)?.trim_start();
+        }
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    match versions[..] {
+        [] => Ok(Precondition::Never),
+        [v] => Ok(Precondition::Version(v)),
+        _ => Err(ApiError::bad_request(
+            "If-Match lists several versions of the record; send the one you hold",
+        )),
+    }
 }
 
 /// The ETag of a record version.

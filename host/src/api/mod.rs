@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod events;
 pub mod extract;
+pub mod openapi;
 pub mod operations;
 pub mod plugins;
 pub mod records;
@@ -64,15 +65,17 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The largest page a `limit` query parameter may ask for.
+pub(crate) const MAX_PAGE: i64 = 1000;
+
 /// A page size from a `limit` query parameter: 1 to 1000, default 100.
 pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    const MAX: i64 = 1000;
     let limit = limit.unwrap_or(100);
-    if (1..=MAX).contains(&limit) {
+    if (1..=MAX_PAGE).contains(&limit) {
         Ok(limit)
     } else {
         Err(ApiError::bad_request(format!(
-            "limit must be from 1 to {MAX}"
+            "limit must be from 1 to {MAX_PAGE}"
         )))
     }
 }
@@ -100,7 +103,8 @@ pub fn ops_app(state: SharedState) -> Router {
         .merge(operations::router(true))
         .split_for_parts();
     router
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(unmatched)
+        .layer(middleware::from_fn(problem_documents))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
@@ -110,28 +114,49 @@ pub fn ops_app(state: SharedState) -> Router {
 /// The whole application, as the binary serves it and the tests drive it.
 pub fn app(state: SharedState) -> Router {
     let (router, openapi) = routes(state.settings.ops_addr.is_none());
+    let openapi = Arc::new(openapi::complete(&openapi));
     let x_request_id = HeaderName::from_static("x-request-id");
     let body_timeout = Duration::from_millis(state.settings.http_body_timeout_ms);
     router
-        .route("/openapi.json", get(move || async move { Json(openapi) }))
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(openapi.as_ref().clone()) }),
+        )
         .route_layer(middleware::from_fn(track_metrics))
         .route_layer(middleware::from_fn(trace_context))
         .route_layer(middleware::from_fn(tenant_gate::rate_limit_headers))
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(unmatched)
+        .layer(middleware::from_fn(problem_documents))
         .layer(middleware::from_fn_with_state(body_timeout, body_deadline))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    let route = req
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("unmatched", |p| p.as_str());
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        route,
+                        uri = %req.uri().path(),
+                        request_id = %id,
+                        tenant = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(access_log),
+        )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)
 }
@@ -170,6 +195,43 @@ async fn trace_context(req: Request, next: Next) -> Response {
         .await
 }
 
+/// The access log: one line per request, in the request's span (method,
+/// route template, path, request id, tenant once the token names one).
+fn access_log(response: &Response, latency: Duration, _: &tracing::Span) {
+    tracing::info!(
+        status = response.status().as_u16(),
+        duration_ms = latency.as_secs_f64() * 1000.0,
+        "request answered"
+    );
+}
+
+/// What answers a path no route has: 404, counted under one route label
+/// (`unmatched`), never the path itself.
+async fn unmatched(method: axum::http::Method) -> ApiError {
+    let labels = [
+        ("method", method_label(&method).to_owned()),
+        ("route", "unmatched".to_owned()),
+        ("status", "404".to_owned()),
+    ];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    ApiError::not_found("no such endpoint")
+}
+
+/// A request method as a metric label: the standard ones by name, any
+/// other as `other` (a client must not grow the label set).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Request count and latency per route template (never the raw path, so
 /// the label set stays bounded whatever ids appear in URLs) and status.
 async fn track_metrics(req: Request, next: Next) -> Response {
@@ -179,7 +241,7 @@ async fn track_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_owned();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     let labels = [("method", method), ("route", route), ("status", status)];
@@ -213,27 +275,71 @@ async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) 
 /// 408, as a problem document, closing the connection.
 fn request_timeout(limit: Duration) -> Response {
     let status = StatusCode::REQUEST_TIMEOUT;
-    let problem = Problem {
-        kind: "https://business-store.dev/problems/request-timeout".into(),
-        title: status
-            .canonical_reason()
-            .unwrap_or("Request Timeout")
-            .into(),
-        status: status.as_u16(),
-        detail: format!(
-            "the request body did not arrive within {} ms; send it at once",
-            limit.as_millis()
-        ),
-        errors: vec![],
+    let detail = format!(
+        "the request body did not arrive within {} ms; send it at once",
+        limit.as_millis()
+    );
+    let mut response =
+        Problem::of_status(status, "request-timeout", detail).into_response_with(status);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Makes every error an RFC 9457 problem document: what axum answers by
+/// itself (405 with an empty body; its extractors' rejections of a
+/// malformed query, path or multipart body, in `text/plain`) becomes one,
+/// its text the detail, its headers (`Allow`) kept.
+async fn problem_documents(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let status = response.status();
+    // Only what has no body or plain text: a handler's own JSON (a problem,
+    // or readiness' report) stays as it is.
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let (slug, detail) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allow = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method-not-allowed",
+                format!("{method} is not allowed on this path; it allows {allow}"),
+            )
+        }
+        StatusCode::BAD_REQUEST => ("bad-request", text),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload-too-large", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported-media-type", text),
+        StatusCode::UNPROCESSABLE_ENTITY => ("validation-failed", text),
+        _ => ("http-error", text),
     };
-    let mut response = (status, serde_json::to_vec(&problem).unwrap_or_default()).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
+    let detail = if detail.is_empty() {
+        status.canonical_reason().unwrap_or("Error").to_owned()
+    } else {
+        detail
+    };
+    let problem = Problem::of_status(status, slug, detail).into_response_with(status);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
+    let (_, body) = problem.into_parts();
+    Response::from_parts(parts, body)
 }
 
 /// A request body that fails once its deadline has passed.

@@ -40,9 +40,12 @@ async fn live() -> Json<Value> {
 
 /// Ready to serve: the database answers and the service is not shutting
 /// down (503 `draining` then, so load balancers stop sending requests).
-/// The Validation Service's service-wide breaker state is reported (open
-/// when it cannot be reached; that degrades schema changes, not reads and
-/// writes), with how many tenants' own breakers are open, never which.
+/// Reported beside: the broker (`up`, `failing` when the last batch was not
+/// acknowledged, `unknown` on a replica that has not published), and each
+/// configured peer service's breaker (open when it cannot be reached; that
+/// degrades what needs it, not reads and writes), with how many tenants'
+/// own breakers are open, never which. Neither makes the replica unready:
+/// writes go on into the outbox.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses((status = 200, body = Object), (status = 503, body = Object)))]
 async fn ready(State(state): State<SharedState>) -> impl IntoResponse {
@@ -72,11 +75,38 @@ async fn ready(State(state): State<SharedState>) -> impl IntoResponse {
             },
             "checks": {
                 "database": if db_ok { "up" } else { "down" },
+                "broker": {"kind": state.broker.name(), "state": state.broker.state()},
                 "validationService": validation,
                 "validationServicePausedTenants": paused_tenants,
+                "breakers": breakers(&state),
             }
         })),
     )
+}
+
+/// The circuit breakers of the configured peer services: each one's
+/// service-wide state and how many tenants' own breakers are open (never
+/// which).
+fn breakers(state: &SharedState) -> Value {
+    let clients = [
+        ("validationService", state.validation.client()),
+        (
+            "authServiceTokens",
+            state.auth.service().map(|c| c.as_ref()),
+        ),
+        ("authServiceKeys", state.keyring.service()),
+        ("taskService", state.tasks.service()),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, client) in clients {
+        if let Some(c) = client {
+            out.insert(
+                name.into(),
+                json!({"state": c.breaker.state().as_str(), "pausedTenants": c.breaker.paused_tenants()}),
+            );
+        }
+    }
+    Value::Object(out)
 }
 
 /// Prometheus text exposition.

@@ -3,9 +3,9 @@
 //! version (rollback), delete.
 
 use axum::Json;
-use axum::extract::multipart::MultipartError;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -85,8 +85,9 @@ struct Activate {
     version: i32,
 }
 
-/// The multipart upload, for the OpenAPI document.
-#[derive(Debug, ToSchema)]
+/// The multipart upload, for the OpenAPI document: these two parts only.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct UploadForm {
     /// The manifest (JSON).
@@ -97,7 +98,41 @@ struct UploadForm {
 }
 
 fn multipart_error(e: MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::PayloadTooLarge(format!("the upload is larger than the limit: {e}"));
+    }
     ApiError::bad_request(format!("could not read the multipart upload: {e}"))
+}
+
+/// The upload's form, or why there is none: 415 for a body that is not
+/// `multipart/form-data`, 400 for one without its boundary.
+fn upload_form(
+    headers: &HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Multipart> {
+    let mime = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let is_form = mime
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"));
+    if !is_form {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send the plugin as multipart/form-data with the parts 'manifest' (JSON) and 'module' (the component), not {}",
+            if mime.is_empty() {
+                "a body without Content-Type"
+            } else {
+                mime
+            }
+        )));
+    }
+    form.map_err(|e| {
+        ApiError::bad_request(format!(
+            "the multipart/form-data upload cannot be read ({e}); its Content-Type needs a boundary, as HTTP clients set it for a form"
+        ))
+    })
 }
 
 /// Reads one part, refusing it (422, naming the limit) past `max` bytes.
@@ -132,9 +167,11 @@ async fn read_part(
 async fn upload_plugin(
     State(state): State<SharedState>,
     principal: Principal,
-    mut form: Multipart,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<Uploaded>)> {
     let tenant = principal.tenant_with(Role::Admin)?;
+    let mut form = upload_form(&headers, form)?;
     let (mut manifest, mut module) = (None, None);
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
         match field.name() {
@@ -173,6 +210,8 @@ async fn upload_plugin(
         .plugins
         .upload(tenant, &principal.actor(), manifest, module)
         .await?;
+    tracing::info!(tenant = %tenant, plugin = %name, version, kind = ?kind, sha256 = %sha256,
+        "plugin uploaded and activated");
     Ok((
         StatusCode::CREATED,
         Json(Uploaded {
@@ -279,6 +318,7 @@ async fn activate_plugin(
         )));
     }
     state.plugins.changed(tenant.as_str(), name);
+    tracing::info!(tenant = %tenant, plugin = %name, version = body.version, "plugin version activated");
     Ok(Json(detail(&state, tenant.as_str(), name).await?))
 }
 

@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{JsonBody, JsonDocument, QueryPairs, etag, if_match};
+use super::extract::{JsonBody, JsonDocument, Precondition, QueryPairs, etag, preconditions};
 use crate::app_state::SharedState;
 use crate::auth::{Principal, Role};
 use crate::catalog::CompiledSchema;
@@ -365,7 +365,8 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     params(("resource" = String, Path, description = "Resource name"),
            ("Idempotency-Key" = Option<String>, Header, description = "Same key and body within 24 h returns the first result")),
     request_body(content = Object, description = "The document, validated by the resource's schema"),
-    responses((status = 201, body = Record), (status = 422, body = Problem), (status = 404, body = Problem)),
+    responses((status = 201, body = Record), (status = 422, body = Problem), (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "the Idempotency-Key was used with another request, or that request is still in progress")),
     security(("bearer" = [])))]
 async fn create_record(
     State(state): State<SharedState>,
@@ -474,7 +475,8 @@ async fn get_record(
 /// Replace a record, or create it with this id.
 #[utoipa::path(put, path = "/v1/data/{resource}/{id}", tag = "records",
     params(("resource" = String, Path), ("id" = String, Path),
-           ("If-Match" = Option<String>, Header, description = "Replace only at this ETag")),
+           ("If-Match" = Option<String>, Header, description = "Replace only at this ETag (strong), or only an existing record (*); weak tags never match"),
+           ("If-None-Match" = Option<String>, Header, description = "*: create only, 412 if the record exists")),
     request_body(content = Object),
     responses((status = 200, body = Record), (status = 201, body = Record),
               (status = 412, body = Problem), (status = 422, body = Problem)),
@@ -491,7 +493,7 @@ async fn put_record(
     let change = Change::Replace {
         id: RecordId::parse(&id)?,
         doc,
-        expected: if_match(&headers)?,
+        expected: preconditions(&headers, true)?,
     };
     let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
     let Done::Replaced(record, created) = writer.write(&change).await? else {
@@ -508,7 +510,7 @@ async fn put_record(
 /// Merge-patch a record (RFC 7396).
 #[utoipa::path(patch, path = "/v1/data/{resource}/{id}", tag = "records",
     params(("resource" = String, Path), ("id" = String, Path),
-           ("If-Match" = Option<String>, Header)),
+           ("If-Match" = Option<String>, Header, description = "Patch only at this ETag (strong), or * for any current record; weak tags never match")),
     request_body(content = Object, content_type = "application/merge-patch+json"),
     responses((status = 200, body = Record), (status = 404, body = Problem),
               (status = 412, body = Problem), (status = 422, body = Problem)),
@@ -523,7 +525,7 @@ async fn patch_record(
     let tenant = principal.tenant_with(Role::Writer)?;
     let resource = ResourceName::parse(&resource)?;
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
-    let expected = if_match(&headers)?;
+    let expected = preconditions(&headers, false)?;
     if !patch.is_object() {
         return Err(ApiError::bad_request("a merge patch must be a JSON object"));
     }
@@ -541,7 +543,8 @@ async fn patch_record(
 
 /// Delete a record.
 #[utoipa::path(delete, path = "/v1/data/{resource}/{id}", tag = "records",
-    params(("resource" = String, Path), ("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(("resource" = String, Path), ("id" = String, Path),
+           ("If-Match" = Option<String>, Header, description = "Delete only at this ETag (strong), or * (412 when there is no record); weak tags never match")),
     responses((status = 204), (status = 404, body = Problem), (status = 412, body = Problem)),
     security(("bearer" = [])))]
 async fn delete_record(
@@ -554,7 +557,7 @@ async fn delete_record(
     let resource = ResourceName::parse(&resource)?;
     let change = Change::Delete {
         id: RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?,
-        expected: if_match(&headers)?,
+        expected: preconditions(&headers, false)?,
     };
     let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
     writer.write(&change).await?;
@@ -572,16 +575,16 @@ enum Change {
     Replace {
         id: RecordId,
         doc: Value,
-        expected: Option<i64>,
+        expected: Precondition,
     },
     Patch {
         id: RecordId,
         patch: Value,
-        expected: Option<i64>,
+        expected: Precondition,
     },
     Delete {
         id: RecordId,
-        expected: Option<i64>,
+        expected: Precondition,
     },
     Batch {
         items: Vec<(RecordId, Value)>,
@@ -856,7 +859,7 @@ impl<'a> Writer<'a> {
         events: &RecordEvents,
         id: &RecordId,
         patch: &Value,
-        expected: Option<i64>,
+        expected: Precondition,
         seen: Option<i64>,
     ) -> ApiResult<Result<Done, StorageError>> {
         let state = self.state;
@@ -867,15 +870,20 @@ impl<'a> Writer<'a> {
         }
         let tx = match Patch::begin(&state.pool, self.target(schema), id).await {
             Ok(tx) => tx,
+            Err(StorageError::NotFound(_)) if expected == Precondition::Exists => {
+                return Ok(Err(expected.failure(id)));
+            }
             Err(e) => return Ok(Err(e)),
         };
-        if let Some(v) = expected
-            && v != tx.current.version
-        {
-            return Err(ApiError::PreconditionFailed(format!(
-                "record {id} is at version {}, not {v}",
-                tx.current.version
-            )));
+        let current = tx.current.version;
+        match expected {
+            Precondition::Version(v) if v != current => {
+                return Err(ApiError::PreconditionFailed(format!(
+                    "record {id} is at version {current}, not {v}"
+                )));
+            }
+            Precondition::Never | Precondition::Absent => return Ok(Err(expected.failure(id))),
+            _ => {}
         }
         if let Some(v) = seen
             && v != tx.current.version
@@ -903,8 +911,8 @@ impl<'a> Writer<'a> {
 
 #[derive(Debug, Deserialize, ToSchema)]
 struct BatchRequest {
-    /// Documents to create, all or none.
-    #[schema(value_type = Vec<Object>)]
+    /// Documents to create, all or none (1 to `MAX_BATCH`).
+    #[schema(value_type = Vec<Object>, min_items = 1, max_items = 1000)]
     items: Vec<Value>,
 }
 
@@ -950,6 +958,35 @@ async fn create_batch(
     Ok((StatusCode::CREATED, Json(BatchResponse { items: created })).into_response())
 }
 
+/// A page of records (for the OpenAPI document: the handler writes the
+/// page as JSON, projecting each record when `select` asks).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+struct RecordPage {
+    /// The records in the asked order; with `select`, only the asked
+    /// fields of each.
+    items: Vec<ListedRecord>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+    /// With `count=exact`: how many records match the filters.
+    total: Option<i64>,
+}
+
+/// A record in a list: every field, or those `select` named.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+struct ListedRecord {
+    id: Option<String>,
+    resource: Option<String>,
+    version: Option<i64>,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[schema(value_type = Option<Object>)]
+    data: Option<Value>,
+}
+
 /// List records with filters, order, cursor pagination, projection and count.
 #[utoipa::path(get, path = "/v1/data/{resource}", tag = "records",
     params(("resource" = String, Path),
@@ -958,7 +995,7 @@ async fn create_batch(
            ("cursor" = Option<String>, Query, description = "nextCursor of the previous page"),
            ("select" = Option<String>, Query, description = "e.g. id,data.amount"),
            ("count" = Option<String>, Query, description = "exact: add total")),
-    responses((status = 200, body = Object, description = "{items, nextCursor, total?}"),
+    responses((status = 200, body = RecordPage),
               (status = 400, body = Problem)),
     security(("bearer" = [])))]
 async fn list_records(

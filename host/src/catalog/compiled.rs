@@ -75,8 +75,21 @@ impl CompiledSchema {
         check_document(&schema)?;
         // Patterns run on the linear-time `regex` engine: no tenant's pattern
         // can backtrack for seconds (`check_document` refused those already).
+        // `format` is an annotation in 2020-12; a schema asks for it to be
+        // asserted with `"x-format-assertion": true` at its root.
+        let assert_formats = match schema.get("x-format-assertion") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(vec![FieldError::schema(
+                    "/schema/x-format-assertion",
+                    "x-format-assertion is true (assert `format`) or false (the default: `format` is an annotation)",
+                )]);
+            }
+        };
         let validator = jsonschema::draft202012::options()
-            .should_validate_formats(true)
+            .should_validate_formats(assert_formats)
+            .with_retriever(super::remotes::LocalRemotes)
             .with_pattern_options(
                 jsonschema::PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT),
             )
@@ -469,6 +482,27 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].path, "/total");
         assert_eq!(errors[0].source, "schema");
+    }
+
+    #[test]
+    fn format_is_an_annotation_unless_the_schema_asks_for_assertion() {
+        let schema = |assert: Option<bool>| {
+            let mut s = json!({"type": "object", "properties": {"email": {"type": "string", "format": "email"}}});
+            if let Some(a) = assert {
+                s["x-format-assertion"] = json!(a);
+            }
+            compile(s).unwrap_or_else(|e| panic!("{e:?}"))
+        };
+        let bad = json!({"email": "not an address"});
+        assert!(schema(None).validate(&bad).is_ok());
+        assert!(schema(Some(false)).validate(&bad).is_ok());
+        let errors = schema(Some(true)).validate(&bad).err().unwrap_or_default();
+        assert_eq!(errors[0].path, "/email");
+        let refused = compile(json!({"type": "object", "x-format-assertion": "yes"}));
+        assert_eq!(
+            refused.err().unwrap_or_default()[0].path,
+            "/schema/x-format-assertion"
+        );
     }
 
     #[test]

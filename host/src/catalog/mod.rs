@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod compiled;
+pub mod remotes;
 
 pub use cache::SchemaCache;
 pub use compiled::{CompiledSchema, FieldInfo, FieldType};

@@ -114,6 +114,14 @@ pub struct Rotated {
 }
 
 impl Keyring {
+    /// The Auth Service's client, when keys come from it.
+    pub fn service(&self) -> Option<&ServiceClient> {
+        match &self.source {
+            Source::Auth(client) => Some(client),
+            _ => None,
+        }
+    }
+
     /// The Auth Service's keys when `AUTH_SERVICE_URL` is set, else the
     /// built-in keyring (master key resolved, generated if need be), whose
     /// key versions are kept in `pool`.

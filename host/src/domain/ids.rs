@@ -9,17 +9,24 @@ use regex::Regex;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+/// What a tenant id looks like (also in the OpenAPI document).
+pub const TENANT_PATTERN: &str = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$";
+/// What a resource name looks like.
+pub const RESOURCE_PATTERN: &str = r"^[a-z][a-z0-9_]{0,62}$";
+/// What a record id looks like.
+pub const RECORD_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._~:-]{0,127}$";
+
 static TENANT_RE: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)] // a constant pattern, checked by the tests
-    Regex::new(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$").expect("tenant id pattern")
+    Regex::new(TENANT_PATTERN).expect("tenant id pattern")
 });
 static RESOURCE_RE: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"^[a-z][a-z0-9_]{0,62}$").expect("resource name pattern")
+    Regex::new(RESOURCE_PATTERN).expect("resource name pattern")
 });
 static RECORD_RE: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"^[A-Za-z0-9][A-Za-z0-9._~:-]{0,127}$").expect("record id pattern")
+    Regex::new(RECORD_PATTERN).expect("record id pattern")
 });
 
 /// Why an identifier was refused; the message says what a valid one looks like.

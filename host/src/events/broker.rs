@@ -34,6 +34,14 @@ impl Broker {
         }
     }
 
+    /// How publishing goes (readiness): the built-in broker is always up.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Self::BuiltIn(_) => "up",
+            Self::Kafka(k) => k.state(),
+        }
+    }
+
     /// Hands a batch to the broker in order; what it returns resolves once
     /// every event of the batch is acknowledged. Several batches may be in
     /// flight at once (their acknowledgements are awaited in order).

@@ -16,6 +16,33 @@ pub struct EventContext {
     pub correlation_id: String,
 }
 
+/// An event as the API serves it: a CloudEvents 1.0 envelope in structured
+/// JSON (for the OpenAPI document; events are built as JSON values).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct CloudEvent {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// The event id (a UUIDv7, time-ordered), unique per tenant log.
+    pub id: String,
+    /// `/business-store/<instance>`.
+    pub source: String,
+    /// e.g. `business_store.data.invoices.created`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What the event is about, e.g. `invoices/<record id>`.
+    pub subject: Option<String>,
+    pub time: chrono::DateTime<Utc>,
+    /// `application/json`.
+    pub datacontenttype: String,
+    pub tenantid: String,
+    /// The `x-request-id` of the request that caused the event.
+    pub correlationid: Option<String>,
+    /// The event's payload.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
 pub const SCHEMA_UPDATED: &str = "business_store.schema.updated";
 pub const DATA_PREFIX: &str = "business_store.data.";
 

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI8, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -27,6 +28,10 @@ pub struct KafkaConfig {
     /// `business_store.data.<resource>.<action>` instead of the event type.
     pub topic_per_resource: bool,
     pub create_topics: bool,
+    /// CloudEvents structured content mode instead of binary.
+    pub structured: bool,
+    /// One more topic holding every record event, keyed by record.
+    pub record_topic: Option<String>,
     pub partitions: i32,
     pub replication: i32,
     pub group_id: String,
@@ -34,6 +39,8 @@ pub struct KafkaConfig {
 }
 
 pub struct KafkaPublisher {
+    /// Whether the last batch was acknowledged (readiness): see [`Health`].
+    health: Arc<AtomicI8>,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
@@ -64,11 +71,23 @@ impl KafkaPublisher {
             .create()?;
         let admin = client_config(&config.brokers).create()?;
         Ok(Self {
+            health: Arc::new(AtomicI8::new(Health::UNKNOWN)),
             producer,
             admin,
             config,
             known_topics: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// How publishing goes: `unknown` (nothing published by this replica
+    /// yet: only the relay's leader publishes), `up` (the last batch was
+    /// acknowledged) or `failing`.
+    pub fn state(&self) -> &'static str {
+        match self.health.load(Ordering::Relaxed) {
+            Health::UP => "up",
+            Health::FAILING => "failing",
+            _ => "unknown",
+        }
     }
 
     /// The topic of an event: its type, or per resource when configured.
@@ -124,45 +143,89 @@ impl KafkaPublisher {
     /// producer keeps per-partition order across its retries; keys put all
     /// events of one record on one partition.
     pub async fn send(&self, events: &[OutboxEvent]) -> Result<Acks, PublishError> {
-        let topics: Vec<String> = events.iter().map(|e| self.topic_of(e)).collect();
-        let mut distinct = topics.clone();
+        // Each event to its type's topic, and record events to the record
+        // topic too when there is one.
+        let mut sends: Vec<(&OutboxEvent, String)> = Vec::with_capacity(events.len());
+        for e in events {
+            sends.push((e, self.topic_of(e)));
+            if let Some(topic) = &self.config.record_topic
+                && e.kind.starts_with(super::envelope::DATA_PREFIX)
+            {
+                sends.push((e, topic.clone()));
+            }
+        }
+        let mut distinct: Vec<String> = sends.iter().map(|(_, t)| t.clone()).collect();
         distinct.sort();
         distinct.dedup();
         self.ensure_topics(&distinct).await?;
-        let mut pending = Vec::with_capacity(events.len());
+        let mut pending = Vec::with_capacity(sends.len());
         let mut bytes = 0;
-        for (e, topic) in events.iter().zip(&topics) {
-            let id = e.event_id.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "ce_id",
-                    value: Some(id.as_str()),
-                })
-                .insert(Header {
-                    key: "ce_type",
-                    value: Some(e.kind.as_str()),
-                })
-                .insert(Header {
-                    key: "ce_tenantid",
-                    value: Some(e.tenant_id.as_str()),
-                })
-                .insert(Header {
-                    key: "content-type",
-                    value: Some("application/cloudevents+json"),
+        for (e, topic) in &sends {
+            let message = CloudEventMessage::of(&e.envelope, self.config.structured);
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (key, value) in &message.headers {
+                headers = headers.insert(Header {
+                    key: key.as_str(),
+                    value: Some(value.as_str()),
                 });
-            let payload = e.envelope.to_string();
-            bytes += payload.len() + e.kafka_key.len();
+            }
+            bytes += message.value.len() + e.kafka_key.len();
             let record = FutureRecord::to(topic)
                 .key(e.kafka_key.as_str())
-                .payload(payload.as_str())
+                .payload(message.value.as_str())
                 .headers(headers);
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(err, _)| PublishError(format!("enqueueing to {topic}: {err}")))?;
+            let delivery = self.producer.send_result(record).map_err(|(err, _)| {
+                self.health.store(Health::FAILING, Ordering::Relaxed);
+                PublishError(format!("enqueueing to {topic}: {err}"))
+            })?;
             pending.push(delivery);
         }
-        Ok(Acks { pending, bytes })
+        Ok(Acks {
+            pending,
+            bytes,
+            health: self.health.clone(),
+        })
+    }
+}
+
+/// An event as a Kafka message, by the CloudEvents Kafka protocol binding.
+/// Binary content mode: every attribute a `ce_<name>` header (its string
+/// form), `datacontenttype` the `content-type` header, `data` the value.
+/// Structured mode: the whole envelope as the value, `content-type:
+/// application/cloudevents+json`, and no `ce_` headers (a reader that sees
+/// one takes the message for binary mode).
+#[derive(Debug, PartialEq)]
+struct CloudEventMessage {
+    headers: Vec<(String, String)>,
+    value: String,
+}
+
+impl CloudEventMessage {
+    fn of(envelope: &serde_json::Value, structured: bool) -> Self {
+        if structured {
+            return Self {
+                headers: vec![("content-type".into(), "application/cloudevents+json".into())],
+                value: envelope.to_string(),
+            };
+        }
+        let mut headers = Vec::new();
+        let mut content_type = "application/json".to_owned();
+        let mut value = String::new();
+        if let Some(attributes) = envelope.as_object() {
+            for (name, v) in attributes {
+                match (name.as_str(), v) {
+                    ("data", data) => value = data.to_string(),
+                    ("datacontenttype", serde_json::Value::String(t)) => content_type = t.clone(),
+                    (_, serde_json::Value::Null) => {}
+                    (_, serde_json::Value::String(text)) => {
+                        headers.push((format!("ce_{name}"), text.clone()));
+                    }
+                    (_, other) => headers.push((format!("ce_{name}"), other.to_string())),
+                }
+            }
+        }
+        headers.push(("content-type".into(), content_type));
+        Self { headers, value }
     }
 }
 
@@ -172,6 +235,16 @@ pub struct Acks {
     pending: Vec<DeliveryFuture>,
     /// What the batch holds in the producer's queue until acknowledged.
     bytes: usize,
+    health: Arc<AtomicI8>,
+}
+
+/// The values of [`KafkaPublisher::health`].
+struct Health;
+
+impl Health {
+    const UNKNOWN: i8 = 0;
+    const UP: i8 = 1;
+    const FAILING: i8 = -1;
 }
 
 impl Acks {
@@ -182,12 +255,15 @@ impl Acks {
     /// Ok once every message of the batch is acknowledged.
     pub async fn all(self) -> Result<(), PublishError> {
         for delivery in self.pending {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _))) => return Err(PublishError(format!("not acknowledged: {err}"))),
-                Err(_) => return Err(PublishError("the producer went away".into())),
-            }
+            let failure = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((err, _))) => format!("not acknowledged: {err}"),
+                Err(_) => "the producer went away".to_owned(),
+            };
+            self.health.store(Health::FAILING, Ordering::Relaxed);
+            return Err(PublishError(failure));
         }
+        self.health.store(Health::UP, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -254,6 +330,8 @@ async fn run_consumer(
                 .send(record, Duration::from_secs(10))
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("dead-lettering a message: {e}"))?;
+            tracing::warn!(topic, partition = msg.partition(), offset = msg.offset(), reason = %reason,
+                dead_letter_topic = %config.dead_letter_topic, "consumed message dead-lettered");
         }
         // Async: never blocks the runtime; a commit lost in a crash only means
         // redelivery, and the handlers are idempotent.
@@ -275,4 +353,55 @@ fn report_lag(consumer: Arc<StreamConsumer>, topic: String, partition: i32, offs
                 .set(lag as f64);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::CloudEventMessage;
+
+    fn envelope() -> serde_json::Value {
+        json!({
+            "specversion": "1.0", "id": "e-1", "source": "/business-store/a",
+            "type": "business_store.data.created", "subject": "invoices/1",
+            "time": "2026-12-07T10:00:00Z", "datacontenttype": "application/json",
+            "tenantid": "acme", "correlationid": "", "seq": 7, "data": {"n": 1}
+        })
+    }
+
+    #[test]
+    fn binary_mode_puts_attributes_in_headers_and_data_in_the_value() {
+        let m = CloudEventMessage::of(&envelope(), false);
+        assert_eq!(m.value, r#"{"n":1}"#);
+        let header = |k: &str| {
+            m.headers
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(header("ce_id"), Some("e-1"));
+        assert_eq!(header("ce_specversion"), Some("1.0"));
+        assert_eq!(header("ce_time"), Some("2026-12-07T10:00:00Z"));
+        assert_eq!(header("ce_seq"), Some("7"));
+        assert_eq!(header("content-type"), Some("application/json"));
+        assert_eq!(header("ce_data"), None);
+        assert_eq!(header("ce_datacontenttype"), None);
+    }
+
+    #[test]
+    fn structured_mode_sends_the_envelope_without_ce_headers() {
+        let m = CloudEventMessage::of(&envelope(), true);
+        assert_eq!(
+            m.headers,
+            vec![(
+                "content-type".to_owned(),
+                "application/cloudevents+json".to_owned()
+            )]
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&m.value).unwrap(),
+            envelope()
+        );
+    }
 }

@@ -365,6 +365,10 @@ fn nul_paths(value: &Value, at: String) -> Vec<String> {
     }
 }
 
+/// What `valid_name` accepts, as a regular expression (for the OpenAPI
+/// document).
+pub const NAME_PATTERN: &str = "^[a-z][a-z0-9-]{0,62}$";
+
 pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()

@@ -296,10 +296,10 @@ impl Plugins {
         self.stats
             .entry((tenant.to_owned(), name.to_owned()))
             .or_insert_with(|| {
-                Arc::new(Stats::new(
-                    self.settings.breaker_threshold,
-                    self.settings.breaker_open,
-                ))
+                Arc::new(
+                    Stats::new(self.settings.breaker_threshold, self.settings.breaker_open)
+                        .named(tenant, name),
+                )
             })
             .clone()
     }

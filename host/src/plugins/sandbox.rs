@@ -200,11 +200,11 @@ impl host::Host for CallState {
         let message: String = message.chars().take(LOG_MESSAGE_MAX).collect();
         let (tenant, plugin) = (&self.caller.tenant, &self.caller.plugin);
         match level {
-            Level::Trace => tracing::trace!(tenant, plugin, message, "plugin log"),
-            Level::Debug => tracing::debug!(tenant, plugin, message, "plugin log"),
-            Level::Info => tracing::info!(tenant, plugin, message, "plugin log"),
-            Level::Warn => tracing::warn!(tenant, plugin, message, "plugin log"),
-            Level::Error => tracing::error!(tenant, plugin, message, "plugin log"),
+            Level::Trace => tracing::trace!(tenant, plugin, plugin_message = message, "plugin log"),
+            Level::Debug => tracing::debug!(tenant, plugin, plugin_message = message, "plugin log"),
+            Level::Info => tracing::info!(tenant, plugin, plugin_message = message, "plugin log"),
+            Level::Warn => tracing::warn!(tenant, plugin, plugin_message = message, "plugin log"),
+            Level::Error => tracing::error!(tenant, plugin, plugin_message = message, "plugin log"),
         }
     }
 

@@ -20,7 +20,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::Failure;
-use crate::services::CircuitBreaker;
+use crate::services::{BreakerState, CircuitBreaker};
 
 #[derive(Debug)]
 pub struct Stats {
@@ -28,6 +28,8 @@ pub struct Stats {
     rejections: AtomicU64,
     inner: Mutex<Inner>,
     pub breaker: CircuitBreaker,
+    tenant: String,
+    plugin: String,
 }
 
 #[derive(Debug)]
@@ -73,7 +75,16 @@ impl Stats {
                 last_error: None,
             }),
             breaker: CircuitBreaker::new(threshold, open_for),
+            tenant: String::new(),
+            plugin: String::new(),
         }
+    }
+
+    /// Whose stats these are (for the log line when the breaker trips).
+    pub fn named(mut self, tenant: &str, plugin: &str) -> Self {
+        self.tenant = tenant.to_owned();
+        self.plugin = plugin.to_owned();
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -104,7 +115,16 @@ impl Stats {
     pub fn failed(&self, failure: &Failure, took: Duration) {
         // Refused calls (tripped, no free slot) say nothing of the plugin.
         if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
+            let was_open = self.breaker.state() == BreakerState::Open;
             self.breaker.on_failure();
+            if !was_open && self.breaker.state() == BreakerState::Open {
+                tracing::warn!(
+                    tenant = %self.tenant,
+                    plugin = %self.plugin,
+                    failure = %failure,
+                    "plugin breaker tripped after repeated failures: its calls are refused for a while"
+                );
+            }
         }
         metrics::counter!("plugin_failures_total", "kind" => failure.kind()).increment(1);
         {

@@ -373,28 +373,77 @@ async fn claim_key(
     }
 }
 
+/// What a write asks of the record's current state (`If-Match`,
+/// `If-None-Match`), checked in the statement that writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Nothing asked.
+    None,
+    /// Any current record (`If-Match: *`).
+    Exists,
+    /// The record at this version (`If-Match: "<version>"`).
+    Version(i64),
+    /// No current record (`If-None-Match: *`: create only).
+    Absent,
+    /// A condition that cannot hold (`If-Match` with weak tags only).
+    Never,
+}
+
+impl Precondition {
+    /// The version the statement compares with, if any.
+    fn version(self) -> Option<i64> {
+        match self {
+            Self::Version(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Why the write was refused, for a record `id` the statement did not
+    /// find in the asked state.
+    pub fn failure(self, id: &RecordId) -> StorageError {
+        StorageError::PreconditionFailed(match self {
+            Self::Version(v) => format!("record {id} is not at version {v}"),
+            Self::Exists => format!("record {id} does not exist (If-Match: *)"),
+            Self::Absent => format!("record {id} already exists (If-None-Match: *)"),
+            Self::Never | Self::None => format!(
+                "the preconditions on record {id} cannot hold: a weak ETag never matches a write \
+                 (RFC 9110 strong comparison) and If-Match excludes If-None-Match: *; \
+                 send the ETag as returned"
+            ),
+        })
+    }
+}
+
 /// PUT: replace, or create with this id. Returns the record and whether it
-/// was created. With `if_match`, only an existing record at that version is
-/// replaced.
+/// was created. `If-Match` replaces only an existing record (at that
+/// version); `If-None-Match: *` only creates.
 pub async fn put(
     pool: &PgPool,
     t: Target<'_>,
     events: &RecordEvents,
     id: &RecordId,
     data: &Value,
-    if_match: Option<i64>,
+    condition: Precondition,
 ) -> Result<(Record, bool), StorageError> {
     let (cte, table) = (t.version_cte(), t.table());
-    let write = match if_match {
-        None => format!(
+    let write = match condition {
+        Precondition::Never => return Err(condition.failure(id)),
+        Precondition::None => format!(
             "INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
              ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, version = r.version + 1, updated_at = now()
              RETURNING id, version, created_at, updated_at, data,
                        CASE WHEN xmax = 0 THEN 'created' ELSE 'updated' END AS kind"
         ),
-        Some(_) => format!(
+        Precondition::Absent => format!(
+            "INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur
+              WHERE cur.current_version = $3 AND $4::bigint IS NULL
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id, version, created_at, updated_at, data, 'created'::text AS kind"
+        ),
+        Precondition::Exists | Precondition::Version(_) => format!(
             "UPDATE {table} AS r SET data = $2, version = r.version + 1, updated_at = now()
-             FROM cur WHERE r.id = $1 AND r.version = $4 AND cur.current_version = $3
+             FROM cur WHERE r.id = $1 AND ($4::bigint IS NULL OR r.version = $4)
+              AND cur.current_version = $3
              RETURNING r.id, r.version, r.created_at, r.updated_at, r.data, 'updated'::text AS kind"
         ),
     };
@@ -407,7 +456,7 @@ pub async fn put(
         .bind(id.as_str())
         .bind(data)
         .bind(t.schema_version)
-        .bind(if_match);
+        .bind(condition.version());
     let row: Option<(Record, bool)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
         .fetch_optional(pool)
         .await
@@ -416,10 +465,7 @@ pub async fn put(
     match row {
         Some((r, created)) => Ok((t.with_resource(r), created)),
         None if t.schema_moved(pool).await? => Err(StorageError::SchemaChanged),
-        None => Err(StorageError::PreconditionFailed(format!(
-            "record {id} is not at version {}",
-            if_match.unwrap_or_default()
-        ))),
+        None => Err(condition.failure(id)),
     }
 }
 
@@ -473,14 +519,17 @@ pub async fn get(
     Ok(Some(record))
 }
 
-/// Deletes a record (at `if_match` if given); returns the deleted version.
+/// Deletes a record (if it meets `condition`); returns the deleted version.
 pub async fn delete(
     pool: &PgPool,
     t: Target<'_>,
     events: &RecordEvents,
     id: &RecordId,
-    if_match: Option<i64>,
+    condition: Precondition,
 ) -> Result<i64, StorageError> {
+    if matches!(condition, Precondition::Never | Precondition::Absent) {
+        return Err(condition.failure(id));
+    }
     let sql = format!(
         "WITH ins AS (DELETE FROM {} WHERE id = $1 AND ($2::bigint IS NULL OR version = $2)
             RETURNING id, version, data, 'deleted'::text AS kind), {}
@@ -488,16 +537,19 @@ pub async fn delete(
         t.table(),
         record_events_cte(3, events.hidden.len())
     );
-    let q = sqlx::query_as(&sql).bind(id.as_str()).bind(if_match);
+    let q = sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .bind(condition.version());
     let deleted: Option<(i64,)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
         .fetch_optional(pool)
         .await
         .map_err(map_err)?;
-    match (deleted, if_match) {
+    match (deleted, condition) {
         (Some((v,)), _) => Ok(v),
-        (None, Some(v)) if get(pool, t, id).await?.is_some() => Err(
-            StorageError::PreconditionFailed(format!("record {id} is not at version {v}")),
-        ),
+        (None, Precondition::Exists) => Err(condition.failure(id)),
+        (None, Precondition::Version(_)) if get(pool, t, id).await?.is_some() => {
+            Err(condition.failure(id))
+        }
         (None, _) => Err(StorageError::NotFound(format!("record {id} not found"))),
     }
 }

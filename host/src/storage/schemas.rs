@@ -222,6 +222,13 @@ pub async fn apply(
     )
     .await?;
     tx.commit().await?;
+    tracing::info!(
+        tenant = %tenant,
+        resource = %resource,
+        version = compiled.version,
+        actor,
+        "schema applied"
+    );
     Ok(Applied::Created(created))
 }
 

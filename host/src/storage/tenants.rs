@@ -49,6 +49,7 @@ pub async fn create(
         sqlx::query(&statement).execute(&mut *tx).await?;
     }
     tx.commit().await?;
+    tracing::info!(tenant = %id, schema = %id.schema_name(), "tenant provisioned");
     Ok(Some(tenant))
 }
 
@@ -146,6 +147,7 @@ pub async fn archive(pool: &PgPool, id: &TenantId, grace_secs: u64) -> Result<bo
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    tracing::info!(tenant = %id, grace_secs, "tenant archived; its data is dropped after the grace period");
     Ok(true)
 }
 

@@ -73,6 +73,11 @@ impl TaskQueue {
         }
     }
 
+    /// The Task Execution Service's client, when one is configured.
+    pub fn service(&self) -> Option<&ServiceClient> {
+        self.client.as_ref()
+    }
+
     pub fn max_pending(&self) -> i64 {
         self.max_pending
     }
