@@ -29,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
             // Before the database is touched (a private cluster takes seconds).
             bss::auth::local_secret::refuse_public_address(&settings)?;
             let app = Application::build(settings).await?;
-            app.run_until(shutdown_signal()).await
+            let served = app.run_until(shutdown_signal()).await;
+            bss::telemetry::flush_traces();
+            served
         }
         Some("token") => {
             println!("{}", token(&settings, &args[1..])?);

@@ -27,23 +27,106 @@ use tracing_subscriber::EnvFilter;
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 pub fn init_logs(format: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otlp_layer());
     // A second init (tests start several apps) is a no-op.
     let _ = if format == "pretty" {
         // Colour only for a terminal: a file or a pipe gets plain text.
         use std::io::IsTerminal;
-        builder
-            .with_ansi(std::io::stdout().is_terminal())
+        registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
             .try_init()
     } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true),
+            )
             .try_init()
     };
+}
+
+/// The OpenTelemetry tracer provider, when spans are exported.
+static OTLP: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+
+/// Exports spans (each request's, with what it causes inside it) over
+/// OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; the exporter reads
+/// the other standard `OTEL_*` variables itself (headers, timeout, batch
+/// delay). `OTEL_SERVICE_NAME` defaults to `business-store`.
+fn otlp_layer<S>() -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use opentelemetry::trace::TracerProvider as _;
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty())?;
+    // The blocking HTTP client may not be built on an async worker.
+    let exporter = std::thread::spawn(|| {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+    })
+    .join()
+    .ok()?;
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("OpenTelemetry export is off: {e}");
+            return None;
+        }
+    };
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "business-store".into());
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("business-store");
+    let _ = OTLP.set(provider);
+    Some(tracing_opentelemetry::layer().with_tracer(tracer))
+}
+
+/// Makes `span` continue the trace of an incoming W3C `traceparent` in
+/// what is exported (nothing to do when spans are not exported).
+pub fn continue_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if OTLP.get().is_none() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let parent =
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Headers(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// Exports the spans not sent yet (at shutdown).
+pub fn flush_traces() {
+    if let Some(provider) = OTLP.get() {
+        let _ = provider.force_flush();
+    }
+}
+
+struct Headers<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 /// The process-wide Prometheus recorder.

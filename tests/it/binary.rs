@@ -95,6 +95,11 @@ impl Drop for Served {
 }
 
 async fn serve(drain_secs: u64, body_timeout_ms: u64) -> Served {
+    serve_with(drain_secs, body_timeout_ms, &[]).await
+}
+
+/// `serve` with more environment variables.
+async fn serve_with(drain_secs: u64, body_timeout_ms: u64, env: &[(&str, String)]) -> Served {
     let port = free_port();
     let log = std::env::temp_dir().join(format!("bss-log-{}.json", uuid::Uuid::new_v4().simple()));
     let (settings, scratch) = bss_tests::test_settings();
@@ -109,6 +114,7 @@ async fn serve(drain_secs: u64, body_timeout_ms: u64) -> Served {
         .env("BSS_LOG_FORMAT", "json")
         .env_remove("RUST_LOG")
         .env_remove("KAFKA_BROKERS")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::inherit())
         .spawn()
@@ -401,4 +407,87 @@ async fn every_request_and_lifecycle_change_is_one_json_log_line_without_duplica
             "no {lifecycle:?} line: {lines:#?}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_request_spans_are_exported_in_the_callers_trace() {
+    use std::sync::{Arc, Mutex};
+    // A stand-in OpenTelemetry collector: keeps what is posted to it.
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let keep = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(body.to_vec());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let served = serve_with(
+        1,
+        30_000,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ("OTEL_SERVICE_NAME", "bss-otlp-test".into()),
+        ],
+    )
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/tenants", served.base))
+        .bearer_auth(bss_tests::platform_token())
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"id": "otlp-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+
+    // OTLP/HTTP protobuf: the trace id travels as its 16 bytes.
+    let trace_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let contains =
+        |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let bodies = received.lock().unwrap().clone();
+        if bodies.iter().any(|b| {
+            contains(b, &trace_bytes) && contains(b, b"bss-otlp-test") && contains(b, b"request")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span of the caller's trace reached the collector ({} exports)",
+            bodies.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn pretty_logs_written_to_a_file_have_no_colour_codes() {
+    let served = serve_with(1, 30_000, &[("BSS_LOG_FORMAT", "pretty".into())]).await;
+    let resp = reqwest::get(format!("{}/health/live", served.base))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = std::fs::read_to_string(&served.log).unwrap();
+        if logs.contains("request answered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(logs.contains("request answered"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "colour codes in a file: {logs}");
 }

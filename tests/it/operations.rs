@@ -114,3 +114,19 @@ async fn unknown_endpoints_answer_a_problem_document() {
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
 }
+
+#[tokio::test]
+async fn readiness_reports_the_broker_and_the_breakers() {
+    let app = TestApp::spawn().await;
+    let resp = send(app.request(Method::GET, "/health/ready", None)).await;
+    assert_eq!(resp.status(), 200);
+    let ready = body(resp).await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["checks"]["database"], "up");
+    assert_eq!(ready["checks"]["broker"]["kind"], "built-in");
+    assert_eq!(ready["checks"]["broker"]["state"], "up");
+    assert_eq!(
+        ready["checks"]["breakers"]["plugins"]["open"], 0,
+        "{ready:#}"
+    );
+}

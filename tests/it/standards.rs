@@ -268,3 +268,47 @@ async fn schemathesis_finds_nothing_as_tenant_admin_or_platform_admin() {
     let platform = schemathesis_run(&app, &platform_token(), "the platform admin").await;
     eprintln!("schemathesis: tenant admin: {tenant}\nschemathesis: platform admin: {platform}");
 }
+
+#[tokio::test]
+async fn the_asyncapi_document_passes_the_asyncapi_parser() {
+    let app = TestApp::spawn_with(|s| s.kafka_record_topic = Some("records".into())).await;
+    let resp = send(app.request(Method::GET, "/asyncapi.json", None)).await;
+    assert_eq!(resp.status(), 200);
+    let doc = body(resp).await;
+    assert_eq!(doc["asyncapi"], "3.0.0");
+    let addresses: Vec<&str> = doc["channels"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|c| c["address"].as_str())
+        .collect();
+    for topic in [
+        "business_store.schema.updated",
+        "business_store.data.created",
+        "business_store.data.updated",
+        "business_store.data.deleted",
+        "business_store.webhook.failed",
+        "auth.tenant.created",
+        "auth.tenant.deleted",
+        "business_store.dead_letter",
+        "records",
+    ] {
+        assert!(addresses.contains(&topic), "{topic} is not described");
+    }
+
+    // The AsyncAPI Initiative's parser (installed by scripts/test).
+    let modules = std::env::var("BSS_TEST_ASYNCAPI_MODULES").unwrap_or_else(|_| {
+        panic!("BSS_TEST_ASYNCAPI_MODULES is not set: run the tests with scripts/test")
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/support/validate_asyncapi.js");
+    let (ok, out, err) = run_with_stdin("node", &[script, &modules], doc.to_string().as_bytes());
+    assert!(ok, "the parser failed: {err}");
+    let diagnostics: Vec<Value> = serde_json::from_str(&out).unwrap();
+    // The one remark allowed: 3.1 exists (the document is 3.0, as the
+    // events contract asks).
+    let findings: Vec<&Value> = diagnostics
+        .iter()
+        .filter(|d| d["code"] != "asyncapi-latest-version")
+        .collect();
+    assert!(findings.is_empty(), "{findings:#?}");
+}

@@ -799,3 +799,42 @@ async fn the_endpoint_cap_is_per_tenant() {
     // Another tenant is not held to the first one's endpoints.
     register(&app, &other, spec).await;
 }
+
+#[tokio::test]
+async fn a_requests_trace_continues_into_its_event_and_the_webhook_delivery() {
+    let app = TestApp::spawn_with(open).await;
+    let rx = Receiver::start().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    register(
+        &app,
+        &token,
+        json!({"url": rx.url("/traced"), "events": ["business_store.data.created"]}),
+    )
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = send(
+        app.request(reqwest::Method::POST, "/v1/data/invoices", Some(&token))
+            .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+            .json(&json!({"number": "T-1", "total": 1})),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+
+    let log = wait_for_events(&app, &token, 2).await;
+    let created = log
+        .iter()
+        .find(|e| e["type"] == "business_store.data.created")
+        .unwrap();
+    let traceparent = created["traceparent"].as_str().unwrap_or_default();
+    assert!(
+        traceparent.starts_with(&format!("00-{trace}-")) && traceparent.len() == 55,
+        "{created:#}"
+    );
+    let hits = rx.wait_for("/traced", 1, Duration::from_secs(10)).await;
+    assert_eq!(hits[0].header("traceparent"), traceparent);
+
+    // A request without a trace starts none.
+    create_invoice(&app, &token, 2).await;
+    let log = wait_for_events(&app, &token, 3).await;
+    assert!(log[2].get("traceparent").is_none(), "{:#}", log[2]);
+}

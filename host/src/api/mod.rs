@@ -4,6 +4,7 @@
 //! limit and deadline, panic guard). Operational endpoints move to their own
 //! router when a separate listener is configured (`ops_addr`).
 
+pub mod asyncapi;
 pub mod broker;
 pub mod events;
 pub mod extract;
@@ -115,12 +116,20 @@ pub fn ops_app(state: SharedState) -> Router {
 pub fn app(state: SharedState) -> Router {
     let (router, openapi) = routes(state.settings.ops_addr.is_none());
     let openapi = Arc::new(openapi::complete(&openapi));
+    let asyncapi = Arc::new(asyncapi::document(
+        &state.settings.kafka_dead_letter_topic,
+        state.settings.kafka_record_topic.as_deref(),
+    ));
     let x_request_id = HeaderName::from_static("x-request-id");
     let body_timeout = Duration::from_millis(state.settings.http_body_timeout_ms);
     router
         .route(
             "/openapi.json",
             get(move || async move { Json(openapi.as_ref().clone()) }),
+        )
+        .route(
+            "/asyncapi.json",
+            get(move || async move { Json(asyncapi.as_ref().clone()) }),
         )
         .route_layer(middleware::from_fn(track_metrics))
         .route_layer(middleware::from_fn(trace_context))
@@ -145,14 +154,16 @@ pub fn app(state: SharedState) -> Router {
                         .extensions()
                         .get::<MatchedPath>()
                         .map_or("unmatched", |p| p.as_str());
-                    tracing::info_span!(
+                    let span = tracing::info_span!(
                         "request",
                         method = %req.method(),
                         route,
                         uri = %req.uri().path(),
                         request_id = %id,
                         tenant = tracing::field::Empty,
-                    )
+                    );
+                    crate::telemetry::continue_trace(&span, req.headers());
+                    span
                 })
                 .on_request(())
                 .on_response(access_log),
@@ -177,6 +188,7 @@ pub fn event_context(
             .chars()
             .take(128)
             .collect(),
+        traceparent: crate::services::identity::event_traceparent(),
     }
 }
 

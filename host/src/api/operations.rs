@@ -98,6 +98,7 @@ fn breakers(state: &SharedState) -> Value {
         ("taskService", state.tasks.service()),
     ];
     let mut out = serde_json::Map::new();
+    out.insert("plugins".into(), json!({"open": state.plugins.tripped()}));
     for (name, client) in clients {
         if let Some(c) = client {
             out.insert(

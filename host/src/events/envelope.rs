@@ -14,6 +14,9 @@ pub struct EventContext {
     pub source: String,
     /// The request's `x-request-id`.
     pub correlation_id: String,
+    /// A W3C `traceparent` in the request's trace (CloudEvents distributed
+    /// tracing extension), when the request came with one.
+    pub traceparent: Option<String>,
 }
 
 /// An event as the API serves it: a CloudEvents 1.0 envelope in structured
@@ -54,14 +57,18 @@ pub fn new_event_id() -> uuid::Uuid {
 /// The envelope without `id`, `type`, `subject` and `data`, which the
 /// outbox SQL adds per row.
 pub fn template(ctx: &EventContext, tenant: &TenantId) -> Value {
-    json!({
+    let mut envelope = json!({
         "specversion": "1.0",
         "source": ctx.source,
         "time": Utc::now(),
         "datacontenttype": "application/json",
         "tenantid": tenant.as_str(),
         "correlationid": ctx.correlation_id,
-    })
+    });
+    if let Some(traceparent) = &ctx.traceparent {
+        envelope["traceparent"] = json!(traceparent);
+    }
+    envelope
 }
 
 /// A complete envelope (schema events are built entirely in Rust).

@@ -292,6 +292,15 @@ impl Plugins {
         }
     }
 
+    /// How many plugins' breakers are open now, of every tenant (readiness
+    /// reports the number, never which).
+    pub fn tripped(&self) -> usize {
+        self.stats
+            .iter()
+            .filter(|s| s.breaker.state() == crate::services::BreakerState::Open)
+            .count()
+    }
+
     pub fn stats_of(&self, tenant: &str, name: &str) -> Arc<Stats> {
         self.stats
             .entry((tenant.to_owned(), name.to_owned()))

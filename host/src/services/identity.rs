@@ -141,6 +141,13 @@ pub fn trace_headers() -> (String, Option<String>) {
     )
 }
 
+/// The `traceparent` of an event a request causes (a span of its own in
+/// the request's trace), when the request came with a trace.
+pub fn event_traceparent() -> Option<String> {
+    let trace_id = TRACE.try_with(|t| t.trace_id.clone()).ok().flatten()?;
+    Some(format!("00-{trace_id}-{}-01", random_hex(8)))
+}
+
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()

@@ -498,6 +498,11 @@ pub async fn record(
     let ctx = crate::events::EventContext {
         source: by.source.to_owned(),
         correlation_id: c.event_id.to_string(),
+        traceparent: c
+            .envelope
+            .as_ref()
+            .and_then(|e| e["traceparent"].as_str())
+            .map(str::to_owned),
     };
     let mut event = |kind: &str, data: Value| {
         let id = crate::events::envelope::new_event_id();

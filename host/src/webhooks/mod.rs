@@ -601,6 +601,12 @@ async fn deliver(state: &SharedState, c: &Claimed) -> Outcome {
         Ok(t) => t,
         Err(e) => return Outcome::Failed(e),
     };
+    // The event's trace continues into the endpoint's.
+    if let Some(traceparent) = envelope["traceparent"].as_str()
+        && let Ok(v) = HeaderValue::from_str(traceparent)
+    {
+        target.headers.insert("traceparent", v);
+    }
     let id = c.event_id.to_string();
     let timestamp = Utc::now().timestamp();
     let signature = sign::header(&secrets, &id, timestamp, target.body.as_bytes());
