@@ -110,6 +110,26 @@ pub fn continue_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     let _ = span.set_parent(parent);
 }
 
+/// The current span as a W3C `traceparent`, when spans are exported: what
+/// the service passes on (peer calls, events, webhooks) then names a span
+/// the collector has.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    OTLP.get()?;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
 /// Exports the spans not sent yet (at shutdown).
 pub fn flush_traces() {
     if let Some(provider) = OTLP.get() {

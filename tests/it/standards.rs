@@ -312,3 +312,50 @@ async fn the_asyncapi_document_passes_the_asyncapi_parser() {
         .collect();
     assert!(findings.is_empty(), "{findings:#?}");
 }
+
+#[tokio::test]
+async fn preconditions_answer_the_same_with_validation_hooks_bound() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.install_plugin(
+        &token,
+        json!({"name": "no-negative-totals", "kind": "validation-hook",
+               "resources": ["invoices"], "config": {}}),
+        "no_negative_totals",
+    )
+    .await;
+    let patch = |path: &str, header: (&'static str, &'static str)| {
+        app.request(Method::PATCH, path, Some(&token))
+            .header(header.0, header.1)
+            .json(&json!({"total": 3}))
+    };
+    // If-Match: * on a missing record: 412, hooks or not.
+    let resp = send(patch("/v1/data/invoices/none", ("if-match", "*"))).await;
+    assert_problem(resp, 412).await;
+
+    let path = "/v1/data/invoices/pc-1";
+    assert_eq!(
+        app.put(path, &token, &json!({"number": "1", "total": 1}))
+            .await
+            .status(),
+        201
+    );
+    // Tags compare character by character: "01" is not "1".
+    assert_problem(send(patch(path, ("if-match", "\"01\""))).await, 412).await;
+    // If-None-Match: * on an existing record: 412; ETags there are for reads.
+    assert_problem(send(patch(path, ("if-none-match", "*"))).await, 412).await;
+    let resp = send(patch(path, ("if-none-match", "\"7\""))).await;
+    assert_eq!(resp.status(), 200);
+    let resp = send(
+        app.request(Method::DELETE, path, Some(&token))
+            .header("if-none-match", "*"),
+    )
+    .await;
+    assert_problem(resp, 412).await;
+    let resp = send(
+        app.request(Method::DELETE, "/v1/data/invoices/none", Some(&token))
+            .header("if-none-match", "*"),
+    )
+    .await;
+    assert_eq!(resp.status(), 404);
+}

@@ -122,7 +122,14 @@ impl Drop for TempDir {
 /// Settings for a test service: a fresh database, a random port; the
 /// guard drops the database and the plugin cache when it goes.
 pub fn test_settings() -> (Settings, Scratch) {
-    let database = format!("bss_test_{}", uuid::Uuid::new_v4().simple());
+    // `BSS_TEST_RUN` (set by `scripts/test`) tells this run's databases
+    // from another run's on the same server.
+    let run = std::env::var("BSS_TEST_RUN")
+        .ok()
+        .filter(|r| !r.is_empty() && r.len() <= 10 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(|r| format!("{r}_"))
+        .unwrap_or_default();
+    let database = format!("bss_test_{run}{}", uuid::Uuid::new_v4().simple());
     let plugin_cache = std::env::temp_dir().join(format!(
         "bss-test-plugin-cache-{}",
         uuid::Uuid::new_v4().simple()
@@ -357,8 +364,6 @@ pub fn mint(claims: &Claims) -> String {
     jwt::mint(SECRET, claims).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The `bss` binary: `BSS_TEST_BIN` (set by `scripts/test`, which builds
-/// it), else next to the test executable's directory.
 /// Runs `program` with `args`, `input` on its stdin; whether it succeeded,
 /// and what it wrote to stdout and to stderr.
 pub fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> (bool, String, String) {
@@ -407,6 +412,8 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("finding a free port: {e}"))
 }
 
+/// The `bss` binary: `BSS_TEST_BIN` (set by `scripts/test`, which builds
+/// it), else next to the test executable's directory.
 pub fn bss_binary() -> std::path::PathBuf {
     let bin = match std::env::var_os("BSS_TEST_BIN") {
         Some(p) => std::path::PathBuf::from(p),

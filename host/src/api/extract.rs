@@ -178,27 +178,15 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 }
 
 /// The preconditions of a write (RFC 9110 §13.1.1–13.1.2): `If-Match`
-/// with `*` (any current record) or one strong ETag (a weak one never
-/// matches: writes compare strongly), and, where `create_only` is allowed
-/// (PUT), `If-None-Match: *`.
-pub fn preconditions(headers: &HeaderMap, create_only: bool) -> Result<Precondition, ApiError> {
+/// with `*` (any current record) or a strong ETag (a weak one never
+/// matches: writes compare strongly), and `If-None-Match: *` (no current
+/// record: on PUT, create only). `If-None-Match` with ETags is for reads
+/// (304); a write ignores it.
+pub fn preconditions(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     let if_match = header_text(headers, header::IF_MATCH)?
         .map(parse_if_match)
         .transpose()?;
-    let absent = match header_text(headers, header::IF_NONE_MATCH)? {
-        None => false,
-        Some(v) if create_only && v.trim() == "*" => true,
-        Some(_) if create_only => {
-            return Err(ApiError::bad_request(
-                "If-None-Match on a write accepts only * (create the record only if it does not exist)",
-            ));
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "If-None-Match is not accepted on this write; use If-Match",
-            ));
-        }
-    };
+    let absent = header_text(headers, header::IF_NONE_MATCH)?.is_some_and(|v| v.trim() == "*");
     Ok(match (if_match, absent) {
         // If-Match needs a current record and If-None-Match: * none.
         (Some(_), true) => Precondition::Never,
@@ -241,8 +229,12 @@ fn parse_if_match(value: &str) -> Result<Precondition, ApiError> {
         };
         let tag = tag.strip_prefix('"').ok_or_else(malformed)?;
         let end = tag.find('"').ok_or_else(malformed)?;
-        // A weak tag, or one this API never issues, cannot match.
-        if let (false, Ok(v)) = (weak, tag[..end].parse::<i64>()) {
+        // A weak tag, or one this API never issues ("03" is not "3":
+        // tags compare character by character), cannot match.
+        let opaque = &tag[..end];
+        if let (false, Ok(v)) = (weak, opaque.parse::<i64>())
+            && v.to_string() == opaque
+        {
             versions.push(v);
         }
         rest = tag[end + 1..].trim_start();

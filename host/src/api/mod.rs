@@ -166,7 +166,10 @@ pub fn app(state: SharedState) -> Router {
                     span
                 })
                 .on_request(())
-                .on_response(access_log),
+                .on_response(access_log)
+                // A failure is in the access line (and an internal error
+                // logs its cause): no second line.
+                .on_failure(()),
         )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)

@@ -145,7 +145,6 @@ fn constrain(path: &str, param: &mut Value) {
     }
     match (location.as_str(), name.as_str()) {
         ("header", "If-Match") => pattern(schema, IF_MATCH_PATTERN),
-        ("header", "If-None-Match") => pattern(schema, r"^\*?$"),
         ("header", "Idempotency-Key") => pattern(schema, r"^[!-~]([ -~]{0,253}[!-~])?$"),
         ("query", "select") => pattern(schema, SELECT_PATTERN),
         ("query", "after" | "cursor") => {

@@ -476,7 +476,7 @@ async fn get_record(
 #[utoipa::path(put, path = "/v1/data/{resource}/{id}", tag = "records",
     params(("resource" = String, Path), ("id" = String, Path),
            ("If-Match" = Option<String>, Header, description = "Replace only at this ETag (strong), or only an existing record (*); weak tags never match"),
-           ("If-None-Match" = Option<String>, Header, description = "*: create only, 412 if the record exists")),
+           ("If-None-Match" = Option<String>, Header, description = "*: create only, 412 if the record exists (ETags here are ignored: they are for reads)")),
     request_body(content = Object),
     responses((status = 200, body = Record), (status = 201, body = Record),
               (status = 412, body = Problem), (status = 422, body = Problem)),
@@ -493,7 +493,7 @@ async fn put_record(
     let change = Change::Replace {
         id: RecordId::parse(&id)?,
         doc,
-        expected: preconditions(&headers, true)?,
+        expected: preconditions(&headers)?,
     };
     let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
     let Done::Replaced(record, created) = writer.write(&change).await? else {
@@ -525,7 +525,7 @@ async fn patch_record(
     let tenant = principal.tenant_with(Role::Writer)?;
     let resource = ResourceName::parse(&resource)?;
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
-    let expected = preconditions(&headers, false)?;
+    let expected = preconditions(&headers)?;
     if !patch.is_object() {
         return Err(ApiError::bad_request("a merge patch must be a JSON object"));
     }
@@ -557,7 +557,7 @@ async fn delete_record(
     let resource = ResourceName::parse(&resource)?;
     let change = Change::Delete {
         id: RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?,
-        expected: preconditions(&headers, false)?,
+        expected: preconditions(&headers)?,
     };
     let writer = Writer::new(&state, &principal, &headers, tenant, &resource);
     writer.write(&change).await?;
@@ -659,6 +659,14 @@ impl<'a> Writer<'a> {
     /// one if it moves on meanwhile): validate, ask the validation hooks,
     /// seal the `x-encrypted` values, store with the change events.
     async fn write(&self, change: &Change) -> ApiResult<Done> {
+        // A condition that cannot hold fails before any work is done.
+        if let Change::Replace { id, expected, .. }
+        | Change::Patch { id, expected, .. }
+        | Change::Delete { id, expected } = change
+            && *expected == Precondition::Never
+        {
+            return Err(expected.failure(id).into());
+        }
         let done = with_schema(
             self.state,
             self.tenant,
@@ -733,19 +741,23 @@ impl<'a> Writer<'a> {
                 let previous = self.current(schema, id).await?.map(|r| r.data);
                 one_doc(doc, previous.as_ref())
             }
-            Change::Patch { id, patch, .. } => {
+            Change::Patch {
+                id,
+                patch,
+                expected,
+            } => {
                 // Hooks run before the row is locked (they may take up to
                 // their deadline), on the version read here; the write then
                 // applies only to that version.
-                let current = self.existing(schema, id).await?;
+                let current = self.existing(schema, id, *expected).await?;
                 let mut doc = current.data.clone();
                 json_patch::merge(&mut doc, patch);
                 validate(schema, self.resource, &doc).await?;
                 seen = Some(current.version);
                 one_doc(&doc, Some(&current.data))
             }
-            Change::Delete { id, .. } => {
-                let current = self.existing(schema, id).await?;
+            Change::Delete { id, expected } => {
+                let current = self.existing(schema, id, *expected).await?;
                 one_doc(&current.data, Some(&current.data))
             }
             Change::Batch { items } => items
@@ -781,10 +793,19 @@ impl<'a> Writer<'a> {
         }
     }
 
-    async fn existing(&self, schema: &CompiledSchema, id: &RecordId) -> ApiResult<Record> {
-        self.current(schema, id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))
+    /// The record a PATCH or DELETE applies to; when there is none, 412 if
+    /// the request asked for a current one (`If-Match: *`), else 404.
+    async fn existing(
+        &self,
+        schema: &CompiledSchema,
+        id: &RecordId,
+        expected: Precondition,
+    ) -> ApiResult<Record> {
+        match self.current(schema, id).await? {
+            Some(record) => Ok(record),
+            None if expected == Precondition::Exists => Err(expected.failure(id).into()),
+            None => Err(ApiError::not_found(format!("record {id} not found"))),
+        }
     }
 
     /// Seals and stores, with the change events, in one statement or

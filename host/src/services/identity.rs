@@ -130,22 +130,27 @@ impl RequestTrace {
 /// is a request.
 pub fn trace_headers() -> (String, Option<String>) {
     let trace = TRACE.try_with(Clone::clone).ok();
-    let trace_id = trace
-        .as_ref()
-        .and_then(|t| t.trace_id.clone())
-        .unwrap_or_else(|| random_hex(16));
-    let parent = format!("00-{trace_id}-{}-01", random_hex(8));
+    let parent = crate::telemetry::current_traceparent().unwrap_or_else(|| {
+        let trace_id = trace
+            .as_ref()
+            .and_then(|t| t.trace_id.clone())
+            .unwrap_or_else(|| random_hex(16));
+        format!("00-{trace_id}-{}-01", random_hex(8))
+    });
     (
         parent,
         trace.map(|t| t.request_id).filter(|r| !r.is_empty()),
     )
 }
 
-/// The `traceparent` of an event a request causes (a span of its own in
-/// the request's trace), when the request came with a trace.
+/// The `traceparent` of an event a request causes: the request's exported
+/// span, or, when spans are not exported, a span of its own in the
+/// caller's trace; none when neither exists.
 pub fn event_traceparent() -> Option<String> {
-    let trace_id = TRACE.try_with(|t| t.trace_id.clone()).ok().flatten()?;
-    Some(format!("00-{trace_id}-{}-01", random_hex(8)))
+    crate::telemetry::current_traceparent().or_else(|| {
+        let trace_id = TRACE.try_with(|t| t.trace_id.clone()).ok().flatten()?;
+        Some(format!("00-{trace_id}-{}-01", random_hex(8)))
+    })
 }
 
 fn is_hex(s: &str, len: usize) -> bool {

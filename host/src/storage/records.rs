@@ -527,8 +527,16 @@ pub async fn delete(
     id: &RecordId,
     condition: Precondition,
 ) -> Result<i64, StorageError> {
-    if matches!(condition, Precondition::Never | Precondition::Absent) {
-        return Err(condition.failure(id));
+    match condition {
+        Precondition::Never => return Err(condition.failure(id)),
+        // If-None-Match: * — only a missing record, which cannot be deleted.
+        Precondition::Absent if get(pool, t, id).await?.is_some() => {
+            return Err(condition.failure(id));
+        }
+        Precondition::Absent => {
+            return Err(StorageError::NotFound(format!("record {id} not found")));
+        }
+        _ => {}
     }
     let sql = format!(
         "WITH ins AS (DELETE FROM {} WHERE id = $1 AND ($2::bigint IS NULL OR version = $2)
