@@ -150,11 +150,13 @@ async fn a_plugin_failing_repeatedly_is_tripped_and_reported() {
         .await;
     assert_eq!(resp.status(), 503, "tripped");
     assert!(resp.headers().contains_key("retry-after"));
+    // The 503 names the plugin, its version and what tripped it.
+    let detail = body(resp).await["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("plugin hostile version 1"), "{detail}");
+    assert!(detail.contains("tripped"), "{detail}");
     assert!(
-        body(resp).await["detail"]
-            .as_str()
-            .unwrap()
-            .contains("tripped")
+        detail.contains("its last failure") && detail.contains("traps on purpose"),
+        "{detail}"
     );
     let plugin = body(app.get("/v1/plugins/hostile", &token).await).await;
     assert_eq!(plugin["stats"]["breaker"], "open");
@@ -239,4 +241,34 @@ async fn a_plugin_that_sleeps_is_stopped_at_its_deadline() {
         .await;
     assert_eq!(resp.status(), 422);
     assert_limit(&body(resp).await, "deadline", "deadline of 50 ms");
+}
+
+#[tokio::test]
+async fn a_panicking_plugin_says_why_and_where_in_the_problem_and_its_stats() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.install_plugin(&token, hostile("trap", json!({})), "hostile")
+        .await;
+    let resp = app
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "A", "total": 1}),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    let problem = body(resp).await;
+    assert_limit(&problem, "trap", "trapped");
+    // The guest's stderr: the panic's message and its place in the source.
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("the hostile plugin traps on purpose") && detail.contains("src/lib.rs:"),
+        "{detail}"
+    );
+    let plugin = body(app.get("/v1/plugins/hostile", &token).await).await;
+    let last = plugin["stats"]["lastError"]["message"].as_str().unwrap();
+    assert!(
+        last.contains("the hostile plugin traps on purpose"),
+        "{plugin:#}"
+    );
 }

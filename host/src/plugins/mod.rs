@@ -89,9 +89,26 @@ impl Active {
     fn ready(&self) -> Result<&Loaded, Failure> {
         self.loaded.as_ref().map_err(|e| {
             let failure = Failure::Unavailable(e.clone());
-            self.stats.failed(&failure, Duration::ZERO);
+            self.failed(&failure, Duration::ZERO);
             failure
         })
+    }
+
+    /// Counts a failed call (stats, breaker) and logs it for the plugin's
+    /// author: tenant, plugin, version, the limit or trap and what the
+    /// plugin said on stderr; the request id is the line's span's.
+    fn failed(&self, failure: &Failure, took: Duration) {
+        if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
+            tracing::warn!(
+                tenant = %self.stats.tenant(),
+                plugin = %self.name,
+                version = self.version,
+                failure = failure.kind(),
+                took_ms = took.as_millis() as u64,
+                "plugin call failed: {failure}"
+            );
+        }
+        self.stats.failed(failure, took);
     }
 }
 
@@ -107,7 +124,7 @@ impl Active {
         let loaded = self.ready()?;
         if let Err(retry) = self.stats.breaker.try_acquire() {
             let failure = Failure::Tripped(retry.as_secs().max(1));
-            self.stats.failed(&failure, Duration::ZERO);
+            self.failed(&failure, Duration::ZERO);
             return Err(failure);
         }
         ctx.config.clone_from(&loaded.config);
@@ -115,7 +132,7 @@ impl Active {
         let result = run(loaded, &ctx);
         match &result {
             Ok(_) => self.stats.succeeded(start.elapsed(), false),
-            Err(failure) => self.stats.failed(failure, start.elapsed()),
+            Err(failure) => self.failed(failure, start.elapsed()),
         }
         result
     }
@@ -553,8 +570,29 @@ impl Plugins {
             };
             if let Err(retry) = hook.stats.breaker.try_acquire() {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
-                hook.stats.failed(&failure, Duration::ZERO);
-                return Err(refused(failure, retry.as_secs().max(1)));
+                hook.failed(&failure, Duration::ZERO);
+                // What tripped it, and how to get writes through now.
+                let last = hook
+                    .stats
+                    .last_failure()
+                    .map(|f| format!(" (its last failure: it {f})"))
+                    .unwrap_or_default();
+                let rollback = if hook.version > 1 {
+                    format!(
+                        "; to roll back, PUT /v1/plugins/{}/active {{\"version\": {}}}",
+                        hook.name,
+                        hook.version - 1
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(ApiError::Unavailable {
+                    detail: format!(
+                        "plugin {} version {} {failure}{last}; the write was refused and nothing was stored{rollback}",
+                        hook.name, hook.version
+                    ),
+                    retry_after_secs: retry.as_secs().max(1),
+                });
             }
             let ctx = Context {
                 tenant_id: tenant.to_owned(),
@@ -853,7 +891,7 @@ fn run_hook(
                 found.add(&doc.path, refusal, caps);
             }
             Err(failure) => {
-                hook.stats.failed(&failure, start.elapsed());
+                hook.failed(&failure, start.elapsed());
                 return Err((doc.path.clone(), failure));
             }
         }

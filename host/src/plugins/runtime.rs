@@ -415,7 +415,8 @@ impl Runtime {
         store
             .set_fuel(limits.fuel.unwrap_or(u64::MAX))
             .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        let out = f(&mut store).map_err(|e| classify(&e, store.data(), limits))?;
+        let out = f(&mut store)
+            .map_err(|e| explained(classify(&e, store.data(), limits), store.data()))?;
         store.data_mut().keep_queued_tasks();
         Ok(out)
     }
@@ -532,6 +533,22 @@ fn check_output(size: usize, limits: &Limits) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// A trap with what the guest said on stderr before it (a Rust panic's
+/// message and location: `panicked at src/lib.rs:12:5: …`).
+fn explained(failure: Failure, state: &CallState) -> Failure {
+    match failure {
+        Failure::Trap(trap) => {
+            let said = state.stderr();
+            if said.is_empty() {
+                Failure::Trap(trap)
+            } else {
+                Failure::Trap(format!("{trap}; the plugin wrote to stderr: {said}"))
+            }
+        }
+        other => other,
+    }
 }
 
 /// Names the limit a failed call hit.

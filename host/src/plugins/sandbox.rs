@@ -48,6 +48,9 @@ pub struct Caller {
 
 pub struct CallState {
     wasi: WasiCtx,
+    /// What the guest wrote to stderr (a Rust panic's message and place),
+    /// kept up to [`STDERR_KEPT`] bytes for the failure it explains.
+    stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
     table: ResourceTable,
     limiter: Limiter,
     caller: std::sync::Arc<Caller>,
@@ -59,6 +62,10 @@ pub struct CallState {
     /// Tasks an enricher asked for, written by the host after the call.
     queued: Vec<crate::tasks::PluginTask>,
 }
+
+/// The part of a call's stderr that is kept (the rest of a write is refused
+/// to the guest).
+pub const STDERR_KEPT: usize = 4096;
 
 /// Most tasks one call may ask for.
 const TASKS_PER_CALL: usize = 16;
@@ -82,12 +89,16 @@ impl CallState {
         services: Option<std::sync::Arc<PlatformServices>>,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
-        // Nothing is granted: no files, no environment, no network.
+        let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_KEPT);
+        // Nothing is granted: no files, no environment, no network; stderr
+        // is kept in memory, bounded, to explain a failure.
         wasi.allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .stderr(stderr.clone());
         Self {
             wasi: wasi.build(),
+            stderr,
             table: ResourceTable::new(),
             limiter: Limiter {
                 memory_max: limits.memory_bytes(),
@@ -115,6 +126,13 @@ impl CallState {
 
     pub fn memory_hit(&self) -> bool {
         self.limiter.memory_hit
+    }
+
+    /// What the guest wrote to stderr so far, trimmed (lossy UTF-8).
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.contents())
+            .trim()
+            .to_owned()
     }
 }
 

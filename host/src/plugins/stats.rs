@@ -38,6 +38,9 @@ struct Inner {
     latency: Option<Histogram<u64>>,
     failures: BTreeMap<&'static str, u64>,
     last_error: Option<LastError>,
+    /// The last failure of the plugin itself (not a refusal because it was
+    /// tripped or busy): what a tripped plugin's 503 names.
+    last_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -73,6 +76,7 @@ impl Stats {
                 latency: Histogram::new_with_bounds(1, 60_000_000, 2).ok(),
                 failures: BTreeMap::new(),
                 last_error: None,
+                last_failure: None,
             }),
             breaker: CircuitBreaker::new(threshold, open_for),
             tenant: String::new(),
@@ -85,6 +89,11 @@ impl Stats {
         self.tenant = tenant.to_owned();
         self.plugin = plugin.to_owned();
         self
+    }
+
+    /// The tenant these stats are of.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -130,6 +139,9 @@ impl Stats {
         {
             let mut inner = self.lock();
             *inner.failures.entry(failure.kind()).or_default() += 1;
+            if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
+                inner.last_failure = Some(failure.to_string());
+            }
             inner.last_error = Some(LastError {
                 at: Utc::now(),
                 kind: failure.kind().to_owned(),
@@ -137,6 +149,11 @@ impl Stats {
             });
         }
         self.timed(took, "failed");
+    }
+
+    /// The plugin's own last failure, if any.
+    pub fn last_failure(&self) -> Option<String> {
+        self.lock().last_failure.clone()
     }
 
     pub fn view(&self) -> StatsView {
