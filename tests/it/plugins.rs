@@ -839,3 +839,28 @@ async fn an_idempotent_replay_answers_the_first_result_whatever_the_hooks_say_no
         "a new key is checked"
     );
 }
+
+#[tokio::test]
+async fn a_hook_bound_to_a_resource_without_a_schema_is_refused_naming_the_tenants_resources() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let typo =
+        json!({"name": "typo", "kind": "validation-hook", "resources": ["invoices", "invoice"]});
+    let resp = app
+        .upload_plugin(&token, typo, plugin_bytes("no_negative_totals"))
+        .await;
+    assert_eq!(resp.status(), 422);
+    let problem = body(resp).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("resources: invoices"), "{detail}");
+    assert_eq!(problem["errors"][0]["path"], "/manifest/resources/1");
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 1);
+
+    // Said on purpose, for a schema created later: accepted.
+    let later = json!({"name": "later", "kind": "validation-hook", "resources": ["orders"],
+                       "allowMissingResources": true});
+    let resp = app
+        .upload_plugin(&token, later, plugin_bytes("no_negative_totals"))
+        .await;
+    assert_eq!(resp.status(), 201);
+}

@@ -205,6 +205,7 @@ async fn upload_plugin(
     };
     let manifest = manifest.ok_or_else(|| missing("manifest"))?;
     let module = module.ok_or_else(|| missing("module"))?;
+    check_bound_resources(&state, tenant, &manifest).await?;
     let kind = manifest.kind;
     let (name, version, sha256) = state
         .plugins
@@ -221,6 +222,60 @@ async fn upload_plugin(
             sha256,
             active: true,
         }),
+    ))
+}
+
+/// A hook or enricher bound to a resource without a schema would never run
+/// (a typo such as `order` for `orders`): refused, naming the tenant's
+/// resources, unless the manifest says `allowMissingResources`.
+async fn check_bound_resources(
+    state: &SharedState,
+    tenant: &crate::domain::TenantId,
+    manifest: &Manifest,
+) -> ApiResult<()> {
+    let bound = matches!(manifest.kind, Kind::ValidationHook | Kind::EventEnricher);
+    if !bound || manifest.allow_missing_resources {
+        return Ok(());
+    }
+    let named: Vec<&String> = manifest
+        .resources
+        .iter()
+        .filter(|r| r.as_str() != "*" && !r.starts_with('_'))
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let existing: Vec<String> = crate::storage::schemas::list_current(&state.pool, tenant)
+        .await?
+        .into_iter()
+        .map(|s| s.resource)
+        .collect();
+    let errors: Vec<FieldError> = manifest
+        .resources
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| named.contains(r) && !existing.contains(r))
+        .map(|(i, r)| {
+            FieldError::request(
+                format!("/manifest/resources/{i}"),
+                format!("the tenant has no resource {r:?}"),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::unprocessable(
+        format!(
+            "the plugin is bound to resources without a schema, so it would never run; the tenant's resources: {}; \
+             set \"allowMissingResources\": true in the manifest to bind to resources created later",
+            if existing.is_empty() {
+                "none yet".to_owned()
+            } else {
+                existing.join(", ")
+            }
+        ),
+        errors,
     ))
 }
 

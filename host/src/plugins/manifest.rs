@@ -195,6 +195,10 @@ pub struct Manifest {
     /// Validation hooks only: also run before deletes.
     #[serde(default)]
     pub on_delete: bool,
+    /// Accept `resources` that have no schema yet (for schemas created
+    /// later); without it, such a binding is refused, since it would never run.
+    #[serde(default)]
+    pub allow_missing_resources: bool,
 }
 
 /// Largest `config`, serialized.
