@@ -272,3 +272,26 @@ async fn a_panicking_plugin_says_why_and_where_in_the_problem_and_its_stats() {
         "{plugin:#}"
     );
 }
+
+#[tokio::test]
+async fn a_tripped_second_version_names_the_rollback() {
+    let app = TestApp::spawn_with(|s| s.plugin_breaker_threshold = 2).await;
+    let (_, token) = app.tenant_with_invoices().await;
+    for _ in 0..2 {
+        app.install_plugin(&token, hostile("trap", json!({})), "hostile")
+            .await;
+    }
+    let doc = json!({"number": "A", "total": 1});
+    let write = || app.post("/v1/data/invoices", &token, &doc);
+    for _ in 0..2 {
+        assert_eq!(write().await.status(), 422);
+    }
+    let resp = write().await;
+    assert_eq!(resp.status(), 503);
+    let detail = body(resp).await["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("plugin hostile version 2"), "{detail}");
+    assert!(
+        detail.contains(r#"PUT /v1/plugins/hostile/active {"version": 1}"#),
+        "{detail}"
+    );
+}
