@@ -71,9 +71,12 @@ impl Problem {
             errors: vec![],
         }
     }
+}
 
-    /// The problem as a response (`application/problem+json`).
-    pub fn into_response_with(self, status: StatusCode) -> Response {
+impl IntoResponse for Problem {
+    /// The problem as a response (`application/problem+json`), with its status.
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = (status, body).into_response();
         response.headers_mut().insert(
@@ -229,7 +232,7 @@ impl IntoResponse for ApiError {
         if let Self::Internal(e) = &self {
             tracing::error!(error = format!("{e:#}"), "internal error");
         }
-        let mut response = self.to_problem().into_response_with(self.status());
+        let mut response = self.to_problem().into_response();
         let headers = response.headers_mut();
         if let Self::Unavailable {
             retry_after_secs, ..

@@ -130,11 +130,21 @@ pub fn current_traceparent() -> Option<String> {
     })
 }
 
-/// Exports the spans not sent yet (at shutdown).
+/// How long shutdown waits for the last spans to reach the collector.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Exports the spans not sent yet (at shutdown), waiting at most
+/// [`FLUSH_WAIT`]: a collector that hangs does not hold the exit.
 pub fn flush_traces() {
-    if let Some(provider) = OTLP.get() {
+    let Some(provider) = OTLP.get() else {
+        return;
+    };
+    let (done, flushed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let _ = provider.force_flush();
-    }
+        let _ = done.send(());
+    });
+    let _ = flushed.recv_timeout(FLUSH_WAIT);
 }
 
 struct Headers<'a>(&'a axum::http::HeaderMap);

@@ -35,6 +35,18 @@ async fn attack(app: &TestApp, manifest: Value) -> (u16, Value, u64) {
     (status, problem, stored)
 }
 
+/// One invoice write by `token`: its status and answer.
+async fn write_invoice(app: &TestApp, token: &str) -> (u16, Value) {
+    let resp = app
+        .post(
+            "/v1/data/invoices",
+            token,
+            &json!({"number": "A", "total": 1}),
+        )
+        .await;
+    (resp.status().as_u16(), body(resp).await)
+}
+
 fn assert_limit(problem: &Value, code: &str, words: &str) {
     assert_eq!(
         problem["type"], "https://business-store.dev/problems/plugin-failed",
@@ -249,15 +261,8 @@ async fn a_panicking_plugin_says_why_and_where_in_the_problem_and_its_stats() {
     let (_, token) = app.tenant_with_invoices().await;
     app.install_plugin(&token, hostile("trap", json!({})), "hostile")
         .await;
-    let resp = app
-        .post(
-            "/v1/data/invoices",
-            &token,
-            &json!({"number": "A", "total": 1}),
-        )
-        .await;
-    assert_eq!(resp.status(), 422);
-    let problem = body(resp).await;
+    let (status, problem) = write_invoice(&app, &token).await;
+    assert_eq!(status, 422);
     assert_limit(&problem, "trap", "trapped");
     // The guest's stderr: the panic's message and its place in the source.
     let detail = problem["detail"].as_str().unwrap();
@@ -281,17 +286,47 @@ async fn a_tripped_second_version_names_the_rollback() {
         app.install_plugin(&token, hostile("trap", json!({})), "hostile")
             .await;
     }
-    let doc = json!({"number": "A", "total": 1});
-    let write = || app.post("/v1/data/invoices", &token, &doc);
     for _ in 0..2 {
-        assert_eq!(write().await.status(), 422);
+        assert_eq!(write_invoice(&app, &token).await.0, 422);
     }
-    let resp = write().await;
-    assert_eq!(resp.status(), 503);
-    let detail = body(resp).await["detail"].as_str().unwrap().to_owned();
+    let (status, problem) = write_invoice(&app, &token).await;
+    assert_eq!(status, 503);
+    let detail = problem["detail"].as_str().unwrap().to_owned();
     assert!(detail.contains("plugin hostile version 2"), "{detail}");
     assert!(
         detail.contains(r#"PUT /v1/plugins/hostile/active {"version": 1}"#),
         "{detail}"
     );
+}
+
+#[tokio::test]
+async fn a_plugin_flooding_stderr_is_cut_at_the_bound_while_another_tenant_writes() {
+    let app = TestApp::spawn().await;
+    let (_, flooder) = app.tenant_with_invoices().await;
+    app.install_plugin(&flooder, hostile("stderr-flood", json!({})), "hostile")
+        .await;
+    let (_, calm) = app.tenant_with_invoices().await;
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let req = app
+                .request(reqwest::Method::POST, "/v1/data/invoices", Some(&flooder))
+                .json(&json!({"number": "F", "total": 1}));
+            tokio::spawn(async move { body(send(req).await).await })
+        })
+        .collect();
+    // The other tenant is served throughout.
+    for _ in 0..10 {
+        assert_eq!(write_invoice(&app, &calm).await.0, 201);
+    }
+    for flood in floods {
+        let problem = flood.await.unwrap();
+        assert_limit(&problem, "trap", "trapped");
+        // 16 MiB were written; what reaches the answer is the first 4 kB.
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("the plugin wrote to stderr: xxx"),
+            "{detail}"
+        );
+        assert!(detail.len() < 6 * 1024, "{} bytes of detail", detail.len());
+    }
 }

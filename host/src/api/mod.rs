@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -115,22 +115,16 @@ pub fn ops_app(state: SharedState) -> Router {
 /// The whole application, as the binary serves it and the tests drive it.
 pub fn app(state: SharedState) -> Router {
     let (router, openapi) = routes(state.settings.ops_addr.is_none());
-    let openapi = Arc::new(openapi::complete(&openapi));
-    let asyncapi = Arc::new(asyncapi::document(
+    let openapi = json_document(&openapi::complete(&openapi));
+    let asyncapi = json_document(&asyncapi::document(
         &state.settings.kafka_dead_letter_topic,
         state.settings.kafka_record_topic.as_deref(),
     ));
     let x_request_id = HeaderName::from_static("x-request-id");
     let body_timeout = Duration::from_millis(state.settings.http_body_timeout_ms);
     router
-        .route(
-            "/openapi.json",
-            get(move || async move { Json(openapi.as_ref().clone()) }),
-        )
-        .route(
-            "/asyncapi.json",
-            get(move || async move { Json(asyncapi.as_ref().clone()) }),
-        )
+        .route("/openapi.json", openapi)
+        .route("/asyncapi.json", asyncapi)
         .route_layer(middleware::from_fn(track_metrics))
         .route_layer(middleware::from_fn(trace_context))
         .route_layer(middleware::from_fn(tenant_gate::rate_limit_headers))
@@ -173,6 +167,12 @@ pub fn app(state: SharedState) -> Router {
         )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// A fixed JSON document, serialized once and served as it is.
+fn json_document(doc: &serde_json::Value) -> axum::routing::MethodRouter<SharedState> {
+    let body = Bytes::from(serde_json::to_vec(doc).unwrap_or_default());
+    get(move || async move { ([(header::CONTENT_TYPE, "application/json")], body) })
 }
 
 /// The event context of a request: this replica as `source`, the request
@@ -294,8 +294,7 @@ fn request_timeout(limit: Duration) -> Response {
         "the request body did not arrive within {} ms; send it at once",
         limit.as_millis()
     );
-    let mut response =
-        Problem::of_status(status, "request-timeout", detail).into_response_with(status);
+    let mut response = Problem::of_status(status, "request-timeout", detail).into_response();
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -347,7 +346,7 @@ async fn problem_documents(req: Request, next: Next) -> Response {
     } else {
         detail
     };
-    let problem = Problem::of_status(status, slug, detail).into_response_with(status);
+    let problem = Problem::of_status(status, slug, detail).into_response();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,

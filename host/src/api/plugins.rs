@@ -245,11 +245,7 @@ async fn check_bound_resources(
     if named.is_empty() {
         return Ok(());
     }
-    let existing: Vec<String> = crate::storage::schemas::list_current(&state.pool, tenant)
-        .await?
-        .into_iter()
-        .map(|s| s.resource)
-        .collect();
+    let existing = crate::storage::schemas::resource_names(&state.pool, tenant).await?;
     let errors: Vec<FieldError> = manifest
         .resources
         .iter()

@@ -145,40 +145,48 @@ impl KafkaPublisher {
     pub async fn send(&self, events: &[OutboxEvent]) -> Result<Acks, PublishError> {
         // Each event to its type's topic, and record events to the record
         // topic too when there is one.
-        let mut sends: Vec<(&OutboxEvent, String)> = Vec::with_capacity(events.len());
-        for e in events {
-            sends.push((e, self.topic_of(e)));
-            if let Some(topic) = &self.config.record_topic
-                && e.kind.starts_with(super::envelope::DATA_PREFIX)
-            {
-                sends.push((e, topic.clone()));
-            }
-        }
-        let mut distinct: Vec<String> = sends.iter().map(|(_, t)| t.clone()).collect();
+        let topics: Vec<(String, Option<&String>)> = events
+            .iter()
+            .map(|e| {
+                let record_topic = self
+                    .config
+                    .record_topic
+                    .as_ref()
+                    .filter(|_| e.kind.starts_with(super::envelope::DATA_PREFIX));
+                (self.topic_of(e), record_topic)
+            })
+            .collect();
+        let mut distinct: Vec<String> = topics
+            .iter()
+            .flat_map(|(t, r)| std::iter::once(t).chain(*r).cloned())
+            .collect();
         distinct.sort();
         distinct.dedup();
         self.ensure_topics(&distinct).await?;
-        let mut pending = Vec::with_capacity(sends.len());
+        let mut pending = Vec::with_capacity(events.len());
         let mut bytes = 0;
-        for (e, topic) in &sends {
+        for (e, (topic, record_topic)) in events.iter().zip(&topics) {
+            // Built once, sent to one topic or two.
             let message = CloudEventMessage::of(&e.envelope, self.config.structured);
-            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
-            for (key, value) in &message.headers {
-                headers = headers.insert(Header {
-                    key: key.as_str(),
-                    value: Some(value.as_str()),
-                });
+            for topic in std::iter::once(topic).chain(*record_topic) {
+                let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+                for (key, value) in &message.headers {
+                    headers = headers.insert(Header {
+                        key: key.as_str(),
+                        value: Some(value.as_str()),
+                    });
+                }
+                bytes += message.value.len() + e.kafka_key.len();
+                let record = FutureRecord::to(topic)
+                    .key(e.kafka_key.as_str())
+                    .payload(message.value.as_str())
+                    .headers(headers);
+                let delivery = self.producer.send_result(record).map_err(|(err, _)| {
+                    self.health.store(Health::FAILING, Ordering::Relaxed);
+                    PublishError(format!("enqueueing to {topic}: {err}"))
+                })?;
+                pending.push(delivery);
             }
-            bytes += message.value.len() + e.kafka_key.len();
-            let record = FutureRecord::to(topic)
-                .key(e.kafka_key.as_str())
-                .payload(message.value.as_str())
-                .headers(headers);
-            let delivery = self.producer.send_result(record).map_err(|(err, _)| {
-                self.health.store(Health::FAILING, Ordering::Relaxed);
-                PublishError(format!("enqueueing to {topic}: {err}"))
-            })?;
-            pending.push(delivery);
         }
         Ok(Acks {
             pending,

@@ -131,11 +131,8 @@ impl RequestTrace {
 pub fn trace_headers() -> (String, Option<String>) {
     let trace = TRACE.try_with(Clone::clone).ok();
     let parent = crate::telemetry::current_traceparent().unwrap_or_else(|| {
-        let trace_id = trace
-            .as_ref()
-            .and_then(|t| t.trace_id.clone())
-            .unwrap_or_else(|| random_hex(16));
-        format!("00-{trace_id}-{}-01", random_hex(8))
+        let trace_id = trace.as_ref().and_then(|t| t.trace_id.clone());
+        span_in(&trace_id.unwrap_or_else(|| random_hex(16)))
     });
     (
         parent,
@@ -149,8 +146,13 @@ pub fn trace_headers() -> (String, Option<String>) {
 pub fn event_traceparent() -> Option<String> {
     crate::telemetry::current_traceparent().or_else(|| {
         let trace_id = TRACE.try_with(|t| t.trace_id.clone()).ok().flatten()?;
-        Some(format!("00-{trace_id}-{}-01", random_hex(8)))
+        Some(span_in(&trace_id))
     })
+}
+
+/// A `traceparent` naming a new span in trace `trace_id`.
+fn span_in(trace_id: &str) -> String {
+    format!("00-{trace_id}-{}-01", random_hex(8))
 }
 
 fn is_hex(s: &str, len: usize) -> bool {

@@ -67,6 +67,18 @@ pub async fn current(
         .map_err(StorageError::from_tenant_query)
 }
 
+/// The names of the tenant's resources (those with a schema).
+pub async fn resource_names(pool: &PgPool, tenant: &TenantId) -> Result<Vec<String>, StorageError> {
+    let sql = format!(
+        "SELECT resource FROM {}._resources ORDER BY resource",
+        tenant.schema_ident()
+    );
+    sqlx::query_scalar(&sql)
+        .fetch_all(pool)
+        .await
+        .map_err(StorageError::from_tenant_query)
+}
+
 pub async fn list_current(
     pool: &PgPool,
     tenant: &TenantId,

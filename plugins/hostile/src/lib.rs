@@ -67,6 +67,15 @@ impl ValidationHook for Hostile {
             // A refusal far larger than the output limit.
             "huge" => Err(vec![Violation::new("", "x".repeat(2 << 20))]),
             "trap" => panic!("the hostile plugin traps on purpose"),
+            // Floods stderr (16 MiB), then panics: only the first part of
+            // what it wrote may reach the host's answer and logs.
+            "stderr-flood" => {
+                let line = "x".repeat(1024);
+                for _ in 0..16 * 1024 {
+                    eprintln!("{line}");
+                }
+                panic!("after the flood")
+            }
             // A service call that never answers (on a path the task
             // service serves, so the host lets it through).
             "hang-forward" => match forward("task", "/api/task/schedule", &Value::Null) {
