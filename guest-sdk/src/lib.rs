@@ -46,10 +46,12 @@ use std::marker::PhantomData;
 pub use serde_json;
 use serde_json::Value;
 
+mod event;
 mod host_calls;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 
+pub use event::{ChangeKind, Event, RecordChange};
 pub use host_calls::{Level, forward, log};
 
 #[cfg(all(
@@ -68,7 +70,7 @@ compile_error!(
 #[cfg(feature = "validation-hook")]
 pub mod validation_hook {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "validation-hook",
         pub_export_macro: true,
         export_macro_name: "__export_validation_hook",
@@ -80,7 +82,7 @@ pub mod validation_hook {
 #[cfg(feature = "event-enricher")]
 pub mod event_enricher {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "event-enricher",
         pub_export_macro: true,
         export_macro_name: "__export_event_enricher",
@@ -92,7 +94,7 @@ pub mod event_enricher {
 #[cfg(feature = "webhook-transformer")]
 pub mod webhook_transformer {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "webhook-transformer",
         pub_export_macro: true,
         export_macro_name: "__export_webhook_transformer",
@@ -281,23 +283,26 @@ macro_rules! export_validation_hook {
 /// `specversion`, `subject`, `tenantid` and `time`), or drop the event by
 /// returning `None`. If it fails, the original event is published.
 ///
-/// Feature `event-enricher`. A complete plugin:
+/// Feature `event-enricher`. The event is typed ([`Event`], its `data` a
+/// [`RecordChange`] for record events); the record is in it only when the
+/// resource's schema says `"x-event-payload": "full"`. A complete plugin:
 ///
 /// ```
-/// use bss_plugin::serde_json::{Value, json};
-/// use bss_plugin::{Context, EventEnricher};
+/// use bss_plugin::serde_json::json;
+/// use bss_plugin::{ChangeKind, Context, Event, EventEnricher};
 ///
 /// /// Marks large invoices, and drops events of draft invoices.
 /// pub struct LargeInvoices;
 ///
 /// impl EventEnricher for LargeInvoices {
-///     fn enrich(ctx: &Context, mut event: Value) -> Option<Value> {
-///         if event["data"]["data"]["status"] == "draft" {
+///     fn enrich(ctx: &Context, mut event: Event) -> Option<Event> {
+///         let record = event.record().cloned().unwrap_or_default();
+///         if record["status"] == "draft" {
 ///             return None;
 ///         }
 ///         let threshold = ctx.config["threshold"].as_f64().unwrap_or(10_000.0);
-///         let large = event["data"]["data"]["total"].as_f64().is_some_and(|t| t >= threshold);
-///         event["large"] = json!(large);
+///         let large = record["total"].as_f64().is_some_and(|t| t >= threshold);
+///         event.set_extension("large", large);
 ///         Some(event)
 ///     }
 /// }
@@ -305,13 +310,14 @@ macro_rules! export_validation_hook {
 /// bss_plugin::export_event_enricher!(LargeInvoices);
 ///
 /// let ctx = Context::for_test(json!({"threshold": 100}));
-/// let out = LargeInvoices::enrich(&ctx, json!({"data": {"data": {"total": 150}}})).unwrap();
-/// assert_eq!(out["large"], true);
-/// assert!(LargeInvoices::enrich(&ctx, json!({"data": {"data": {"status": "draft"}}})).is_none());
+/// let event = |record| Event::for_test(ChangeKind::Created, "invoices", "1", Some(record));
+/// let out = LargeInvoices::enrich(&ctx, event(json!({"total": 150}))).unwrap();
+/// assert_eq!(out.extension("large"), Some(&json!(true)));
+/// assert!(LargeInvoices::enrich(&ctx, event(json!({"status": "draft"}))).is_none());
 /// ```
 pub trait EventEnricher {
     /// The event to publish (changed or not), or `None` to drop it.
-    fn enrich(ctx: &Context, event: Value) -> Option<Value>;
+    fn enrich(ctx: &Context, event: Event) -> Option<Event>;
 }
 
 /// Adapts an [`EventEnricher`] to the generated bindings.
@@ -323,10 +329,10 @@ impl<T: EventEnricher> event_enricher::Guest for EventEnricherExport<T> {
     fn enrich(ctx: event_enricher::bss::plugin::types::Context, event: String) -> Option<String> {
         let ctx = context_from!(ctx);
         // An unreadable event goes on unchanged.
-        let Ok(value) = serde_json::from_str::<Value>(&event) else {
+        let Ok(typed) = serde_json::from_str::<Event>(&event) else {
             return Some(event);
         };
-        T::enrich(&ctx, value).map(|e| e.to_string())
+        T::enrich(&ctx, typed).map(|e| serde_json::to_string(&e).unwrap_or(event))
     }
 }
 
@@ -361,15 +367,15 @@ pub struct WebhookRequest {
 /// Feature `webhook-transformer`. A complete plugin:
 ///
 /// ```
-/// use bss_plugin::serde_json::{Value, json};
-/// use bss_plugin::{Context, WebhookRequest, WebhookTransformer};
+/// use bss_plugin::serde_json::json;
+/// use bss_plugin::{ChangeKind, Context, Event, WebhookRequest, WebhookTransformer};
 ///
 /// /// Sends a chat-style message instead of the raw event.
 /// pub struct ChatMessage;
 ///
 /// impl WebhookTransformer for ChatMessage {
-///     fn transform(_ctx: &Context, event: &Value, mut request: WebhookRequest) -> Option<WebhookRequest> {
-///         let text = format!("{} {}", event["type"].as_str()?, event["subject"].as_str()?);
+///     fn transform(_ctx: &Context, event: &Event, mut request: WebhookRequest) -> Option<WebhookRequest> {
+///         let text = format!("{} {}", event.event_type, event.subject.as_deref()?);
 ///         request.body = json!({"text": text}).to_string();
 ///         request.headers.push(("content-type".into(), "application/json".into()));
 ///         Some(request)
@@ -379,13 +385,13 @@ pub struct WebhookRequest {
 /// bss_plugin::export_webhook_transformer!(ChatMessage);
 ///
 /// let request = WebhookRequest { method: "POST".into(), path: "/hook".into(), headers: vec![], body: String::new() };
-/// let event = json!({"type": "business_store.data.created", "subject": "invoices/1"});
+/// let event = Event::for_test(ChangeKind::Created, "invoices", "1", None);
 /// let out = ChatMessage::transform(&Context::for_test(json!({})), &event, request).unwrap();
 /// assert_eq!(out.body, r#"{"text":"business_store.data.created invoices/1"}"#);
 /// ```
 pub trait WebhookTransformer {
     /// The request to send, or `None` to cancel the delivery.
-    fn transform(ctx: &Context, event: &Value, request: WebhookRequest) -> Option<WebhookRequest>;
+    fn transform(ctx: &Context, event: &Event, request: WebhookRequest) -> Option<WebhookRequest>;
 }
 
 /// Adapts a [`WebhookTransformer`] to the generated bindings.
@@ -400,7 +406,7 @@ impl<T: WebhookTransformer> webhook_transformer::Guest for WebhookTransformerExp
         request: webhook_transformer::bss::plugin::types::WebhookRequest,
     ) -> Option<webhook_transformer::bss::plugin::types::WebhookRequest> {
         let ctx = context_from!(ctx);
-        let event = serde_json::from_str::<Value>(&event).unwrap_or(Value::Null);
+        let event = serde_json::from_str::<Event>(&event).unwrap_or_default();
         let request = WebhookRequest {
             method: request.method,
             path: request.path,

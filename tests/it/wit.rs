@@ -3,7 +3,7 @@
 
 #[test]
 fn the_wit_package_parses_and_has_the_three_worlds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/wit");
     let mut resolve = wit_parser::Resolve::default();
     let (package, _) = resolve.push_dir(&dir).unwrap();
     let pkg = &resolve.packages[package];

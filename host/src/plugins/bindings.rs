@@ -1,10 +1,10 @@
-//! Host-side bindings of the WIT package (`wit/plugin.wit`), one module per
+//! Host-side bindings of the WIT package (`guest-sdk/wit/plugin.wit`), one module per
 //! world. The shared interfaces (`types`, `host`) are generated once, with
 //! the validation-hook world, and reused by the other two.
 
 pub mod validation {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../guest-sdk/wit",
         world: "validation-hook",
         imports: { "bss:plugin/host.forward": trappable },
     });
@@ -12,7 +12,7 @@ pub mod validation {
 
 pub mod enricher {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../guest-sdk/wit",
         world: "event-enricher",
         with: {
             "bss:plugin/types": super::validation::bss::plugin::types,
@@ -23,7 +23,7 @@ pub mod enricher {
 
 pub mod transformer {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../guest-sdk/wit",
         world: "webhook-transformer",
         with: {
             "bss:plugin/types": super::validation::bss::plugin::types,

@@ -9,14 +9,14 @@
 //! default), optionally `"types"`: event types to act on (default all).
 //! The manifest must grant the `task` service.
 
-use bss_plugin::serde_json::{Value, json};
-use bss_plugin::{Context, EventEnricher, Level, forward, log};
+use bss_plugin::serde_json::json;
+use bss_plugin::{Context, Event, EventEnricher, Level, forward, log};
 
 /// The enricher.
 pub struct TaskScheduler;
 
 impl EventEnricher for TaskScheduler {
-    fn enrich(ctx: &Context, mut event: Value) -> Option<Value> {
+    fn enrich(ctx: &Context, mut event: Event) -> Option<Event> {
         if let Some(types) = ctx.config["types"].as_array()
             && !types
                 .iter()
@@ -31,19 +31,19 @@ impl EventEnricher for TaskScheduler {
             "task": task,
             "tenantId": ctx.tenant_id,
             "resource": ctx.resource,
-            "event": {"id": event["id"], "type": event["type"], "subject": event["subject"]},
+            "event": {"id": event.id, "type": event.event_type, "subject": event.subject},
         });
         match forward("task", "/api/task/schedule", &request) {
             Ok(answer) => {
                 let id = answer["taskId"].clone();
-                event["scheduledtask"] = id.clone();
-                if let Some(data) = event["data"].as_object_mut() {
+                event.set_extension("scheduledtask", id.clone());
+                if let Some(data) = event.data.as_object_mut() {
                     data.insert("task".into(), json!({"name": task, "id": id}));
                 }
             }
             Err(e) => {
                 log(Level::Warn, &format!("scheduling {task} failed: {e}"));
-                event["schedulingerror"] = json!(e);
+                event.set_extension("schedulingerror", e);
             }
         }
         Some(event)
@@ -57,8 +57,8 @@ mod tests {
     use super::*;
     use bss_plugin::testing;
 
-    fn event() -> Value {
-        json!({"id": "e1", "type": "business_store.data.created", "subject": "invoices/1", "data": {"recordId": "1"}})
+    fn event() -> Event {
+        Event::for_test(bss_plugin::ChangeKind::Created, "invoices", "1", None)
     }
 
     #[test]
@@ -71,15 +71,18 @@ mod tests {
         let mut ctx = Context::for_test(json!({"task": "reindex"}));
         ctx.operation = "business_store.data.created".into();
         let out = TaskScheduler::enrich(&ctx, event()).unwrap();
-        assert_eq!(out["scheduledtask"], "t-1");
-        assert_eq!(out["data"]["task"], json!({"name": "reindex", "id": "t-1"}));
+        assert_eq!(out.extension("scheduledtask"), Some(&json!("t-1")));
+        assert_eq!(out.data["task"], json!({"name": "reindex", "id": "t-1"}));
     }
 
     #[test]
     fn a_failing_service_leaves_the_event_with_the_reason() {
         testing::on_forward(|_, _, _| Err("unavailable".into()));
         let out = TaskScheduler::enrich(&Context::for_test(json!({})), event()).unwrap();
-        assert_eq!(out["schedulingerror"], "unavailable");
+        assert_eq!(
+            out.extension("schedulingerror"),
+            Some(&json!("unavailable"))
+        );
         assert_eq!(testing::logs().len(), 1);
     }
 

@@ -3,8 +3,8 @@
 //! event types listed in `config.skip`, and traps on those in
 //! `config.trapOn` (to show what a failing transformer does).
 
-use bss_plugin::serde_json::{Value, json};
-use bss_plugin::{Context, WebhookRequest, WebhookTransformer};
+use bss_plugin::serde_json::json;
+use bss_plugin::{Context, Event, WebhookRequest, WebhookTransformer};
 
 /// The transformer.
 pub struct WebhookChat;
@@ -12,10 +12,10 @@ pub struct WebhookChat;
 impl WebhookTransformer for WebhookChat {
     fn transform(
         ctx: &Context,
-        event: &Value,
+        event: &Event,
         mut request: WebhookRequest,
     ) -> Option<WebhookRequest> {
-        let kind = event["type"].as_str().unwrap_or_default();
+        let kind = event.event_type.as_str();
         let listed = |key: &str| {
             ctx.config[key]
                 .as_array()
@@ -30,7 +30,7 @@ impl WebhookTransformer for WebhookChat {
         if let Some(path) = ctx.config["path"].as_str() {
             request.path = path.to_owned();
         }
-        let subject = event["subject"].as_str().unwrap_or_default();
+        let subject = event.subject.as_deref().unwrap_or_default();
         request.body = json!({"text": format!("{kind} {subject}")}).to_string();
         request
             .headers
@@ -47,6 +47,7 @@ bss_plugin::export_webhook_transformer!(WebhookChat);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bss_plugin::ChangeKind;
 
     fn request() -> WebhookRequest {
         WebhookRequest {
@@ -59,7 +60,7 @@ mod tests {
 
     #[test]
     fn rewrites_the_body_and_cancels_skipped_types() {
-        let event = json!({"type": "business_store.data.created", "subject": "invoices/7"});
+        let event = Event::for_test(ChangeKind::Created, "invoices", "7", None);
         let out = WebhookChat::transform(&Context::for_test(json!({})), &event, request()).unwrap();
         assert_eq!(
             out.body,
@@ -79,7 +80,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "asked to trap")]
     fn traps_on_the_listed_types() {
-        let event = json!({"type": "business_store.data.updated", "subject": "invoices/7"});
+        let event = Event::for_test(ChangeKind::Updated, "invoices", "7", None);
         let trap = Context::for_test(json!({"trapOn": ["business_store.data.updated"]}));
         WebhookChat::transform(&trap, &event, request());
     }
