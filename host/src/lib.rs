@@ -11,6 +11,7 @@ pub mod dev_services;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod plugin_cli;
 pub mod plugins;
 pub mod secret_file;
 pub mod services;

@@ -4,7 +4,8 @@
 //! that secret: one it generated itself would sign tokens the service
 //! refuses, so without a secret it fails and says what to do.
 //! `bss dev-services` runs local stand-ins of the Validation, Auth and Task
-//! Execution services (see `bss::dev_services`).
+//! Execution services (see `bss::dev_services`). `bss plugin …` are a
+//! plugin author's tools (see `bss::plugin_cli`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,11 +18,16 @@ const USAGE: &str = "usage:
   bss serve
   bss token [--tenant ID] [--roles reader,writer,admin,platform-admin] [--sub NAME] [--ttl SECONDS]
   bss dev-services [--addr 127.0.0.1:7070]     local stand-ins of the Validation, Auth and Task services
-  bss dev-services token [--tenant ID] [--roles ...] [--sub NAME] [--ttl SECONDS] [--addr 127.0.0.1:7070]";
+  bss dev-services token [--tenant ID] [--roles ...] [--sub NAME] [--ttl SECONDS] [--addr 127.0.0.1:7070]
+  bss plugin new|build|test|run|push ...       a plugin author's tools (`bss plugin help`)";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // An author's tools need no service settings.
+    if args.first().map(String::as_str) == Some("plugin") {
+        return bss::plugin_cli::command(&args[1..]).await;
+    }
     let settings = Settings::load()?;
     match args.first().map(String::as_str) {
         None | Some("serve") => {

@@ -20,6 +20,7 @@ mod listing;
 mod noisy_neighbours;
 mod operations;
 mod peers;
+mod plugin_author;
 mod plugin_bounds;
 mod plugins;
 mod records;

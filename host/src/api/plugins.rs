@@ -4,12 +4,12 @@
 
 use axum::Json;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -17,8 +17,10 @@ use super::extract::JsonBody;
 use crate::app_state::SharedState;
 use crate::auth::{Principal, Role};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::plugins::calls::{self, CallRow, LogRow};
 use crate::plugins::manifest::valid_name;
 use crate::plugins::{Kind, Manifest, StatsView};
+use crate::storage::StorageError;
 use crate::storage::plugins as store;
 
 /// Largest manifest part.
@@ -32,6 +34,131 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .layer(DefaultBodyLimit::disable())
         .routes(routes!(get_plugin, delete_plugin))
         .routes(routes!(activate_plugin))
+        .routes(routes!(plugin_logs))
+        .routes(routes!(plugin_calls))
+        .routes(routes!(plugin_call))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// Lines after this id (the `next` of the previous page; 0 from the start).
+    #[param(minimum = 0)]
+    after: Option<i64>,
+    /// 1-1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct LogPage {
+    /// Oldest first.
+    items: Vec<LogRow>,
+    /// Pass as `after` to read on (also to follow: lines logged later).
+    next: i64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct CallsQuery {
+    /// The `nextCursor` of the previous page.
+    after: Option<String>,
+    /// 1-1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct CallPage {
+    /// Newest first.
+    items: Vec<CallRow>,
+    /// Pass as `after` for the next page; null when this page was not full.
+    next_cursor: Option<String>,
+}
+
+/// What the plugin logged (its newest 1,000 lines, of the last 3 days),
+/// oldest first, with the version and request id of each line.
+#[utoipa::path(get, path = "/v1/plugins/{name}/logs", tag = "plugins",
+    params(("name" = String, Path), LogsQuery),
+    responses((status = 200, body = LogPage), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn plugin_logs(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Json<LogPage>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = known_plugin(&state, tenant.as_str(), &name).await?;
+    let limit = super::page_limit(q.limit)?;
+    let after = q.after.unwrap_or(0).max(0);
+    let items = calls::read_logs(&state.pool, tenant.as_str(), name, after, limit)
+        .await
+        .map_err(StorageError::Db)?;
+    let next = items.last().map_or(after, |l| l.id);
+    Ok(Json(LogPage { items, next }))
+}
+
+/// The plugin's recorded calls, newest first: the manifest's `record`
+/// (`"failures"`, `"all"` or a share of calls) says which; the newest 200
+/// of the last 7 days are kept, `x-encrypted` values redacted.
+#[utoipa::path(get, path = "/v1/plugins/{name}/calls", tag = "plugins",
+    params(("name" = String, Path), CallsQuery),
+    responses((status = 200, body = CallPage), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn plugin_calls(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    Query(q): Query<CallsQuery>,
+) -> ApiResult<Json<CallPage>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = known_plugin(&state, tenant.as_str(), &name).await?;
+    let limit = super::page_limit(q.limit)?;
+    let before = match &q.after {
+        Some(a) => Some(a.parse::<uuid::Uuid>().map_err(|_| {
+            ApiError::bad_request("after must be the nextCursor of a previous page")
+        })?),
+        None => None,
+    };
+    let items = calls::read_calls(&state.pool, tenant.as_str(), name, before, limit)
+        .await
+        .map_err(StorageError::Db)?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|c| c.id.to_string()))
+        .flatten();
+    Ok(Json(CallPage { items, next_cursor }))
+}
+
+/// One recorded call: what `bss plugin replay` runs again.
+#[utoipa::path(get, path = "/v1/plugins/{name}/calls/{id}", tag = "plugins",
+    params(("name" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = CallRow), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn plugin_call(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Json<CallRow>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    let missing = || ApiError::not_found(format!("plugin {name} has no recorded call {id:?}"));
+    let id = id.parse::<uuid::Uuid>().map_err(|_| missing())?;
+    calls::read_call(&state.pool, tenant.as_str(), name, id)
+        .await
+        .map_err(StorageError::Db)?
+        .map(Json)
+        .ok_or_else(missing)
+}
+
+/// A plugin of the tenant's, or 404.
+async fn known_plugin<'a>(state: &SharedState, tenant: &str, name: &'a str) -> ApiResult<&'a str> {
+    let name = plugin_name(name)?;
+    store::get(&state.pool, tenant, name)
+        .await?
+        .map(|_| name)
+        .ok_or_else(|| ApiError::not_found(format!("no plugin named {name}")))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -187,6 +187,7 @@ fn write_call<'a>(
         operation,
         actor: principal.actor(),
         request_id: super::event_context(state, headers).correlation_id,
+        hidden: Vec::new(),
     }
 }
 
@@ -770,7 +771,7 @@ impl<'a> Writer<'a> {
                 })
                 .collect(),
         };
-        let call = write_call(
+        let mut call = write_call(
             state,
             self.principal,
             self.headers,
@@ -778,6 +779,7 @@ impl<'a> Writer<'a> {
             self.resource,
             change.operation(),
         );
+        call.hidden = schema.encrypted_paths().to_vec();
         state.plugins.check_write(hooks, call, docs).await?;
         Ok(seen)
     }

@@ -199,6 +199,11 @@ pub struct Manifest {
     /// later); without it, such a binding is refused, since it would never run.
     #[serde(default)]
     pub allow_missing_resources: bool,
+    /// Which calls to record for `GET /v1/plugins/{name}/calls` (and
+    /// `bss plugin replay`): `"failures"`, `"all"`, or a share of calls
+    /// (0 < rate ≤ 1; failures always). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<super::calls::RecordPolicy>,
 }
 
 /// Largest `config`, serialized.
@@ -256,6 +261,12 @@ impl Manifest {
                     "contains a NUL character (\\u0000), which cannot be stored; remove it".into(),
                 );
             }
+        }
+        if self.record.is_some_and(|r| !r.valid()) {
+            err(
+                "/record",
+                "record is \"failures\", \"all\" or a share of calls above 0 and at most 1".into(),
+            );
         }
         if self.on_delete && self.kind != Kind::ValidationHook {
             err(

@@ -12,6 +12,7 @@
 //! counted as left out), so its size never depends on what a plugin returns.
 
 pub mod bindings;
+pub mod calls;
 pub mod manifest;
 pub mod refusal;
 pub mod runtime;
@@ -29,8 +30,11 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
 pub use bindings::{Context, Violation, WebhookRequest};
+pub use calls::Recorder;
 pub use manifest::{Ceilings, Kind, Limits, Manifest, TenantCeilings};
-pub use runtime::{Failure, Loaded, Refusal, Runtime, RuntimeBounds, UploadError};
+pub use runtime::{
+    Failure, Loaded, Observed, Refusal, Report, Runtime, RuntimeBounds, UploadError,
+};
 pub use slots::CallSlots;
 pub use stats::{Stats, StatsView};
 
@@ -86,24 +90,26 @@ pub struct Active {
 
 impl Active {
     /// The loaded version, or the failure (counted) when it cannot load.
-    fn ready(&self) -> Result<&Loaded, Failure> {
+    fn ready(&self, request_id: &str) -> Result<&Loaded, Failure> {
         self.loaded.as_ref().map_err(|e| {
             let failure = Failure::Unavailable(e.clone());
-            self.failed(&failure, Duration::ZERO);
+            self.failed(&failure, Duration::ZERO, request_id);
             failure
         })
     }
 
     /// Counts a failed call (stats, breaker) and logs it for the plugin's
-    /// author: tenant, plugin, version, the limit or trap and what the
-    /// plugin said on stderr; the request id is the line's span's.
-    fn failed(&self, failure: &Failure, took: Duration) {
+    /// author: tenant, plugin, version, request id, the limit it hit (or
+    /// the trap) and what the plugin said on stderr.
+    fn failed(&self, failure: &Failure, took: Duration, request_id: &str) {
         if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
             tracing::warn!(
                 tenant = %self.stats.tenant(),
                 plugin = %self.name,
                 version = self.version,
+                request_id,
                 failure = failure.kind(),
+                limit = failure.limit(),
                 took_ms = took.as_millis() as u64,
                 "plugin call failed: {failure}"
             );
@@ -116,25 +122,63 @@ impl Active {
     /// One call of this plugin outside the write path (enrichers,
     /// transformers): refused while its breaker is open, given its config,
     /// and counted in its stats and breaker whatever the outcome.
+    /// The call's outcome, and what it cost and logged with the context it
+    /// ran with (None when it did not run).
     fn call<T>(
         &self,
         mut ctx: Context,
-        run: impl FnOnce(&Loaded, &Context) -> Result<T, Failure>,
-    ) -> Result<T, Failure> {
-        let loaded = self.ready()?;
+        run: impl FnOnce(&Loaded, &Context) -> Observed<T>,
+    ) -> (Result<T, Failure>, Option<(Report, Context)>) {
+        let loaded = match self.ready(&ctx.request_id) {
+            Ok(l) => l,
+            Err(f) => return (Err(f), None),
+        };
         if let Err(retry) = self.stats.breaker.try_acquire() {
             let failure = Failure::Tripped(retry.as_secs().max(1));
-            self.failed(&failure, Duration::ZERO);
-            return Err(failure);
+            self.failed(&failure, Duration::ZERO, &ctx.request_id);
+            return (Err(failure), None);
         }
         ctx.config.clone_from(&loaded.config);
         let start = Instant::now();
-        let result = run(loaded, &ctx);
-        match &result {
+        let Observed { outcome, report } = run(loaded, &ctx);
+        match &outcome {
             Ok(_) => self.stats.succeeded(start.elapsed(), false),
-            Err(failure) => self.failed(failure, start.elapsed()),
+            Err(failure) => self.failed(failure, start.elapsed(), &ctx.request_id),
         }
-        result
+        (outcome, Some((report, ctx)))
+    }
+
+    /// Hands a call's log lines to the recorder, and the call itself when
+    /// the manifest's `record` wants it (`what`: its input and verdict,
+    /// built only then).
+    fn observed(
+        &self,
+        recorder: Option<&Recorder>,
+        ctx: &Context,
+        report: Report,
+        failed: bool,
+        what: impl FnOnce() -> (Value, calls::Verdict),
+    ) {
+        let Some(recorder) = recorder else { return };
+        let origin = calls::Origin {
+            tenant: self.stats.tenant().to_string(),
+            plugin: self.name.clone(),
+            version: self.version,
+        };
+        let policy = self.manifest.record.filter(|p| p.wants(failed));
+        let Some(_) = policy else {
+            recorder.logs(&origin, &ctx.request_id, &report.logs);
+            return;
+        };
+        let (input, verdict) = what();
+        recorder.record(calls::CallRecord {
+            origin,
+            kind: self.manifest.kind,
+            context: calls::CallRecord::context_json(ctx),
+            input,
+            verdict,
+            report,
+        });
     }
 }
 
@@ -165,6 +209,8 @@ pub struct WriteCall<'a> {
     pub operation: &'static str,
     pub actor: String,
     pub request_id: String,
+    /// The resource's `x-encrypted` paths: redacted in recorded calls.
+    pub hidden: Vec<Vec<String>>,
 }
 
 /// One document of a write: where it is in the request body (a JSON
@@ -202,6 +248,8 @@ pub struct Plugins {
     recompile_gate: Arc<tokio::sync::Semaphore>,
     /// The replica's call slots, shared fairly by the busy tenants.
     slots: Arc<CallSlots>,
+    /// Where plugin log lines and recorded calls go (none outside a runtime).
+    recorder: Option<Recorder>,
 }
 
 /// Largest event an enricher may return.
@@ -243,13 +291,16 @@ impl Plugins {
         // The runtime's caches are bounded where it is built (`with_bounds`).
         Self {
             runtime,
-            pool,
             tenants: DashMap::new(),
             generation: AtomicU64::new(0),
             stats: DashMap::new(),
             compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             recompile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             slots: CallSlots::new(settings.max_concurrent_calls),
+            recorder: tokio::runtime::Handle::try_current()
+                .is_ok()
+                .then(|| Recorder::start(pool.clone())),
+            pool,
             settings,
         }
     }
@@ -570,7 +621,7 @@ impl Plugins {
             };
             if let Err(retry) = hook.stats.breaker.try_acquire() {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
-                hook.failed(&failure, Duration::ZERO);
+                hook.failed(&failure, Duration::ZERO, &call.request_id);
                 // What tripped it, and how to get writes through now.
                 let last = hook
                     .stats
@@ -603,6 +654,7 @@ impl Plugins {
                 config: String::new(),
             };
             let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
+            let (recorder, hidden) = (self.recorder.clone(), call.hidden.clone());
             let caps = Caps {
                 per_doc: self.settings.max_violations,
                 per_response: self.settings.max_response_violations,
@@ -610,7 +662,7 @@ impl Plugins {
             };
             let outcome = tokio::task::spawn_blocking(move || {
                 let _held = slot;
-                run_hook(&rt, &h, ctx, &docs, caps)
+                run_hook(&rt, &h, ctx, &docs, caps, recorder.as_ref(), &hidden)
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
@@ -672,6 +724,7 @@ impl Plugins {
             config: String::new(),
         };
         let rt = self.runtime.clone();
+        let recorder = self.recorder.clone();
         let original = event.clone();
         // Waiting (bounded) counts the tenant as busy, so it gets its share
         // even while others flood the pool; it holds up only this tenant's
@@ -687,7 +740,7 @@ impl Plugins {
             let mut current = original.clone();
             let mut changed = false;
             for e in &enrichers {
-                match run_enricher(&rt, e, ctx.clone(), &current, &original) {
+                match run_enricher(&rt, e, ctx.clone(), &current, &original, recorder.as_ref()) {
                     Some(Some(next)) => {
                         current = next;
                         changed = true;
@@ -759,14 +812,21 @@ impl Plugins {
             .await
             .ok_or_else(|| Failure::Busy.to_string())?;
         let rt = self.runtime.clone();
+        let recorder = self.recorder.clone();
         let text = event.to_string();
         tokio::task::spawn_blocking(move || {
             let _held = slot;
-            active
-                .call(ctx, |loaded, ctx| {
-                    rt.transform(loaded, ctx, &text, &request)
-                })
-                .map_err(|f| f.to_string())
+            let (outcome, ran) = active.call(ctx, |loaded, ctx| {
+                rt.transform_observed(loaded, ctx, &text, &request)
+            });
+            if let Some((report, ctx)) = ran {
+                active.observed(recorder.as_ref(), &ctx, report, outcome.is_err(), || {
+                    let event = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let input = serde_json::json!({"event": event, "request": calls::request_json(&request)});
+                    (input, calls::Verdict::of_transform(&outcome))
+                });
+            }
+            outcome.map_err(|f| f.to_string())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -872,8 +932,12 @@ fn run_hook(
     mut ctx: Context,
     docs: &[WriteDoc],
     caps: Caps,
+    recorder: Option<&Recorder>,
+    hidden: &[Vec<String>],
 ) -> Result<Found, (String, Failure)> {
-    let loaded = hook.ready().map_err(|f| (String::new(), f))?;
+    let loaded = hook
+        .ready(&ctx.request_id)
+        .map_err(|f| (String::new(), f))?;
     ctx.config.clone_from(&loaded.config);
     let mut found = Found::default();
     for doc in docs {
@@ -884,14 +948,28 @@ fn run_hook(
             .per_doc
             .min(caps.per_response.saturating_sub(found.listed.len()));
         let record = &doc.record;
-        match rt.validate_capped(loaded, &ctx, record, doc.previous.as_deref(), keep) {
+        let Observed { outcome, report } =
+            rt.validate_observed(loaded, &ctx, record, doc.previous.as_deref(), keep);
+        hook.observed(recorder, &ctx, report, outcome.is_err(), || {
+            let redacted = |text: &str| {
+                let mut doc = serde_json::from_str(text).unwrap_or(Value::Null);
+                calls::redact(&mut doc, hidden);
+                doc
+            };
+            let input = serde_json::json!({
+                "record": redacted(record),
+                "previous": doc.previous.as_deref().map(redacted),
+            });
+            (input, calls::Verdict::of_validation(&outcome))
+        });
+        match outcome {
             Ok(Ok(())) => hook.stats.succeeded(start.elapsed(), false),
             Ok(Err(refusal)) => {
                 hook.stats.succeeded(start.elapsed(), true);
                 found.add(&doc.path, refusal, caps);
             }
             Err(failure) => {
-                hook.failed(&failure, start.elapsed());
+                hook.failed(&failure, start.elapsed(), &ctx.request_id);
                 return Err((doc.path.clone(), failure));
             }
         }
@@ -907,10 +985,10 @@ fn run_enricher(
     ctx: Context,
     event: &Value,
     original: &Value,
+    recorder: Option<&Recorder>,
 ) -> Option<Option<Value>> {
-    let tenant = ctx.tenant_id.clone();
-    let result = enricher.call(ctx, |loaded, ctx| {
-        rt.enrich(loaded, ctx, &event.to_string())
+    let (result, ran) = enricher.call(ctx, |loaded, ctx| {
+        rt.enrich_observed(loaded, ctx, &event.to_string())
             .and_then(|out| match out {
                 None => Ok(None),
                 // Kept well under a broker's message size limit.
@@ -937,13 +1015,23 @@ fn run_enricher(
                 },
             })
     });
-    match result {
-        Ok(out) => Some(out),
-        // Not loadable or tripped: counted, and said when it happened.
-        Err(Failure::Unavailable(_) | Failure::Tripped(_)) => None,
-        Err(failure) => {
-            tracing::warn!(tenant, plugin = %enricher.name, error = %failure, "enricher failed; the event goes on unchanged");
-            None
-        }
+    if let Some((report, ctx)) = ran {
+        enricher.observed(recorder, &ctx, report, result.is_err(), || {
+            let verdict = match &result {
+                Ok(Some(e)) => calls::Verdict {
+                    verdict: "enriched",
+                    detail: e.clone(),
+                },
+                Ok(None) => calls::Verdict {
+                    verdict: "dropped",
+                    detail: Value::Null,
+                },
+                Err(f) => calls::Verdict::failed(f),
+            };
+            (serde_json::json!({ "event": event }), verdict)
+        });
     }
+    // A failure was counted and logged (`Active::failed`): the event goes
+    // on unchanged.
+    result.ok()
 }

@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -95,6 +95,18 @@ impl Failure {
             Self::Tripped(_) => "tripped",
             Self::Unavailable(_) => "unavailable",
             Self::Busy => "busy",
+        }
+    }
+
+    /// The limit the call hit, as `name=value` (empty when it hit none).
+    pub fn limit(&self) -> String {
+        match self {
+            Self::Deadline { deadline_ms } => format!("deadline_ms={deadline_ms}"),
+            Self::Fuel { fuel } => format!("fuel={fuel}"),
+            Self::Memory { memory_mib } => format!("memory_mib={memory_mib}"),
+            Self::Output { limit, .. } => format!("output_bytes={limit}"),
+            Self::Stack => "stack".into(),
+            _ => String::new(),
         }
     }
 }
@@ -400,25 +412,52 @@ impl Runtime {
         })
     }
 
-    /// Runs `f` in a fresh store with the plugin's limits.
+    /// Runs `f` in a fresh store with the plugin's limits: its outcome,
+    /// and what the call cost and logged.
     fn run<R>(
         &self,
         plugin: &Loaded,
+        ctx: &Context,
         f: impl FnOnce(&mut Store<CallState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Failure> {
+    ) -> Observed<R> {
+        let start = Instant::now();
         let limits = &plugin.limits;
-        let state = CallState::new(plugin.caller.clone(), limits, self.services.clone());
+        let state = CallState::new(
+            plugin.caller.clone(),
+            limits,
+            self.services.clone(),
+            &ctx.request_id,
+        );
         let mut store = Store::new(&self.engine, state);
         sandbox::limit(&mut store);
         store.set_epoch_deadline(limits.deadline_ms.div_ceil(TICK.as_millis() as u64) + 1);
         store.epoch_deadline_trap();
-        store
-            .set_fuel(limits.fuel.unwrap_or(u64::MAX))
-            .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        let out = f(&mut store)
-            .map_err(|e| explained(classify(&e, store.data(), limits), store.data()))?;
-        store.data_mut().keep_queued_tasks();
-        Ok(out)
+        let fuel = limits.fuel.unwrap_or(u64::MAX);
+        if let Err(e) = store.set_fuel(fuel) {
+            return Observed {
+                outcome: Err(Failure::Unavailable(e.to_string())),
+                report: Report::default(),
+            };
+        }
+        let outcome = match f(&mut store) {
+            Ok(out) => {
+                store.data_mut().keep_queued_tasks();
+                Ok(out)
+            }
+            Err(e) => Err(explained(classify(&e, store.data(), limits), store.data())),
+        };
+        let fuel_used = fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let mut state = store.into_data();
+        let (logs, logs_dropped) = state.take_logs();
+        let report = Report {
+            took: start.elapsed(),
+            fuel_used,
+            memory_peak: state.memory_peak(),
+            logs,
+            logs_dropped,
+            stderr: state.stderr(),
+        };
+        Observed { outcome, report }
     }
 
     /// The platform services plugins reach (and the task queue).
@@ -449,21 +488,34 @@ impl Runtime {
         previous: Option<&str>,
         keep: usize,
     ) -> Result<Result<(), Refusal>, Failure> {
+        self.validate_observed(plugin, ctx, record, previous, keep)
+            .outcome
+    }
+
+    /// [`Runtime::validate_capped`], with what the call cost and logged.
+    pub fn validate_observed(
+        &self,
+        plugin: &Loaded,
+        ctx: &Context,
+        record: &str,
+        previous: Option<&str>,
+        keep: usize,
+    ) -> Observed<Result<(), Refusal>> {
         let Pre::Validation(pre) = &plugin.pre else {
-            return Err(Failure::Unavailable("not a validation hook".into()));
+            return Observed::failed(Failure::Unavailable("not a validation hook".into()));
         };
         type Params<'a> = (&'a Context, &'a str, Option<&'a str>);
         type Answer = (Result<(), Capped>,);
         let limit = plugin.limits.output_bytes;
-        let out = self.run(plugin, |store| {
+        self.run(plugin, ctx, |store| {
             let instance = pre.instance_pre().instantiate(&mut *store)?;
             let validate =
                 instance.get_typed_func::<Params<'_>, Answer>(&mut *store, "validate")?;
             // The refusal is lifted inside the call, with these caps.
             refusal::set_caps(keep, limit);
             Ok(validate.call(&mut *store, (ctx, record, previous))?.0)
-        })?;
-        match out {
+        })
+        .and_then(|out| match out {
             Ok(()) => Ok(Ok(())),
             Err(Capped {
                 oversize: Some(size),
@@ -473,7 +525,7 @@ impl Runtime {
                 violations: capped.violations,
                 omitted: capped.omitted,
             })),
-        }
+        })
     }
 
     /// Calls an event enricher: the new event, or None to drop it.
@@ -483,17 +535,29 @@ impl Runtime {
         ctx: &Context,
         event: &str,
     ) -> Result<Option<String>, Failure> {
+        self.enrich_observed(plugin, ctx, event).outcome
+    }
+
+    /// [`Runtime::enrich`], with what the call cost and logged.
+    pub fn enrich_observed(
+        &self,
+        plugin: &Loaded,
+        ctx: &Context,
+        event: &str,
+    ) -> Observed<Option<String>> {
         let Pre::Enricher(pre) = &plugin.pre else {
-            return Err(Failure::Unavailable("not an event enricher".into()));
+            return Observed::failed(Failure::Unavailable("not an event enricher".into()));
         };
-        let out = self.run(plugin, |store| {
+        self.run(plugin, ctx, |store| {
             pre.instantiate(&mut *store)?
                 .call_enrich(&mut *store, ctx, event)
-        })?;
-        if let Some(e) = &out {
-            check_output(e.len(), &plugin.limits)?;
-        }
-        Ok(out)
+        })
+        .and_then(|out| {
+            if let Some(e) = &out {
+                check_output(e.len(), &plugin.limits)?;
+            }
+            Ok(out)
+        })
     }
 
     /// Calls a webhook transformer: the request to send, or None to cancel.
@@ -504,24 +568,76 @@ impl Runtime {
         event: &str,
         request: &WebhookRequest,
     ) -> Result<Option<WebhookRequest>, Failure> {
+        self.transform_observed(plugin, ctx, event, request).outcome
+    }
+
+    /// [`Runtime::transform`], with what the call cost and logged.
+    pub fn transform_observed(
+        &self,
+        plugin: &Loaded,
+        ctx: &Context,
+        event: &str,
+        request: &WebhookRequest,
+    ) -> Observed<Option<WebhookRequest>> {
         let Pre::Transformer(pre) = &plugin.pre else {
-            return Err(Failure::Unavailable("not a webhook transformer".into()));
+            return Observed::failed(Failure::Unavailable("not a webhook transformer".into()));
         };
-        let out = self.run(plugin, |store| {
+        self.run(plugin, ctx, |store| {
             pre.instantiate(&mut *store)?
                 .call_transform(&mut *store, ctx, event, request)
-        })?;
-        if let Some(r) = &out {
-            let size = r.body.len()
-                + r.path.len()
-                + r.method.len()
-                + r.headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>();
-            check_output(size, &plugin.limits)?;
+        })
+        .and_then(|out| {
+            if let Some(r) = &out {
+                let size = r.body.len()
+                    + r.path.len()
+                    + r.method.len()
+                    + r.headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                check_output(size, &plugin.limits)?;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// What one call cost and said: for `bss plugin run` and recorded calls.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub took: Duration,
+    /// Instructions (fuel units) the call used.
+    pub fuel_used: u64,
+    /// Bytes of linear memory at the call's largest.
+    pub memory_peak: usize,
+    pub logs: Vec<sandbox::LogLine>,
+    /// Log lines past the call's budget, dropped.
+    pub logs_dropped: u32,
+    /// What the guest wrote to stderr (bounded).
+    pub stderr: String,
+}
+
+/// A call's outcome with its [`Report`].
+#[derive(Debug)]
+pub struct Observed<T> {
+    pub outcome: Result<T, Failure>,
+    pub report: Report,
+}
+
+impl<T> Observed<T> {
+    pub fn failed(failure: Failure) -> Self {
+        Self {
+            outcome: Err(failure),
+            report: Report::default(),
         }
-        Ok(out)
+    }
+
+    /// Checks or converts a successful outcome; the report stays.
+    pub fn and_then<U>(self, f: impl FnOnce(T) -> Result<U, Failure>) -> Observed<U> {
+        Observed {
+            outcome: self.outcome.and_then(f),
+            report: self.report,
+        }
     }
 }
 

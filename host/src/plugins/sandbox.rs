@@ -46,8 +46,32 @@ pub struct Caller {
     pub queues_tasks: bool,
 }
 
+/// One line a plugin logged during a call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    pub level: Level,
+    pub message: String,
+}
+
+/// A log level's name, as the API and the CLI show it.
+pub fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Trace => "trace",
+        Level::Debug => "debug",
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
+    }
+}
+
 pub struct CallState {
     wasi: WasiCtx,
+    /// The request (or correlation) id the call serves, on every log line.
+    request_id: String,
+    /// What the plugin logged (at most [`LOG_BUDGET`] lines), and how many
+    /// more it tried to.
+    logs: Vec<LogLine>,
+    logs_dropped: u32,
     /// What the guest wrote to stderr (a Rust panic's message and place),
     /// kept up to [`STDERR_KEPT`] bytes for the failure it explains.
     stderr: wasmtime_wasi::p2::pipe::MemoryOutputPipe,
@@ -87,6 +111,7 @@ impl CallState {
         caller: std::sync::Arc<Caller>,
         limits: &Limits,
         services: Option<std::sync::Arc<PlatformServices>>,
+        request_id: &str,
     ) -> Self {
         let mut wasi = WasiCtx::builder();
         let stderr = wasmtime_wasi::p2::pipe::MemoryOutputPipe::new(STDERR_KEPT);
@@ -98,6 +123,9 @@ impl CallState {
             .stderr(stderr.clone());
         Self {
             wasi: wasi.build(),
+            request_id: request_id.chars().take(128).collect(),
+            logs: Vec::new(),
+            logs_dropped: 0,
             stderr,
             table: ResourceTable::new(),
             limiter: Limiter {
@@ -126,6 +154,17 @@ impl CallState {
 
     pub fn memory_hit(&self) -> bool {
         self.limiter.memory_hit
+    }
+
+    /// Bytes of linear memory the call had at its largest (memories only
+    /// grow within a call).
+    pub fn memory_peak(&self) -> usize {
+        self.limiter.memory_used
+    }
+
+    /// The lines the plugin logged, and how many more were dropped.
+    pub fn take_logs(&mut self) -> (Vec<LogLine>, u32) {
+        (std::mem::take(&mut self.logs), self.logs_dropped)
     }
 
     /// What the guest wrote to stderr so far, trimmed (lossy UTF-8).
@@ -212,18 +251,35 @@ impl host::Host for CallState {
         if self.logs_left == 0 {
             // No tenant or plugin label: bounded cardinality (see stats.rs).
             metrics::counter!("plugin_log_dropped_total").increment(1);
+            self.logs_dropped += 1;
             return;
         }
         self.logs_left -= 1;
         let message: String = message.chars().take(LOG_MESSAGE_MAX).collect();
         let (tenant, plugin) = (&self.caller.tenant, &self.caller.plugin);
-        match level {
-            Level::Trace => tracing::trace!(tenant, plugin, plugin_message = message, "plugin log"),
-            Level::Debug => tracing::debug!(tenant, plugin, plugin_message = message, "plugin log"),
-            Level::Info => tracing::info!(tenant, plugin, plugin_message = message, "plugin log"),
-            Level::Warn => tracing::warn!(tenant, plugin, plugin_message = message, "plugin log"),
-            Level::Error => tracing::error!(tenant, plugin, plugin_message = message, "plugin log"),
+        let (version, request_id) = (self.caller.version, &self.request_id);
+        // One key per field: the plugin's text is `plugin_message`, the
+        // line's own message says what kind of line it is.
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    tenant,
+                    plugin,
+                    version,
+                    request_id,
+                    plugin_message = message,
+                    "plugin log"
+                )
+            };
         }
+        match level {
+            Level::Trace => line!(trace),
+            Level::Debug => line!(debug),
+            Level::Info => line!(info),
+            Level::Warn => line!(warn),
+            Level::Error => line!(error),
+        }
+        self.logs.push(LogLine { level, message });
     }
 
     fn forward(

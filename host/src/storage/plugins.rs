@@ -327,6 +327,17 @@ pub async fn delete(
         .bind(name)
         .execute(&mut *tx)
         .await?;
+    // Its logs and recorded calls go with it (a plugin uploaded later under
+    // the same name starts with none).
+    for table in ["bss.plugin_logs", "bss.plugin_calls"] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE tenant_id = $1 AND plugin = $2"
+        ))
+        .bind(tenant)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    }
     let unused = unused(&mut tx, versions.into_iter().map(|(s,)| s).collect()).await?;
     Ok(finish(tx, done.rows_affected(), tenant)
         .await?
