@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// An event as the host publishes it (CloudEvents 1.0, structured JSON).
+/// Every attribute reads as empty when absent, so a partial event (in a
+/// test, say) still parses.
 ///
 /// The host restores `id`, `type`, `source`, `specversion`, `subject`,
 /// `tenantid` and `time` after an enricher, and the `tenantId`, `resource`,
@@ -14,10 +16,11 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Event {
     /// Unique, time-ordered (UUIDv7); a webhook's `webhook-id`.
+    #[serde(default)]
     pub id: String,
     /// `business_store.data.created`, `….updated`, `….deleted`,
     /// `business_store.schema.updated`, …
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default)]
     pub event_type: String,
     /// `/business-store/<instance>`.
     #[serde(default)]

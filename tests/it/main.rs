@@ -22,6 +22,7 @@ mod operations;
 mod peers;
 mod plugin_author;
 mod plugin_bounds;
+mod plugin_trials;
 mod plugins;
 mod records;
 mod schemas;

@@ -268,6 +268,18 @@ impl TestApp {
 
     /// `POST /v1/plugins` with a manifest and a module.
     pub async fn upload_plugin(&self, token: &str, manifest: Value, module: Vec<u8>) -> Response {
+        self.upload_plugin_to("/v1/plugins", token, manifest, module)
+            .await
+    }
+
+    /// An upload to `path` (`/v1/plugins?trial=shadow`, …).
+    pub async fn upload_plugin_to(
+        &self,
+        path: &str,
+        token: &str,
+        manifest: Value,
+        module: Vec<u8>,
+    ) -> Response {
         let form = reqwest::multipart::Form::new()
             .part(
                 "manifest",
@@ -282,7 +294,7 @@ impl TestApp {
                     .unwrap_or_else(|e| panic!("{e}")),
             );
         send(
-            self.request(Method::POST, "/v1/plugins", Some(token))
+            self.request(Method::POST, path, Some(token))
                 .multipart(form),
         )
         .await

@@ -37,6 +37,143 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(plugin_logs))
         .routes(routes!(plugin_calls))
         .routes(routes!(plugin_call))
+        .routes(routes!(start_trial, end_trial))
+        .routes(routes!(promote_trial))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct UploadQuery {
+    /// Upload the version on trial beside the active one instead of
+    /// making it active: `shadow` or `canary`.
+    trial: Option<TrialMode>,
+    /// A canary's share of writes, 1-100.
+    #[param(minimum = 1, maximum = 100)]
+    percent: Option<i16>,
+}
+
+/// How a version is tried beside the active one.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum TrialMode {
+    /// Runs on every write after the active version; compared, never applied.
+    Shadow,
+    /// Answers `percent` percent of writes.
+    Canary,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct TrialRequest {
+    #[schema(minimum = 1)]
+    version: i32,
+    mode: TrialMode,
+    /// A canary's share of writes, 1-100 (a shadow takes none).
+    #[schema(minimum = 1, maximum = 100)]
+    percent: Option<i16>,
+}
+
+/// The trial a request asks for, or a 422 saying why it cannot be.
+fn trial_of(mode: Option<TrialMode>, percent: Option<i16>) -> ApiResult<Option<store::Trial>> {
+    let refuse = |path: &str, message: &str| {
+        Err(ApiError::unprocessable(
+            message.to_owned(),
+            vec![FieldError::request(path, message)],
+        ))
+    };
+    match (mode, percent) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => refuse("/percent", "percent goes with a canary trial"),
+        (Some(TrialMode::Shadow), None) => Ok(Some(store::Trial::Shadow)),
+        (Some(TrialMode::Shadow), Some(_)) => refuse(
+            "/percent",
+            "a shadow runs on every write and applies none: it takes no percent",
+        ),
+        (Some(TrialMode::Canary), Some(p)) if (1..=100).contains(&p) => {
+            Ok(Some(store::Trial::Canary(p)))
+        }
+        (Some(TrialMode::Canary), _) => refuse(
+            "/percent",
+            "a canary needs the percent of writes it answers, from 1 to 100",
+        ),
+    }
+}
+
+/// Put a version on trial beside the active one: a `shadow` runs on every
+/// write after the active version (never delaying or changing it) and its
+/// verdicts are compared and counted; a `canary` answers `percent` percent
+/// of writes. Validation hooks only; one trial per plugin.
+#[utoipa::path(put, path = "/v1/plugins/{name}/trial", tag = "plugins",
+    params(("name" = String, Path)),
+    request_body = TrialRequest,
+    responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn start_trial(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<TrialRequest>,
+) -> ApiResult<Json<PluginDetail>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    let trial = trial_of(Some(body.mode), body.percent)?.unwrap_or(store::Trial::Shadow);
+    if !store::start_trial(&state.pool, tenant.as_str(), name, body.version, trial).await? {
+        return Err(ApiError::not_found(format!(
+            "plugin {name} has no version {} to try beside another active version",
+            body.version
+        )));
+    }
+    state.plugins.forget_trials(tenant.as_str(), name);
+    state.plugins.changed(tenant.as_str(), name);
+    tracing::info!(tenant = %tenant, plugin = %name, version = body.version, mode = trial.mode(), "plugin version on trial");
+    Ok(Json(detail(&state, tenant.as_str(), name).await?))
+}
+
+/// End the trial (roll it back): the active version answers every write.
+#[utoipa::path(delete, path = "/v1/plugins/{name}/trial", tag = "plugins",
+    params(("name" = String, Path)),
+    responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn end_trial(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<PluginDetail>> {
+    finish_trial(state, principal, name, false).await
+}
+
+/// Promote the version on trial: it becomes the active version.
+#[utoipa::path(post, path = "/v1/plugins/{name}/trial/promote", tag = "plugins",
+    params(("name" = String, Path)),
+    responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+async fn promote_trial(
+    State(state): State<SharedState>,
+    principal: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<PluginDetail>> {
+    finish_trial(state, principal, name, true).await
+}
+
+async fn finish_trial(
+    state: SharedState,
+    principal: Principal,
+    name: String,
+    promote: bool,
+) -> ApiResult<Json<PluginDetail>> {
+    let tenant = principal.tenant_with(Role::Admin)?;
+    let name = plugin_name(&name)?;
+    let Some(active) = store::end_trial(&state.pool, tenant.as_str(), name, promote).await? else {
+        return Err(ApiError::not_found(format!(
+            "plugin {name} has no version on trial"
+        )));
+    };
+    // The detail shows what the trial did until now; then it is forgotten.
+    let shown = detail(&state, tenant.as_str(), name).await?;
+    state.plugins.forget_trials(tenant.as_str(), name);
+    state.plugins.changed(tenant.as_str(), name);
+    tracing::info!(tenant = %tenant, plugin = %name, active, promote, "plugin trial ended");
+    Ok(Json(shown))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -168,6 +305,20 @@ struct Uploaded {
     kind: Kind,
     sha256: String,
     active: bool,
+    /// `shadow` or `canary` when uploaded on trial.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trial: Option<&'static str>,
+}
+
+/// A version on trial and what it did so far (this replica).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct TrialView {
+    version: i32,
+    mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    percent: Option<i16>,
+    stats: crate::plugins::trial::TrialStatsView,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -176,6 +327,9 @@ struct PluginSummary {
     name: String,
     kind: String,
     active_version: Option<i32>,
+    /// A version on trial beside the active one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trial: Option<TrialView>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     stats: StatsView,
@@ -284,8 +438,9 @@ async fn read_part(
     Ok(bytes)
 }
 
-/// Upload a plugin: its next version, which becomes active.
-#[utoipa::path(post, path = "/v1/plugins", tag = "plugins",
+/// Upload a plugin: its next version, which becomes active (or goes on
+/// trial beside the active one: `?trial=shadow`, `?trial=canary&percent=N`).
+#[utoipa::path(post, path = "/v1/plugins", tag = "plugins", params(UploadQuery),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses((status = 201, body = Uploaded),
               (status = 422, body = Problem, description = "not a component, wrong world, too large, limits above the ceiling"),
@@ -295,9 +450,11 @@ async fn upload_plugin(
     State(state): State<SharedState>,
     principal: Principal,
     headers: HeaderMap,
+    Query(q): Query<UploadQuery>,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<Uploaded>)> {
     let tenant = principal.tenant_with(Role::Admin)?;
+    let trial = trial_of(q.trial, q.percent)?;
     let mut form = upload_form(&headers, form)?;
     let (mut manifest, mut module) = (None, None);
     while let Some(field) = form.next_field().await.map_err(multipart_error)? {
@@ -334,12 +491,24 @@ async fn upload_plugin(
     let module = module.ok_or_else(|| missing("module"))?;
     check_bound_resources(&state, tenant, &manifest).await?;
     let kind = manifest.kind;
+    if trial.is_some() && kind != Kind::ValidationHook {
+        return Err(ApiError::unprocessable(
+            "only validation hooks run on trial (shadow or canary) for now",
+            vec![FieldError::request(
+                "/manifest/kind",
+                "not a validation hook",
+            )],
+        ));
+    }
     let (name, version, sha256) = state
         .plugins
-        .upload(tenant, &principal.actor(), manifest, module)
+        .upload(tenant, &principal.actor(), manifest, module, trial)
         .await?;
+    if trial.is_some() {
+        state.plugins.forget_trials(tenant.as_str(), &name);
+    }
     tracing::info!(tenant = %tenant, plugin = %name, version, kind = ?kind, sha256 = %sha256,
-        "plugin uploaded and activated");
+        trial = trial.map(|t| t.mode()), "plugin uploaded");
     Ok((
         StatusCode::CREATED,
         Json(Uploaded {
@@ -347,7 +516,8 @@ async fn upload_plugin(
             version,
             kind,
             sha256,
-            active: true,
+            active: trial.is_none(),
+            trial: trial.map(|t| t.mode()),
         }),
     ))
 }
@@ -405,6 +575,15 @@ async fn check_bound_resources(
 fn summary(state: &SharedState, tenant: &str, row: store::PluginRow) -> PluginSummary {
     PluginSummary {
         stats: state.plugins.stats_of(tenant, &row.name).view(),
+        trial: row.trial_version.map(|version| TrialView {
+            version,
+            mode: row.trial_mode.clone().unwrap_or_default(),
+            percent: row.trial_percent,
+            stats: state
+                .plugins
+                .trial_stats_of(tenant, &row.name, version)
+                .view(),
+        }),
         name: row.name,
         kind: row.kind,
         active_version: row.active_version,

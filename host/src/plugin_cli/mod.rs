@@ -24,6 +24,7 @@ pub const USAGE: &str = "usage:
   bss plugin run [WASM] (--record FILE [--previous FILE] | --event FILE [--request FILE])
                  [--config FILE] [--manifest plugin.toml] [--resource NAME] [--operation OP] [--json]
   bss plugin push [--dir CRATE] [--url URL] [--token TOKEN] [--no-build | --wasm FILE]
+                 [--trial shadow | --trial canary --percent N]   on trial beside the active version
   bss plugin logs [NAME] [--follow] [--url URL] [--token TOKEN]
   bss plugin calls [NAME] [--url URL] [--token TOKEN]      the recorded calls (manifest `record`)
   bss plugin replay CALL_ID [--name NAME] [--dir CRATE] [--no-build | --wasm FILE] [--json]
@@ -131,7 +132,15 @@ pub async fn command(args: &[String]) -> anyhow::Result<()> {
         }
         "run" => run(&a).await,
         "push" => {
-            a.only(&["--dir", "--url", "--token", "--no-build", "--wasm"])?;
+            a.only(&[
+                "--dir",
+                "--url",
+                "--token",
+                "--no-build",
+                "--wasm",
+                "--trial",
+                "--percent",
+            ])?;
             push(&a).await
         }
         "logs" => {
@@ -392,8 +401,16 @@ async fn push(a: &Args) -> anyhow::Result<()> {
                 .file_name("plugin.wasm")
                 .mime_str("application/wasm")?,
         );
+    let mut query = Vec::new();
+    if let Some(t) = a.value("--trial") {
+        query.push(("trial", t));
+    }
+    if let Some(p) = a.value("--percent") {
+        query.push(("percent", p));
+    }
     let response = reqwest::Client::new()
         .post(format!("{url}/v1/plugins"))
+        .query(&query)
         .bearer_auth(token)
         .multipart(form)
         .send()
@@ -409,10 +426,10 @@ async fn push(a: &Args) -> anyhow::Result<()> {
         answer["version"],
         size as f64 / 1024.0,
         answer["sha256"].as_str().unwrap_or_default(),
-        if answer["active"] == true {
-            ", active"
-        } else {
-            ""
+        match answer["trial"].as_str() {
+            Some(t) => format!(", on trial as a {t} beside the active version"),
+            None if answer["active"] == true => ", active".into(),
+            None => String::new(),
         }
     );
     Ok(())

@@ -395,6 +395,8 @@ bss plugin build                                   # the component, for wasm32-w
 bss plugin run __RUN_FLAG__ __SAMPLE__   # the component, in the real sandbox, under plugin.toml's limits
 export BSS_URL=http://127.0.0.1:8080 BSS_TOKEN=$(bss token --tenant <tenant>)
 bss plugin push                                    # builds, uploads with plugin.toml, prints the version
+bss plugin logs __NAME__ --follow                  # what it logs in the service
+bss plugin push --trial shadow                     # the next version beside the active one, compared, never applied
 ```
 
 `plugin.toml` is the manifest the service receives (name, kind, the

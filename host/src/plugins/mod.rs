@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod slots;
 pub mod stats;
+pub mod trial;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +87,8 @@ pub struct Active {
     /// Err when the stored version cannot be loaded (calls then fail).
     loaded: Result<Loaded, String>,
     pub stats: Arc<Stats>,
+    /// A version on trial beside this one (validation hooks use it).
+    pub trial: Option<Arc<trial::Trial>>,
 }
 
 impl Active {
@@ -155,6 +158,7 @@ impl Active {
         &self,
         recorder: Option<&Recorder>,
         ctx: &Context,
+        version: i32,
         report: Report,
         failed: bool,
         what: impl FnOnce() -> (Value, calls::Verdict),
@@ -163,7 +167,7 @@ impl Active {
         let origin = calls::Origin {
             tenant: self.stats.tenant().to_string(),
             plugin: self.name.clone(),
-            version: self.version,
+            version,
         };
         let policy = self.manifest.record.filter(|p| p.wants(failed));
         let Some(_) = policy else {
@@ -241,6 +245,7 @@ pub struct Plugins {
     /// Bumped by every invalidation: a load that started before one is not kept.
     generation: AtomicU64,
     stats: DashMap<(String, String), Arc<Stats>>,
+    trial_stats: DashMap<(String, String, i32), Arc<trial::TrialStats>>,
     compile_gate: Arc<tokio::sync::Semaphore>,
     /// Recompiles of stored modules (neither cache had them), one at a
     /// time: a tenant with many plugins takes one core at most, and never
@@ -294,6 +299,7 @@ impl Plugins {
             tenants: DashMap::new(),
             generation: AtomicU64::new(0),
             stats: DashMap::new(),
+            trial_stats: DashMap::new(),
             compile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             recompile_gate: Arc::new(tokio::sync::Semaphore::new(1)),
             slots: CallSlots::new(settings.max_concurrent_calls),
@@ -381,6 +387,20 @@ impl Plugins {
             .clone()
     }
 
+    /// What a plugin's version on trial did so far (this replica).
+    pub fn trial_stats_of(&self, tenant: &str, name: &str, version: i32) -> Arc<trial::TrialStats> {
+        self.trial_stats
+            .entry((tenant.to_owned(), name.to_owned(), version))
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets what ended trials did.
+    pub fn forget_trials(&self, tenant: &str, name: &str) {
+        self.trial_stats
+            .retain(|(t, n, _), _| !(t == tenant && n == name));
+    }
+
     /// The ceilings a tenant's manifests are held to: the installation's,
     /// lowered to the tenant's own.
     pub async fn ceilings_for(&self, tenant: &str) -> ApiResult<Ceilings> {
@@ -413,8 +433,16 @@ impl Plugins {
             .ceilings_for(tenant)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut trials = store::trials(&self.pool, tenant).await?;
         let mut plugins = Vec::with_capacity(rows.len());
         for row in rows {
+            let trial = match trials.iter().position(|t| t.name == row.name) {
+                Some(i) => Some(Arc::new(
+                    self.load_trial(tenant, trials.swap_remove(i), &ceilings)
+                        .await?,
+                )),
+                None => None,
+            };
             let manifest: Manifest = serde_json::from_value(row.manifest)?;
             let loaded = self
                 .load_one(
@@ -435,9 +463,42 @@ impl Plugins {
                 version: row.version,
                 manifest,
                 loaded,
+                trial,
             }));
         }
         Ok(TenantSet { plugins })
+    }
+
+    async fn load_trial(
+        &self,
+        tenant: &str,
+        row: store::TrialRow,
+        ceilings: &Ceilings,
+    ) -> anyhow::Result<trial::Trial> {
+        let manifest: Manifest = serde_json::from_value(row.manifest)?;
+        let loaded = self
+            .load_one(
+                tenant,
+                &row.name,
+                row.version,
+                &row.sha256,
+                &manifest,
+                ceilings,
+            )
+            .await;
+        if let Err(e) = &loaded {
+            tracing::error!(tenant, plugin = %row.name, version = row.version, error = %e, "cannot load a plugin's trial version; its calls fail");
+        }
+        let mode = match row.trial_percent {
+            Some(p) if row.trial_mode == "canary" => store::Trial::Canary(p),
+            _ => store::Trial::Shadow,
+        };
+        Ok(trial::Trial {
+            version: row.version,
+            mode,
+            loaded,
+            stats: self.trial_stats_of(tenant, &row.name, row.version),
+        })
     }
 
     async fn load_one(
@@ -502,6 +563,7 @@ impl Plugins {
         actor: &str,
         manifest: Manifest,
         module: Vec<u8>,
+        trial: Option<store::Trial>,
     ) -> ApiResult<(String, i32, String)> {
         let ceilings = self.ceilings_for(tenant.as_str()).await?;
         let checked = manifest
@@ -570,6 +632,7 @@ impl Plugins {
                 actor,
                 keep: self.settings.max_versions,
                 max_plugins: self.settings.max_per_tenant,
+                trial,
             },
         )
         .await?;
@@ -619,7 +682,15 @@ impl Plugins {
             let Some(slot) = self.slot(tenant, self.settings.slot_wait).await else {
                 return Err(refused(Failure::Busy, 1));
             };
-            if let Err(retry) = hook.stats.breaker.try_acquire() {
+            // A canary answers its share of writes, outside the active
+            // version's breaker.
+            let canary = hook.trial.clone().filter(|t| t.takes_this_call());
+            let version = canary.as_ref().map_or(hook.version, |t| t.version);
+            let breaker = match &canary {
+                Some(_) => Ok(()),
+                None => hook.stats.breaker.try_acquire(),
+            };
+            if let Err(retry) = breaker {
                 let failure = Failure::Tripped(retry.as_secs().max(1));
                 hook.failed(&failure, Duration::ZERO, &call.request_id);
                 // What tripped it, and how to get writes through now.
@@ -653,19 +724,31 @@ impl Plugins {
                 request_id: call.request_id.clone(),
                 config: String::new(),
             };
-            let (rt, h, docs) = (self.runtime.clone(), hook.clone(), docs.clone());
+            let (rt, h, all) = (self.runtime.clone(), hook.clone(), docs.clone());
             let (recorder, hidden) = (self.recorder.clone(), call.hidden.clone());
             let caps = Caps {
                 per_doc: self.settings.max_violations,
                 per_response: self.settings.max_response_violations,
                 bytes: RESPONSE_VIOLATION_BYTES,
             };
+            let shadow = hook.trial.clone().filter(|t| t.is_shadow());
+            let run = HookRun {
+                ctx: ctx.clone(),
+                caps,
+                recorder,
+                hidden: hidden.clone(),
+                canary,
+                verdicts: shadow.is_some(),
+            };
             let outcome = tokio::task::spawn_blocking(move || {
                 let _held = slot;
-                run_hook(&rt, &h, ctx, &docs, caps, recorder.as_ref(), &hidden)
+                run_hook(&rt, &h, &all, run)
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
+            if let (Some(shadow), Ok(found)) = (shadow, &outcome) {
+                self.run_shadow(shadow, ctx, docs.clone(), found.verdicts.clone(), hidden);
+            }
             let source = format!("plugin:{}", hook.name);
             match outcome {
                 Ok(found) if found.is_empty() => {}
@@ -674,8 +757,8 @@ impl Plugins {
                 Err((prefix, failure)) => {
                     return Err(ApiError::PluginFailed {
                         detail: format!(
-                            "plugin {} (version {}) {failure}; the write was refused and nothing was stored",
-                            hook.name, hook.version
+                            "plugin {} (version {version}) {failure}; the write was refused and nothing was stored",
+                            hook.name
                         ),
                         errors: vec![FieldError {
                             path: prefix,
@@ -689,6 +772,59 @@ impl Plugins {
             }
         }
         Ok(())
+    }
+
+    /// Runs a shadow version on a write's documents after the active one
+    /// (on a free call slot, never waiting for one: when none is free the
+    /// run is skipped and counted), comparing verdicts. Never delays or
+    /// changes the write.
+    fn run_shadow(
+        &self,
+        shadow: Arc<trial::Trial>,
+        ctx: Context,
+        docs: Arc<Vec<WriteDoc>>,
+        active: Vec<calls::Verdict>,
+        hidden: Vec<Vec<String>>,
+    ) {
+        let (slots, rt) = (self.slots.clone(), self.runtime.clone());
+        let tenant = ctx.tenant_id.clone();
+        tokio::spawn(async move {
+            let Some(slot) = slots.acquire(&tenant, Duration::ZERO).await else {
+                shadow.stats.skipped();
+                return;
+            };
+            let _ = tokio::task::spawn_blocking(move || {
+                let _held = slot;
+                let Ok(loaded) = &shadow.loaded else {
+                    shadow.stats.called(true);
+                    return;
+                };
+                let mut ctx = ctx;
+                ctx.config.clone_from(&loaded.config);
+                for (doc, active) in docs.iter().zip(&active) {
+                    let outcome = rt.validate_capped(
+                        loaded,
+                        &ctx,
+                        &doc.record,
+                        doc.previous.as_deref(),
+                        MAX_VIOLATIONS_COMPARED,
+                    );
+                    shadow.stats.called(outcome.is_err());
+                    let verdict = calls::Verdict::of_validation(&outcome);
+                    shadow.stats.compare(active, &verdict, || {
+                        let mut record = serde_json::from_str(&doc.record).unwrap_or(Value::Null);
+                        calls::redact(&mut record, &hidden);
+                        serde_json::json!({
+                            "at": chrono::Utc::now(),
+                            "requestId": ctx.request_id,
+                            "path": doc.path,
+                            "record": record,
+                        })
+                    });
+                }
+            })
+            .await;
+        });
     }
 
     /// Runs the enrichers bound to the event's resource, in name order. A
@@ -820,7 +956,7 @@ impl Plugins {
                 rt.transform_observed(loaded, ctx, &text, &request)
             });
             if let Some((report, ctx)) = ran {
-                active.observed(recorder.as_ref(), &ctx, report, outcome.is_err(), || {
+                active.observed(recorder.as_ref(), &ctx, active.version, report, outcome.is_err(), || {
                     let event = serde_json::from_str(&text).unwrap_or(Value::Null);
                     let input = serde_json::json!({"event": event, "request": calls::request_json(&request)});
                     (input, calls::Verdict::of_transform(&outcome))
@@ -858,6 +994,9 @@ impl Plugins {
     }
 }
 
+/// Violations a shadow's verdict keeps for the comparison.
+const MAX_VIOLATIONS_COMPARED: usize = 100;
+
 /// Bytes of violation text (paths, messages, codes) one response lists.
 const RESPONSE_VIOLATION_BYTES: usize = 128 * 1024;
 
@@ -877,6 +1016,8 @@ struct Found {
     listed: Vec<(String, Violation)>,
     omitted: usize,
     bytes: usize,
+    /// Each document's verdict, when a shadow compares them.
+    verdicts: Vec<calls::Verdict>,
 }
 
 impl Found {
@@ -924,20 +1065,50 @@ impl Found {
     }
 }
 
+/// How one write runs a hook: the call's context and caps, where its log
+/// lines and recorded calls go, and which version answers (the active one,
+/// or a canary).
+struct HookRun {
+    ctx: Context,
+    caps: Caps,
+    recorder: Option<Recorder>,
+    hidden: Vec<Vec<String>>,
+    canary: Option<Arc<trial::Trial>>,
+    /// Keep each document's verdict (a shadow compares them).
+    verdicts: bool,
+}
+
 /// Calls one hook over every document; the violations with their document's
 /// path (capped), or the failure that stopped it.
 fn run_hook(
     rt: &Runtime,
     hook: &Active,
-    mut ctx: Context,
     docs: &[WriteDoc],
-    caps: Caps,
-    recorder: Option<&Recorder>,
-    hidden: &[Vec<String>],
+    run: HookRun,
 ) -> Result<Found, (String, Failure)> {
-    let loaded = hook
-        .ready(&ctx.request_id)
-        .map_err(|f| (String::new(), f))?;
+    let HookRun {
+        mut ctx,
+        caps,
+        recorder,
+        hidden,
+        canary,
+        verdicts,
+    } = run;
+    let (loaded, version) = match &canary {
+        Some(t) => {
+            let loaded = t.loaded.as_ref().map_err(|e| {
+                t.stats.called(true);
+                (String::new(), Failure::Unavailable(e.clone()))
+            })?;
+            (loaded, t.version)
+        }
+        None => {
+            let loaded = hook
+                .ready(&ctx.request_id)
+                .map_err(|f| (String::new(), f))?;
+            (loaded, hook.version)
+        }
+    };
     ctx.config.clone_from(&loaded.config);
     let mut found = Found::default();
     for doc in docs {
@@ -950,26 +1121,56 @@ fn run_hook(
         let record = &doc.record;
         let Observed { outcome, report } =
             rt.validate_observed(loaded, &ctx, record, doc.previous.as_deref(), keep);
-        hook.observed(recorder, &ctx, report, outcome.is_err(), || {
-            let redacted = |text: &str| {
-                let mut doc = serde_json::from_str(text).unwrap_or(Value::Null);
-                calls::redact(&mut doc, hidden);
-                doc
-            };
-            let input = serde_json::json!({
-                "record": redacted(record),
-                "previous": doc.previous.as_deref().map(redacted),
-            });
-            (input, calls::Verdict::of_validation(&outcome))
-        });
-        match outcome {
-            Ok(Ok(())) => hook.stats.succeeded(start.elapsed(), false),
-            Ok(Err(refusal)) => {
-                hook.stats.succeeded(start.elapsed(), true);
+        let took = start.elapsed();
+        if verdicts {
+            found.verdicts.push(calls::Verdict::of_validation(&outcome));
+        }
+        hook.observed(
+            recorder.as_ref(),
+            &ctx,
+            version,
+            report,
+            outcome.is_err(),
+            || {
+                let redacted = |text: &str| {
+                    let mut doc = serde_json::from_str(text).unwrap_or(Value::Null);
+                    calls::redact(&mut doc, &hidden);
+                    doc
+                };
+                let input = serde_json::json!({
+                    "record": redacted(record),
+                    "previous": doc.previous.as_deref().map(redacted),
+                });
+                (input, calls::Verdict::of_validation(&outcome))
+            },
+        );
+        if let Some(t) = &canary {
+            t.stats.called(outcome.is_err());
+        }
+        match (outcome, &canary) {
+            (Ok(Ok(())), None) => hook.stats.succeeded(took, false),
+            (Ok(Err(refusal)), c) => {
+                if c.is_none() {
+                    hook.stats.succeeded(took, true);
+                }
                 found.add(&doc.path, refusal, caps);
             }
-            Err(failure) => {
-                hook.failed(&failure, start.elapsed(), &ctx.request_id);
+            (Ok(Ok(())), Some(_)) => {}
+            (Err(failure), None) => {
+                hook.failed(&failure, took, &ctx.request_id);
+                return Err((doc.path.clone(), failure));
+            }
+            (Err(failure), Some(t)) => {
+                tracing::warn!(
+                    tenant = %ctx.tenant_id,
+                    plugin = %hook.name,
+                    version = t.version,
+                    request_id = %ctx.request_id,
+                    failure = failure.kind(),
+                    limit = failure.limit(),
+                    took_ms = took.as_millis() as u64,
+                    "plugin canary call failed: {failure}"
+                );
                 return Err((doc.path.clone(), failure));
             }
         }
@@ -1016,20 +1217,27 @@ fn run_enricher(
             })
     });
     if let Some((report, ctx)) = ran {
-        enricher.observed(recorder, &ctx, report, result.is_err(), || {
-            let verdict = match &result {
-                Ok(Some(e)) => calls::Verdict {
-                    verdict: "enriched",
-                    detail: e.clone(),
-                },
-                Ok(None) => calls::Verdict {
-                    verdict: "dropped",
-                    detail: Value::Null,
-                },
-                Err(f) => calls::Verdict::failed(f),
-            };
-            (serde_json::json!({ "event": event }), verdict)
-        });
+        enricher.observed(
+            recorder,
+            &ctx,
+            enricher.version,
+            report,
+            result.is_err(),
+            || {
+                let verdict = match &result {
+                    Ok(Some(e)) => calls::Verdict {
+                        verdict: "enriched",
+                        detail: e.clone(),
+                    },
+                    Ok(None) => calls::Verdict {
+                        verdict: "dropped",
+                        detail: Value::Null,
+                    },
+                    Err(f) => calls::Verdict::failed(f),
+                };
+                (serde_json::json!({ "event": event }), verdict)
+            },
+        );
     }
     // A failure was counted and logged (`Active::failed`): the event goes
     // on unchanged.

@@ -13,6 +13,9 @@ pub struct PluginRow {
     pub name: String,
     pub kind: String,
     pub active_version: Option<i32>,
+    pub trial_version: Option<i32>,
+    pub trial_mode: Option<String>,
+    pub trial_percent: Option<i16>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -50,6 +53,33 @@ pub struct NewVersion<'a> {
     pub keep: u32,
     /// Plugins the tenant may have: a new name beyond them is refused.
     pub max_plugins: u32,
+    /// None: the new version becomes active; else it goes on trial.
+    pub trial: Option<Trial>,
+}
+
+/// A version on trial beside the active one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trial {
+    /// Runs on real calls; compared, never applied.
+    Shadow,
+    /// Answers this percent of calls (1-100).
+    Canary(i16),
+}
+
+impl Trial {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Self::Shadow => "shadow",
+            Self::Canary(_) => "canary",
+        }
+    }
+
+    pub fn percent(&self) -> Option<i16> {
+        match self {
+            Self::Shadow => None,
+            Self::Canary(p) => Some(*p),
+        }
+    }
 }
 
 async fn notify(tx: &mut sqlx::PgConnection, tenant: &str) -> Result<(), sqlx::Error> {
@@ -131,12 +161,40 @@ pub async fn create_version(pool: &PgPool, v: NewVersion<'_>) -> Result<Created,
     .bind(v.actor)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("UPDATE bss.plugins SET active_version = $3 WHERE tenant_id = $1 AND name = $2")
+    match v.trial {
+        // A new active version ends any trial.
+        None => sqlx::query(
+            "UPDATE bss.plugins SET active_version = $3, trial_version = NULL, trial_mode = NULL,
+                    trial_percent = NULL
+              WHERE tenant_id = $1 AND name = $2",
+        )
         .bind(v.tenant)
         .bind(v.name)
         .bind(version)
         .execute(&mut *tx)
-        .await?;
+        .await?,
+        Some(trial) => {
+            let on_trial = sqlx::query(
+                "UPDATE bss.plugins SET trial_version = $3, trial_mode = $4, trial_percent = $5
+                  WHERE tenant_id = $1 AND name = $2 AND active_version IS NOT NULL",
+            )
+            .bind(v.tenant)
+            .bind(v.name)
+            .bind(version)
+            .bind(trial.mode())
+            .bind(trial.percent())
+            .execute(&mut *tx)
+            .await?;
+            if on_trial.rows_affected() == 0 {
+                return Err(StorageError::Conflict(format!(
+                    "plugin {} has no active version for a {} to run beside; upload it without `as`",
+                    v.name,
+                    trial.mode()
+                )));
+            }
+            on_trial
+        }
+    };
     let pruned = prune(&mut tx, v.tenant, v.name, v.keep).await?;
     let unused = unused(&mut tx, pruned).await?;
     notify(&mut tx, v.tenant).await?;
@@ -200,8 +258,8 @@ async fn prune(
     let pruned: Vec<(String,)> = sqlx::query_as(
         "DELETE FROM bss.plugin_versions v
           WHERE v.tenant_id = $1 AND v.name = $2
-            AND v.version <> (SELECT active_version FROM bss.plugins
-                               WHERE tenant_id = $1 AND name = $2)
+            AND v.version NOT IN (SELECT unnest(array_remove(ARRAY[active_version, trial_version], NULL))
+                                    FROM bss.plugins WHERE tenant_id = $1 AND name = $2)
             AND v.version NOT IN (SELECT version FROM bss.plugin_versions
                                    WHERE tenant_id = $1 AND name = $2
                                    ORDER BY version DESC LIMIT $3)
@@ -217,7 +275,8 @@ async fn prune(
 
 pub async fn list(pool: &PgPool, tenant: &str) -> Result<Vec<PluginRow>, StorageError> {
     Ok(sqlx::query_as(
-        "SELECT name, kind, active_version, created_at, updated_at FROM bss.plugins
+        "SELECT name, kind, active_version, trial_version, trial_mode, trial_percent,
+                created_at, updated_at FROM bss.plugins
           WHERE tenant_id = $1 ORDER BY name",
     )
     .bind(tenant)
@@ -231,7 +290,8 @@ pub async fn get(
     name: &str,
 ) -> Result<Option<(PluginRow, Vec<VersionRow>)>, StorageError> {
     let plugin: Option<PluginRow> = sqlx::query_as(
-        "SELECT name, kind, active_version, created_at, updated_at FROM bss.plugins
+        "SELECT name, kind, active_version, trial_version, trial_mode, trial_percent,
+                created_at, updated_at FROM bss.plugins
           WHERE tenant_id = $1 AND name = $2",
     )
     .bind(tenant)
@@ -296,7 +356,10 @@ pub async fn activate(
         return Ok(false);
     }
     let done = sqlx::query(
-        "UPDATE bss.plugins SET active_version = $3, updated_at = now()
+        "UPDATE bss.plugins SET active_version = $3, updated_at = now(),
+                trial_mode = CASE WHEN trial_version = $3 THEN NULL ELSE trial_mode END,
+                trial_percent = CASE WHEN trial_version = $3 THEN NULL ELSE trial_percent END,
+                trial_version = NULLIF(trial_version, $3)
           WHERE tenant_id = $1 AND name = $2",
     )
     .bind(tenant)
@@ -406,4 +469,86 @@ pub async fn set_ceilings(
     .execute(&mut *tx)
     .await?;
     finish(tx, done.rows_affected(), tenant).await
+}
+
+/// Puts an existing version on trial (replacing any trial); false when the
+/// plugin has no such version, or no active version to run beside.
+pub async fn start_trial(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+    version: i32,
+    trial: Trial,
+) -> Result<bool, StorageError> {
+    let mut tx = pool.begin().await?;
+    if !lock_version(&mut tx, tenant, name, version).await? {
+        return Ok(false);
+    }
+    let done = sqlx::query(
+        "UPDATE bss.plugins SET trial_version = $3, trial_mode = $4, trial_percent = $5,
+                updated_at = now()
+          WHERE tenant_id = $1 AND name = $2 AND active_version IS NOT NULL
+            AND active_version <> $3",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(version)
+    .bind(trial.mode())
+    .bind(trial.percent())
+    .execute(&mut *tx)
+    .await?;
+    finish(tx, done.rows_affected(), tenant).await
+}
+
+/// Ends the plugin's trial (the active version stays); false when there
+/// was none. With `promote`, the version on trial becomes the active one.
+pub async fn end_trial(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+    promote: bool,
+) -> Result<Option<i32>, StorageError> {
+    let mut tx = pool.begin().await?;
+    let ended: Option<(i32,)> = sqlx::query_as(
+        "UPDATE bss.plugins
+            SET active_version = CASE WHEN $3 THEN trial_version ELSE active_version END,
+                trial_version = NULL, trial_mode = NULL, trial_percent = NULL, updated_at = now()
+          WHERE tenant_id = $1 AND name = $2 AND trial_version IS NOT NULL
+         RETURNING active_version",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(promote)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let touched = u64::from(ended.is_some());
+    Ok(finish(tx, touched, tenant)
+        .await?
+        .then_some(ended.map(|(v,)| v))
+        .flatten())
+}
+
+/// The version on trial of each of the tenant's plugins that has one.
+pub async fn trials(pool: &PgPool, tenant: &str) -> Result<Vec<TrialRow>, StorageError> {
+    Ok(sqlx::query_as(
+        "SELECT p.name, v.version, p.trial_mode, p.trial_percent, v.manifest, v.sha256
+           FROM bss.plugins p
+           JOIN bss.plugin_versions v
+             ON v.tenant_id = p.tenant_id AND v.name = p.name AND v.version = p.trial_version
+          WHERE p.tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A version on trial, as the registry loads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TrialRow {
+    pub name: String,
+    pub version: i32,
+    pub trial_mode: String,
+    pub trial_percent: Option<i16>,
+    pub manifest: Value,
+    pub sha256: String,
 }

@@ -1,0 +1,170 @@
+//! A validation hook's next version on trial beside the active one: a
+//! shadow runs on real writes and is compared, never applied; a canary
+//! answers its share; one call promotes or rolls back.
+
+use std::time::Duration;
+
+use bss_tests::*;
+use serde_json::{Value, json};
+
+const PLUGIN: &str = "/v1/plugins/no-negative-totals";
+
+fn manifest(max_total: u64) -> Value {
+    json!({"name": "no-negative-totals", "kind": "validation-hook",
+           "resources": ["invoices"], "config": {"max_total": max_total}})
+}
+
+async fn write(app: &TestApp, token: &str, total: u64) -> u16 {
+    let doc = json!({"number": format!("N-{total}"), "total": total});
+    app.post("/v1/data/invoices", token, &doc)
+        .await
+        .status()
+        .as_u16()
+}
+
+async fn trial(app: &TestApp, token: &str) -> Value {
+    body(app.get(PLUGIN, token).await).await["trial"].clone()
+}
+
+#[tokio::test]
+async fn a_shadow_is_compared_never_applied_a_canary_answers_and_one_call_promotes() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    app.install_plugin(&token, manifest(1000), "no_negative_totals")
+        .await;
+
+    // Version 2, stricter, as a shadow: writes still get version 1's verdict.
+    let resp = app
+        .upload_plugin_to(
+            "/v1/plugins?trial=shadow",
+            &token,
+            manifest(100),
+            plugin_bytes("no_negative_totals"),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let uploaded = body(resp).await;
+    assert_eq!(
+        (uploaded["version"].as_i64(), uploaded["active"].as_bool()),
+        (Some(2), Some(false))
+    );
+    assert_eq!(uploaded["trial"], "shadow");
+    assert_eq!(
+        write(&app, &token, 500).await,
+        201,
+        "the shadow's refusal is never applied"
+    );
+    assert_eq!(write(&app, &token, 50).await, 201);
+    let mut shown = Value::Null;
+    for _ in 0..50 {
+        shown = trial(&app, &token).await;
+        if shown["stats"]["agreements"] == 1 && shown["stats"]["disagreements"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (shown["version"].as_i64(), shown["mode"].as_str()),
+        (Some(2), Some("shadow")),
+        "{shown:#}"
+    );
+    assert_eq!(shown["stats"]["agreements"], 1, "{shown:#}");
+    assert_eq!(shown["stats"]["disagreements"], 1, "{shown:#}");
+    let example = &shown["stats"]["examples"][0];
+    assert_eq!(example["record"]["total"], 500);
+    assert_eq!(example["active"]["verdict"], "accepted");
+    assert_eq!(example["trial"]["verdict"], "refused");
+
+    // The same version as a canary for every write: its verdict applies.
+    let canary = json!({"version": 2, "mode": "canary", "percent": 100});
+    assert_eq!(
+        app.put(&format!("{PLUGIN}/trial"), &token, &canary)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(write(&app, &token, 500).await, 422, "the canary answers");
+    assert_eq!(trial(&app, &token).await["stats"]["calls"], 1);
+
+    // Rolled back with one call: version 1 answers again.
+    let ended = app.delete(&format!("{PLUGIN}/trial"), &token).await;
+    assert_eq!(ended.status(), 200);
+    assert_eq!(write(&app, &token, 500).await, 201);
+    assert!(trial(&app, &token).await.is_null());
+    assert_eq!(
+        app.delete(&format!("{PLUGIN}/trial"), &token)
+            .await
+            .status(),
+        404
+    );
+
+    // Promoted with one call: version 2 is the active one.
+    let half = json!({"version": 2, "mode": "canary", "percent": 50});
+    assert_eq!(
+        app.put(&format!("{PLUGIN}/trial"), &token, &half)
+            .await
+            .status(),
+        200
+    );
+    let promoted = app
+        .post(&format!("{PLUGIN}/trial/promote"), &token, &json!({}))
+        .await;
+    assert_eq!(promoted.status(), 200);
+    let detail = body(app.get(PLUGIN, &token).await).await;
+    assert_eq!(detail["activeVersion"], 2);
+    assert!(detail["trial"].is_null());
+    assert_eq!(write(&app, &token, 500).await, 422);
+}
+
+#[tokio::test]
+async fn a_trial_that_cannot_run_is_refused_with_the_reason() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let module = || plugin_bytes("no_negative_totals");
+    // Nothing active to run beside.
+    let first = app
+        .upload_plugin_to("/v1/plugins?trial=shadow", &token, manifest(10), module())
+        .await;
+    assert_eq!(first.status(), 409);
+    assert!(
+        body(first).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no active version")
+    );
+    app.install_plugin(&token, manifest(10), "no_negative_totals")
+        .await;
+    for (query, status) in [
+        ("trial=canary", 422),
+        ("trial=shadow&percent=5", 422),
+        ("trial=canary&percent=0", 422),
+        ("percent=5", 422),
+        ("trial=blue", 400),
+    ] {
+        let resp = app
+            .upload_plugin_to(
+                &format!("/v1/plugins?{query}"),
+                &token,
+                manifest(10),
+                module(),
+            )
+            .await;
+        assert_eq!(resp.status(), status, "{query}");
+    }
+    // The active version itself, or one that does not exist, cannot go on trial.
+    for version in [1, 9] {
+        let asked = json!({"version": version, "mode": "shadow"});
+        assert_eq!(
+            app.put(&format!("{PLUGIN}/trial"), &token, &asked)
+                .await
+                .status(),
+            404
+        );
+    }
+    assert_eq!(
+        app.post(&format!("{PLUGIN}/trial/promote"), &token, &json!({}))
+            .await
+            .status(),
+        404
+    );
+}
