@@ -167,4 +167,27 @@ async fn a_trial_that_cannot_run_is_refused_with_the_reason() {
             .status(),
         404
     );
+
+    // Only validation hooks go on trial, so far: said, not silently ignored.
+    let enricher = json!({"name": "marks", "kind": "event-enricher", "resources": ["invoices"]});
+    app.install_plugin(&token, enricher.clone(), "large_invoices")
+        .await;
+    let resp = app
+        .upload_plugin_to(
+            "/v1/plugins?trial=shadow",
+            &token,
+            enricher,
+            plugin_bytes("large_invoices"),
+        )
+        .await;
+    assert_eq!(resp.status(), 422);
+    let asked = json!({"version": 1, "mode": "canary", "percent": 10});
+    let resp = app.put("/v1/plugins/marks/trial", &token, &asked).await;
+    assert_eq!(resp.status(), 422);
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("only validation hooks")
+    );
 }

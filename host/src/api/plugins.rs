@@ -73,6 +73,16 @@ struct TrialRequest {
     percent: Option<i16>,
 }
 
+fn trial_kind_refused() -> ApiError {
+    ApiError::unprocessable(
+        "only validation hooks run on trial (shadow or canary) for now",
+        vec![FieldError::request(
+            "/manifest/kind",
+            "not a validation hook",
+        )],
+    )
+}
+
 /// The trial a request asks for, or a 422 saying why it cannot be.
 fn trial_of(mode: Option<TrialMode>, percent: Option<i16>) -> ApiResult<Option<store::Trial>> {
     let refuse = |path: &str, message: &str| {
@@ -117,6 +127,11 @@ async fn start_trial(
     let tenant = principal.tenant_with(Role::Admin)?;
     let name = plugin_name(&name)?;
     let trial = trial_of(Some(body.mode), body.percent)?.unwrap_or(store::Trial::Shadow);
+    if let Some((row, _)) = store::get(&state.pool, tenant.as_str(), name).await?
+        && row.kind != Kind::ValidationHook.as_str()
+    {
+        return Err(trial_kind_refused());
+    }
     if !store::start_trial(&state.pool, tenant.as_str(), name, body.version, trial).await? {
         return Err(ApiError::not_found(format!(
             "plugin {name} has no version {} to try beside another active version",
@@ -492,13 +507,7 @@ async fn upload_plugin(
     check_bound_resources(&state, tenant, &manifest).await?;
     let kind = manifest.kind;
     if trial.is_some() && kind != Kind::ValidationHook {
-        return Err(ApiError::unprocessable(
-            "only validation hooks run on trial (shadow or canary) for now",
-            vec![FieldError::request(
-                "/manifest/kind",
-                "not a validation hook",
-            )],
-        ));
+        return Err(trial_kind_refused());
     }
     let (name, version, sha256) = state
         .plugins

@@ -3,16 +3,19 @@
 //! `"failures"`, `"all"` or a sample rate) with their inputs, outcome and
 //! cost, for `bss plugin logs` and `bss plugin replay`.
 //!
-//! Calls hand what they saw to a bounded queue (never waiting: when it is
-//! full the entry is dropped and counted); one writer task stores batches
+//! Calls hand what they saw to a bounded queue (never waiting: when it, or
+//! the tenant's eighth of it, is full the entry is dropped and counted);
+//! one writer task stores batches
 //! and prunes: at most [`LOGS_KEPT`] lines and [`CALLS_KEPT`] calls per
 //! plugin, none older than [`LOGS_FOR`] / [`CALLS_FOR`]. `x-encrypted`
 //! values are redacted before anything is queued.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -31,6 +34,9 @@ pub const CALLS_KEPT: i64 = 200;
 pub const CALLS_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Entries waiting to be written, at most.
 const QUEUE: usize = 4096;
+/// Entries one tenant may have waiting: a tenant whose plugins log on
+/// every call fills its own share, never the others'.
+const QUEUE_PER_TENANT: usize = QUEUE / 8;
 /// What a redacted value reads.
 pub const REDACTED: &str = "[redacted: x-encrypted]";
 
@@ -198,6 +204,17 @@ enum Entry {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Entry>,
+    /// Entries waiting, per tenant.
+    waiting: Arc<DashMap<String, usize>>,
+}
+
+impl Entry {
+    fn tenant(&self) -> &str {
+        match self {
+            Entry::Logs { origin, .. } => &origin.tenant,
+            Entry::Call(c) => &c.origin.tenant,
+        }
+    }
 }
 
 impl std::fmt::Debug for Entry {
@@ -210,14 +227,21 @@ impl Recorder {
     /// The queue, and its writer on the current runtime.
     pub fn start(pool: PgPool) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_entries(pool, rx));
-        Self { tx }
+        let waiting = Arc::new(DashMap::new());
+        tokio::spawn(write_entries(pool, rx, waiting.clone()));
+        Self { tx, waiting }
     }
 
+    /// Queues an entry unless the queue, or the tenant's share of it, is
+    /// full (then it is dropped and counted).
     fn send(&self, entry: Entry) {
-        if self.tx.try_send(entry).is_err() {
+        let tenant = entry.tenant().to_owned();
+        let mut held = self.waiting.entry(tenant).or_default();
+        if *held >= QUEUE_PER_TENANT || self.tx.try_send(entry).is_err() {
             metrics::counter!("plugin_recordings_dropped_total").increment(1);
+            return;
         }
+        *held += 1;
     }
 
     /// The lines a call logged.
@@ -245,10 +269,20 @@ impl Recorder {
 }
 
 /// Writes queued entries in batches, and prunes what is past its bounds.
-async fn write_entries(pool: PgPool, mut rx: mpsc::Receiver<Entry>) {
+async fn write_entries(
+    pool: PgPool,
+    mut rx: mpsc::Receiver<Entry>,
+    waiting: Arc<DashMap<String, usize>>,
+) {
     let mut batch = Vec::new();
     let mut pruned = tokio::time::Instant::now();
     while rx.recv_many(&mut batch, 256).await > 0 {
+        for e in &batch {
+            if let Some(mut held) = waiting.get_mut(e.tenant()) {
+                *held = held.saturating_sub(1);
+            }
+        }
+        waiting.retain(|_, held| *held > 0);
         let touched: BTreeSet<(String, String)> = batch
             .iter()
             .map(|e| match e {
@@ -470,4 +504,60 @@ pub async fn read_call(
     .bind(id)
     .fetch_optional(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(tenant: &str) -> Origin {
+        Origin {
+            tenant: tenant.into(),
+            plugin: "p".into(),
+            version: 1,
+        }
+    }
+
+    fn line() -> Vec<LogLine> {
+        vec![LogLine {
+            level: crate::plugins::bindings::Level::Info,
+            message: "m".into(),
+        }]
+    }
+
+    #[test]
+    fn a_tenant_flooding_the_queue_fills_only_its_own_share() {
+        // No writer: nothing drains.
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let recorder = Recorder {
+            tx,
+            waiting: Arc::new(DashMap::new()),
+        };
+        for _ in 0..QUEUE {
+            recorder.logs(&origin("loud"), "r", &line());
+        }
+        recorder.logs(&origin("quiet"), "r", &line());
+        let mut queued = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            queued.push(e.tenant().to_owned());
+        }
+        let loud = queued.iter().filter(|t| *t == "loud").count();
+        assert_eq!(loud, QUEUE_PER_TENANT);
+        assert_eq!(queued.last().map(String::as_str), Some("quiet"));
+    }
+
+    #[test]
+    fn encrypted_values_are_redacted_wherever_they_are() {
+        let mut doc = serde_json::json!({"iban": "DE89", "customer": {"card": "4111"}, "total": 5});
+        let paths = vec![
+            vec!["iban".to_owned()],
+            vec!["customer".to_owned(), "card".to_owned()],
+            vec!["absent".to_owned()],
+        ];
+        redact(&mut doc, &paths);
+        assert_eq!(
+            doc,
+            serde_json::json!({"iban": REDACTED, "customer": {"card": REDACTED}, "total": 5})
+        );
+    }
 }

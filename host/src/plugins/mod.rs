@@ -443,20 +443,16 @@ impl Plugins {
                 )),
                 None => None,
             };
-            let manifest: Manifest = serde_json::from_value(row.manifest)?;
-            let loaded = self
-                .load_one(
+            let (manifest, loaded) = self
+                .load_version(
                     tenant,
                     &row.name,
                     row.version,
+                    row.manifest,
                     &row.sha256,
-                    &manifest,
                     &ceilings,
                 )
-                .await;
-            if let Err(e) = &loaded {
-                tracing::error!(tenant, plugin = %row.name, version = row.version, error = %e, "cannot load a plugin; its calls fail");
-            }
+                .await?;
             plugins.push(Arc::new(Active {
                 stats: self.stats_of(tenant, &row.name),
                 name: row.name,
@@ -475,20 +471,16 @@ impl Plugins {
         row: store::TrialRow,
         ceilings: &Ceilings,
     ) -> anyhow::Result<trial::Trial> {
-        let manifest: Manifest = serde_json::from_value(row.manifest)?;
-        let loaded = self
-            .load_one(
+        let (_, loaded) = self
+            .load_version(
                 tenant,
                 &row.name,
                 row.version,
+                row.manifest,
                 &row.sha256,
-                &manifest,
                 ceilings,
             )
-            .await;
-        if let Err(e) = &loaded {
-            tracing::error!(tenant, plugin = %row.name, version = row.version, error = %e, "cannot load a plugin's trial version; its calls fail");
-        }
+            .await?;
         let mode = match row.trial_percent {
             Some(p) if row.trial_mode == "canary" => store::Trial::Canary(p),
             _ => store::Trial::Shadow,
@@ -499,6 +491,27 @@ impl Plugins {
             loaded,
             stats: self.trial_stats_of(tenant, &row.name, row.version),
         })
+    }
+
+    /// A stored version's manifest and the version loaded (or why it
+    /// cannot be: logged, and its calls then fail).
+    async fn load_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: i32,
+        manifest: Value,
+        sha: &str,
+        ceilings: &Ceilings,
+    ) -> anyhow::Result<(Manifest, Result<Loaded, String>)> {
+        let manifest: Manifest = serde_json::from_value(manifest)?;
+        let loaded = self
+            .load_one(tenant, name, version, sha, &manifest, ceilings)
+            .await;
+        if let Err(e) = &loaded {
+            tracing::error!(tenant, plugin = %name, version, error = %e, "cannot load a plugin version; its calls fail");
+        }
+        Ok((manifest, loaded))
     }
 
     async fn load_one(
