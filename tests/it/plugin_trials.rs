@@ -22,6 +22,20 @@ async fn write(app: &TestApp, token: &str, total: u64) -> u16 {
         .as_u16()
 }
 
+/// The hook versions that passed the write of record `id` (its event's
+/// `bsshooks`), once the event is in the log.
+async fn passed_by(app: &TestApp, token: &str, id: &str) -> Value {
+    let subject = format!("invoices/{id}");
+    for _ in 0..100 {
+        let log = event_log(app, token).await;
+        if let Some(e) = log.iter().find(|e| e["subject"] == subject.as_str()) {
+            return e["bsshooks"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no event for {subject}");
+}
+
 async fn trial(app: &TestApp, token: &str) -> Value {
     body(app.get(PLUGIN, token).await).await["trial"].clone()
 }
@@ -86,10 +100,24 @@ async fn a_shadow_is_compared_never_applied_a_canary_answers_and_one_call_promot
     assert_eq!(write(&app, &token, 500).await, 422, "the canary answers");
     assert_eq!(trial(&app, &token).await["stats"]["calls"], 1);
 
+    // Audit: each write's event names the hook version that passed it.
+    let doc = json!({"number": "by-canary", "total": 7});
+    let by_canary = body(app.post("/v1/data/invoices", &token, &doc).await).await;
+    assert_eq!(
+        passed_by(&app, &token, by_canary["id"].as_str().unwrap()).await,
+        "no-negative-totals@2"
+    );
+
     // Rolled back with one call: version 1 answers again.
     let ended = app.delete(&format!("{PLUGIN}/trial"), &token).await;
     assert_eq!(ended.status(), 200);
     assert_eq!(write(&app, &token, 500).await, 201);
+    let doc = json!({"number": "by-active", "total": 8});
+    let by_active = body(app.post("/v1/data/invoices", &token, &doc).await).await;
+    assert_eq!(
+        passed_by(&app, &token, by_active["id"].as_str().unwrap()).await,
+        "no-negative-totals@1"
+    );
     assert!(trial(&app, &token).await.is_null());
     assert_eq!(
         app.delete(&format!("{PLUGIN}/trial"), &token)

@@ -799,6 +799,8 @@ async fn an_enricher_can_mark_events_and_drop_them() {
     );
     assert_eq!(created[0]["large"], true);
     assert_eq!(created[1]["large"], false);
+    // Audit: the enricher version that made each event.
+    assert_eq!(created[0]["bssenrichers"], "large-invoices@1");
     let stats = body(app.get("/v1/plugins/large-invoices", &token).await).await["stats"].clone();
     assert_eq!(stats["calls"], 3);
 }

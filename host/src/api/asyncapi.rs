@@ -238,6 +238,8 @@ fn schemas() -> Value {
                 "ce_tenantid": {"type": "string"},
                 "ce_correlationid": {"type": "string", "description": "The x-request-id of the request that caused the event."},
                 "ce_traceparent": {"type": "string", "description": "W3C traceparent in the trace of the request that caused the event, when it came with one (CloudEvents distributed tracing extension)."},
+                "ce_bsshooks": {"type": "string", "description": "The validation hook versions that passed the write, `name@version` comma-separated (when hooks ran)."},
+                "ce_bssenrichers": {"type": "string", "description": "The event enricher versions that made the event, `name@version` comma-separated (when enrichers ran)."},
                 "content-type": {"type": "string", "const": "application/json"},
             },
         },

@@ -674,8 +674,8 @@ impl<'a> Writer<'a> {
             self.resource,
             |schema| async move {
                 self.validate(&schema, change).await?;
-                let seen = self.ask_hooks(&schema, change).await?;
-                self.store(&schema, change, seen).await
+                let (seen, hooks) = self.ask_hooks(&schema, change).await?;
+                self.store(&schema, change, seen, &hooks).await
             },
         )
         .await?;
@@ -711,12 +711,13 @@ impl<'a> Writer<'a> {
     }
 
     /// Asks the tenant's validation hooks, if any are bound. Returns the
-    /// version of the record they judged, for a patch (applied only to it).
+    /// version of the record they judged, for a patch (applied only to it),
+    /// and the hook versions that passed the write (`name@version,…`).
     async fn ask_hooks(
         &self,
         schema: &Arc<CompiledSchema>,
         change: &Change,
-    ) -> ApiResult<Option<i64>> {
+    ) -> ApiResult<(Option<i64>, String)> {
         let state = self.state;
         let on_delete = matches!(change, Change::Delete { .. });
         let Some(hooks) = state
@@ -724,7 +725,7 @@ impl<'a> Writer<'a> {
             .hooks(self.tenant, self.resource.as_str(), on_delete)
             .await?
         else {
-            return Ok(None);
+            return Ok((None, String::new()));
         };
         let mut seen = None;
         let docs = match change {
@@ -733,7 +734,7 @@ impl<'a> Writer<'a> {
                 if let Some((key, _)) = idem
                     && records::replays(&state.pool, self.tenant, key).await?
                 {
-                    return Ok(None);
+                    return Ok((None, String::new()));
                 }
                 one_doc(doc, None)
             }
@@ -780,8 +781,8 @@ impl<'a> Writer<'a> {
             change.operation(),
         );
         call.hidden = schema.encrypted_paths().to_vec();
-        state.plugins.check_write(hooks, call, docs).await?;
-        Ok(seen)
+        let passed = state.plugins.check_write(hooks, call, docs).await?;
+        Ok((seen, passed))
     }
 
     /// The stored record, its sealed values opened (what hooks see).
@@ -818,10 +819,15 @@ impl<'a> Writer<'a> {
         schema: &Arc<CompiledSchema>,
         change: &Change,
         seen: Option<i64>,
+        hooks: &str,
     ) -> ApiResult<Result<Done, StorageError>> {
         let state = self.state;
         let t = self.target(schema);
-        let events = record_events(state, self.headers, self.tenant, schema);
+        let mut events = record_events(state, self.headers, self.tenant, schema);
+        if !hooks.is_empty() {
+            // Audit: the hook versions that passed this write, on its events.
+            events.template[crate::plugins::HOOKS_ATTRIBUTE] = Value::String(hooks.to_owned());
+        }
         Ok(match change {
             Change::Create { id, doc, idem } => {
                 let stored = sealed(state, t, schema, id, doc).await?;

@@ -93,12 +93,19 @@ impl LocalPlugin {
         };
         let runtime = Runtime::with_bounds(&cache, None, bounds)?;
         let kind = checked.manifest.kind;
-        let sha = runtime
-            .compile_upload(&bytes, kind)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", wasm.display()))?;
-        let component = runtime
-            .cached(&sha)
-            .context("the compiled component went missing")?;
+        // Compiled once per module: later runs load the artifact from the
+        // disk cache, as a restarted service does (`load` checks the world).
+        let component = match runtime.cached(&crate::plugins::runtime::sha256_hex(&bytes)) {
+            Some(c) => c,
+            None => {
+                let sha = runtime
+                    .compile_upload(&bytes, kind)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", wasm.display()))?;
+                runtime
+                    .cached(&sha)
+                    .context("the compiled component went missing")?
+            }
+        };
         let caller = Caller {
             tenant: "local".into(),
             plugin: checked.manifest.name.clone(),

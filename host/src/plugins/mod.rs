@@ -280,8 +280,13 @@ fn restore(map: &mut serde_json::Map<String, Value>, original: &Value, keys: &[&
     }
 }
 
+/// The envelope attributes naming the hook versions that passed a write
+/// and the enricher versions that made its event.
+pub const HOOKS_ATTRIBUTE: &str = "bsshooks";
+pub const ENRICHERS_ATTRIBUTE: &str = "bssenrichers";
+
 /// Envelope attributes an enricher cannot change.
-const FIXED_ATTRIBUTES: [&str; 7] = [
+const FIXED_ATTRIBUTES: [&str; 9] = [
     "id",
     "type",
     "source",
@@ -289,6 +294,8 @@ const FIXED_ATTRIBUTES: [&str; 7] = [
     "subject",
     "tenantid",
     "time",
+    HOOKS_ATTRIBUTE,
+    ENRICHERS_ATTRIBUTE,
 ];
 
 impl Plugins {
@@ -673,15 +680,17 @@ impl Plugins {
     }
 
     /// Runs `hooks` over the documents of a write, in name order. Ok when
-    /// every hook accepted every document.
+    /// every hook accepted every document: then which versions passed it
+    /// (`name@version`, comma-separated, for the write's events).
     pub async fn check_write(
         &self,
         hooks: Hooks,
         call: WriteCall<'_>,
         docs: Vec<WriteDoc>,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<String> {
         let tenant = call.tenant.as_str();
         let docs = Arc::new(docs);
+        let mut passed = Vec::with_capacity(hooks.0.len());
         for hook in hooks.0 {
             let refused = |failure: Failure, retry_after_secs: u64| ApiError::Unavailable {
                 detail: format!(
@@ -764,7 +773,7 @@ impl Plugins {
             }
             let source = format!("plugin:{}", hook.name);
             match outcome {
-                Ok(found) if found.is_empty() => {}
+                Ok(found) if found.is_empty() => passed.push(format!("{}@{version}", hook.name)),
                 Ok(found) => return Err(found.into_error(&hook.name, &source)),
                 Err((_, Failure::Busy)) => return Err(refused(Failure::Busy, 1)),
                 Err((prefix, failure)) => {
@@ -784,7 +793,7 @@ impl Plugins {
                 }
             }
         }
-        Ok(())
+        Ok(passed.join(","))
     }
 
     /// Runs a shadow version on a write's documents after the active one
@@ -887,18 +896,20 @@ impl Plugins {
             let _held = slot;
             sandbox::take_queued_tasks();
             let mut current = original.clone();
-            let mut changed = false;
+            let mut touched = Vec::new();
             for e in &enrichers {
                 match run_enricher(&rt, e, ctx.clone(), &current, &original, recorder.as_ref()) {
                     Some(Some(next)) => {
                         current = next;
-                        changed = true;
+                        touched.push(format!("{}@{}", e.name, e.version));
                     }
                     Some(None) => return (Enriched::Dropped, sandbox::take_queued_tasks()),
                     None => {}
                 }
             }
-            let outcome = if changed {
+            let outcome = if !touched.is_empty() {
+                // Which enricher versions made the event (never theirs to say).
+                current[ENRICHERS_ATTRIBUTE] = Value::String(touched.join(","));
                 Enriched::Replaced(current)
             } else {
                 Enriched::Unchanged
