@@ -352,6 +352,9 @@ impl Plugins {
     /// modules no stored version uses any more.
     pub async fn forget(&self, tenant: &str, name: &str, unused: Vec<String>) {
         self.stats.remove(&(tenant.to_owned(), name.to_owned()));
+        // A plugin uploaded later under this name numbers its versions
+        // from 1 again: none of this one's trial counts may show there.
+        self.forget_trials(tenant, name);
         self.invalidate(tenant);
         self.drop_artifacts(unused).await;
     }
