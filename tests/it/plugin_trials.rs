@@ -219,3 +219,56 @@ async fn a_trial_that_cannot_run_is_refused_with_the_reason() {
             .contains("only validation hooks")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_shadow_flooded_by_one_tenant_leaves_another_tenants_writes_alone() {
+    let app = TestApp::spawn_with(|s| {
+        s.plugin_max_concurrent_calls = 4;
+        s.plugin_slot_wait_ms = 1000;
+    })
+    .await;
+    let (_, loud) = app.tenant_with_invoices().await;
+    let (_, quiet) = app.tenant_with_invoices().await;
+    for token in [&loud, &quiet] {
+        app.install_plugin(token, manifest(1000), "no_negative_totals")
+            .await;
+    }
+    // The loud tenant's shadow sleeps to its deadline on every write.
+    let mut slow = manifest(1000);
+    slow["limits"] = json!({"deadlineMs": 300});
+    let resp = app
+        .upload_plugin_to(
+            "/v1/plugins?trial=shadow",
+            &loud,
+            slow,
+            plugin_bytes("sleeper"),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+
+    let flood: Vec<_> = (0..40)
+        .map(|i| {
+            let (app, token) = (&app, loud.clone());
+            async move { write(app, &token, i).await }
+        })
+        .collect();
+    let watched: Vec<_> = (0..10)
+        .map(|i| {
+            let (app, token) = (&app, quiet.clone());
+            async move { write(app, &token, 100 + i).await }
+        })
+        .collect();
+    let (loud_codes, quiet_codes) = tokio::join!(
+        futures::future::join_all(flood),
+        futures::future::join_all(watched)
+    );
+    assert!(quiet_codes.iter().all(|c| *c == 201), "{quiet_codes:?}");
+    assert!(
+        loud_codes.iter().all(|c| *c == 201),
+        "the shadow never fails a write: {loud_codes:?}"
+    );
+    let stats = trial(&app, &loud).await["stats"].clone();
+    assert_eq!(stats["agreements"].as_u64().unwrap_or(0), 0, "{stats:#}");
+    let ran = stats["calls"].as_u64().unwrap() + stats["skipped"].as_u64().unwrap();
+    assert!(ran >= 1, "{stats:#}");
+}

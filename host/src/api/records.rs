@@ -187,7 +187,7 @@ fn write_call<'a>(
         operation,
         actor: principal.actor(),
         request_id: super::event_context(state, headers).correlation_id,
-        hidden: Vec::new(),
+        hidden: Arc::from([]),
     }
 }
 
@@ -780,7 +780,7 @@ impl<'a> Writer<'a> {
             self.resource,
             change.operation(),
         );
-        call.hidden = schema.encrypted_paths().to_vec();
+        call.hidden = schema.encrypted_paths().into();
         let passed = state.plugins.check_write(hooks, call, docs).await?;
         Ok((seen, passed))
     }

@@ -105,11 +105,17 @@ impl Active {
     /// author: tenant, plugin, version, request id, the limit it hit (or
     /// the trap) and what the plugin said on stderr.
     fn failed(&self, failure: &Failure, took: Duration, request_id: &str) {
+        self.warn_failed(self.version, failure, took, request_id);
+        self.stats.failed(failure, took);
+    }
+
+    /// The WARN line of a failed call of `version` (this one or its canary).
+    fn warn_failed(&self, version: i32, failure: &Failure, took: Duration, request_id: &str) {
         if !matches!(failure, Failure::Tripped(_) | Failure::Busy) {
             tracing::warn!(
                 tenant = %self.stats.tenant(),
                 plugin = %self.name,
-                version = self.version,
+                version,
                 request_id,
                 failure = failure.kind(),
                 limit = failure.limit(),
@@ -117,7 +123,6 @@ impl Active {
                 "plugin call failed: {failure}"
             );
         }
-        self.stats.failed(failure, took);
     }
 }
 
@@ -164,16 +169,20 @@ impl Active {
         what: impl FnOnce() -> (Value, calls::Verdict),
     ) {
         let Some(recorder) = recorder else { return };
+        let recorded = self.manifest.record.is_some_and(|p| p.wants(failed));
+        // The common call logs nothing and is not recorded: nothing to build.
+        if !recorded && report.logs.is_empty() {
+            return;
+        }
         let origin = calls::Origin {
             tenant: self.stats.tenant().to_string(),
             plugin: self.name.clone(),
             version,
         };
-        let policy = self.manifest.record.filter(|p| p.wants(failed));
-        let Some(_) = policy else {
+        if !recorded {
             recorder.logs(&origin, &ctx.request_id, &report.logs);
             return;
-        };
+        }
         let (input, verdict) = what();
         recorder.record(calls::CallRecord {
             origin,
@@ -214,7 +223,7 @@ pub struct WriteCall<'a> {
     pub actor: String,
     pub request_id: String,
     /// The resource's `x-encrypted` paths: redacted in recorded calls.
-    pub hidden: Vec<Vec<String>>,
+    pub hidden: Arc<[Vec<String>]>,
 }
 
 /// One document of a write: where it is in the request body (a JSON
@@ -751,14 +760,16 @@ impl Plugins {
             };
             let (rt, h, all) = (self.runtime.clone(), hook.clone(), docs.clone());
             let (recorder, hidden) = (self.recorder.clone(), call.hidden.clone());
+            let shadow = hook.trial.clone().filter(|t| t.is_shadow());
+            // The shadow runs after the write's own call, in the same context.
+            let shadow_ctx = shadow.as_ref().map(|_| ctx.clone());
             let caps = Caps {
                 per_doc: self.settings.max_violations,
                 per_response: self.settings.max_response_violations,
                 bytes: RESPONSE_VIOLATION_BYTES,
             };
-            let shadow = hook.trial.clone().filter(|t| t.is_shadow());
             let run = HookRun {
-                ctx: ctx.clone(),
+                ctx,
                 caps,
                 recorder,
                 hidden: hidden.clone(),
@@ -771,7 +782,7 @@ impl Plugins {
             })
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
-            if let (Some(shadow), Ok(found)) = (shadow, &outcome) {
+            if let (Some(shadow), Some(ctx), Ok(found)) = (shadow, shadow_ctx, &outcome) {
                 self.run_shadow(shadow, ctx, docs.clone(), found.verdicts.clone(), hidden);
             }
             let source = format!("plugin:{}", hook.name);
@@ -809,7 +820,7 @@ impl Plugins {
         ctx: Context,
         docs: Arc<Vec<WriteDoc>>,
         active: Vec<calls::Verdict>,
-        hidden: Vec<Vec<String>>,
+        hidden: Arc<[Vec<String>]>,
     ) {
         let (slots, rt) = (self.slots.clone(), self.runtime.clone());
         let tenant = ctx.tenant_id.clone();
@@ -1099,7 +1110,7 @@ struct HookRun {
     ctx: Context,
     caps: Caps,
     recorder: Option<Recorder>,
-    hidden: Vec<Vec<String>>,
+    hidden: Arc<[Vec<String>]>,
     canary: Option<Arc<trial::Trial>>,
     /// Keep each document's verdict (a shadow compares them).
     verdicts: bool,
@@ -1188,16 +1199,8 @@ fn run_hook(
                 return Err((doc.path.clone(), failure));
             }
             (Err(failure), Some(t)) => {
-                tracing::warn!(
-                    tenant = %ctx.tenant_id,
-                    plugin = %hook.name,
-                    version = t.version,
-                    request_id = %ctx.request_id,
-                    failure = failure.kind(),
-                    limit = failure.limit(),
-                    took_ms = took.as_millis() as u64,
-                    "plugin canary call failed: {failure}"
-                );
+                // Counted in the trial's stats above, never in the breaker.
+                hook.warn_failed(t.version, &failure, took, &ctx.request_id);
                 return Err((doc.path.clone(), failure));
             }
         }

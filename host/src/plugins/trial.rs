@@ -1,5 +1,6 @@
 //! A validation hook's version on trial beside the active one: a shadow
-//! runs on the same writes after them (never delaying or changing them),
+//! runs on the same writes after their own call (never changing them, and
+//! only on a call slot free at once, from its tenant's share),
 //! its verdicts compared with the active version's; a canary answers a
 //! share of writes itself. What each did is counted here, per replica, with
 //! the latest disagreements as examples.
