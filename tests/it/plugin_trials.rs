@@ -195,29 +195,108 @@ async fn a_trial_that_cannot_run_is_refused_with_the_reason() {
             .status(),
         404
     );
+}
 
-    // Only validation hooks go on trial, so far: said, not silently ignored.
-    let enricher = json!({"name": "marks", "kind": "event-enricher", "resources": ["invoices"]});
-    app.install_plugin(&token, enricher.clone(), "large_invoices")
+/// The events of created invoices in the log, by their `number`.
+async fn created_events(app: &TestApp, token: &str, n: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let created: Vec<Value> = event_log(app, token)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "business_store.data.created")
+            .collect();
+        if created.len() >= n {
+            return created;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} created events");
+}
+
+#[tokio::test]
+async fn an_enricher_on_trial_a_shadow_compared_on_real_events_a_canary_making_them() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.tenant().await;
+    let mut schema = invoice_schema();
+    schema["x-event-payload"] = json!("full");
+    assert_eq!(
+        app.put_schema("invoices", &token, schema).await.status(),
+        201
+    );
+    let marks = |threshold: u64| {
+        json!({"name": "marks", "kind": "event-enricher", "resources": ["invoices"],
+               "config": {"threshold": threshold}})
+    };
+    app.install_plugin(&token, marks(100), "large_invoices")
         .await;
+    // Version 2 marks "large" from 1,000 on, as a shadow.
     let resp = app
         .upload_plugin_to(
             "/v1/plugins?trial=shadow",
             &token,
-            enricher,
+            marks(1000),
             plugin_bytes("large_invoices"),
         )
         .await;
-    assert_eq!(resp.status(), 422);
-    let asked = json!({"version": 1, "mode": "canary", "percent": 10});
-    let resp = app.put("/v1/plugins/marks/trial", &token, &asked).await;
-    assert_eq!(resp.status(), 422);
-    assert!(
-        body(resp).await["detail"]
-            .as_str()
-            .unwrap()
-            .contains("only validation hooks")
+    assert_eq!(resp.status(), 201);
+    for total in [50, 500, 5000] {
+        assert_eq!(write(&app, &token, total).await, 201);
+    }
+    let created = created_events(&app, &token, 3).await;
+    let large: Vec<&Value> = created.iter().map(|e| &e["large"]).collect();
+    assert_eq!(
+        large,
+        [false, true, true],
+        "the shadow's events are never used"
     );
+    assert!(created.iter().all(|e| e["bssenrichers"] == "marks@1"));
+    let mut shown = Value::Null;
+    for _ in 0..50 {
+        shown = body(app.get("/v1/plugins/marks", &token).await).await["trial"].clone();
+        if shown["stats"]["calls"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = &shown["stats"];
+    assert_eq!(
+        (
+            stats["agreements"].as_u64(),
+            stats["disagreements"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{shown:#}"
+    );
+    let example = &stats["examples"][0];
+    assert_eq!(
+        example["event"]["data"]["data"]["total"], 500,
+        "{example:#}"
+    );
+    assert_eq!(example["active"]["verdict"], "enriched");
+    assert_eq!(example["active"]["detail"]["large"], true);
+    assert_eq!(example["trial"]["detail"]["large"], false);
+
+    // As a canary for every event: its events are the ones published.
+    let canary = json!({"version": 2, "mode": "canary", "percent": 100});
+    assert_eq!(
+        app.put("/v1/plugins/marks/trial", &token, &canary)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(write(&app, &token, 700).await, 201);
+    let created = created_events(&app, &token, 4).await;
+    assert_eq!(created[3]["large"], false, "{:#}", created[3]);
+    assert_eq!(created[3]["bssenrichers"], "marks@2");
+
+    // Promoted with one call.
+    let promoted = app
+        .post("/v1/plugins/marks/trial/promote", &token, &json!({}))
+        .await;
+    assert_eq!(promoted.status(), 200);
+    let shown = body(app.get("/v1/plugins/marks", &token).await).await;
+    assert_eq!(shown["activeVersion"], 2, "{shown:#}");
+    assert!(shown["trial"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread")]

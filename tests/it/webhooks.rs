@@ -621,6 +621,70 @@ async fn transformers_rewrite_cancel_and_fail_by_name() {
     assert_eq!(rx.hits("/ok/chat").len(), 2);
 }
 
+#[tokio::test]
+async fn a_transformer_on_trial_a_shadow_never_sends_a_canary_does() {
+    let app = TestApp::spawn_with(open).await;
+    let rx = Receiver::start().await;
+    let (_, token) = app.tenant_with_invoices().await;
+    let chat = |path: &str| json!({"name": "webhook-chat", "kind": "webhook-transformer", "config": {"path": path}});
+    app.install_plugin(&token, chat("/ok/v1"), "webhook_chat")
+        .await;
+    let resp = app
+        .upload_plugin_to(
+            "/v1/plugins?trial=shadow",
+            &token,
+            chat("/ok/v2"),
+            plugin_bytes("webhook_chat"),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    register(
+        &app,
+        &token,
+        json!({"url": rx.url("/ok/raw"), "events": ["business_store.data.created"],
+               "transformer": "webhook-chat"}),
+    )
+    .await;
+    create_invoice(&app, &token, 1).await;
+    assert_eq!(
+        rx.wait_for("/ok/v1", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    // The shadow ran on the same delivery, and disagreed (another path).
+    let mut trial = Value::Null;
+    for _ in 0..50 {
+        trial = body(app.get("/v1/plugins/webhook-chat", &token).await).await["trial"].clone();
+        if trial["stats"]["calls"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(trial["stats"]["disagreements"], 1, "{trial:#}");
+    let example = &trial["stats"]["examples"][0];
+    assert_eq!(example["active"]["detail"]["path"], "/ok/v1");
+    assert_eq!(example["trial"]["detail"]["path"], "/ok/v2");
+    assert!(rx.hits("/ok/v2").is_empty(), "a shadow never sends");
+
+    // As a canary for every delivery, its request is the one sent.
+    let canary = json!({"version": 2, "mode": "canary", "percent": 100});
+    assert_eq!(
+        app.put("/v1/plugins/webhook-chat/trial", &token, &canary)
+            .await
+            .status(),
+        200
+    );
+    create_invoice(&app, &token, 2).await;
+    assert_eq!(
+        rx.wait_for("/ok/v2", 1, Duration::from_secs(20))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(rx.hits("/ok/v1").len(), 1);
+}
+
 /// A replica process, killed (SIGKILL) when dropped: a failing test
 /// leaves none behind.
 struct Replica(std::process::Child);

@@ -47,7 +47,7 @@ struct UploadQuery {
     /// Upload the version on trial beside the active one instead of
     /// making it active: `shadow` or `canary`.
     trial: Option<TrialMode>,
-    /// A canary's share of writes, 1-100.
+    /// A canary's share of calls (writes, events or deliveries), 1-100.
     #[param(minimum = 1, maximum = 100)]
     percent: Option<i16>,
 }
@@ -56,9 +56,9 @@ struct UploadQuery {
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum TrialMode {
-    /// Runs on every write after the active version; compared, never applied.
+    /// Runs on every call after the active version; compared, never applied.
     Shadow,
-    /// Answers `percent` percent of writes.
+    /// Answers `percent` percent of calls.
     Canary,
 }
 
@@ -68,19 +68,9 @@ struct TrialRequest {
     #[schema(minimum = 1)]
     version: i32,
     mode: TrialMode,
-    /// A canary's share of writes, 1-100 (a shadow takes none).
+    /// A canary's share of calls, 1-100 (a shadow takes none).
     #[schema(minimum = 1, maximum = 100)]
     percent: Option<i16>,
-}
-
-fn trial_kind_refused() -> ApiError {
-    ApiError::unprocessable(
-        "only validation hooks run on trial (shadow or canary) for now",
-        vec![FieldError::request(
-            "/manifest/kind",
-            "not a validation hook",
-        )],
-    )
 }
 
 /// The trial a request asks for, or a 422 saying why it cannot be.
@@ -97,22 +87,23 @@ fn trial_of(mode: Option<TrialMode>, percent: Option<i16>) -> ApiResult<Option<s
         (Some(TrialMode::Shadow), None) => Ok(Some(store::Trial::Shadow)),
         (Some(TrialMode::Shadow), Some(_)) => refuse(
             "/percent",
-            "a shadow runs on every write and applies none: it takes no percent",
+            "a shadow runs on every call and applies none: it takes no percent",
         ),
         (Some(TrialMode::Canary), Some(p)) if (1..=100).contains(&p) => {
             Ok(Some(store::Trial::Canary(p)))
         }
         (Some(TrialMode::Canary), _) => refuse(
             "/percent",
-            "a canary needs the percent of writes it answers, from 1 to 100",
+            "a canary needs the percent of calls it answers, from 1 to 100",
         ),
     }
 }
 
 /// Put a version on trial beside the active one: a `shadow` runs on every
-/// write after the active version (never delaying or changing it) and its
-/// verdicts are compared and counted; a `canary` answers `percent` percent
-/// of writes. Validation hooks only; one trial per plugin.
+/// call after the active version (a hook's writes, an enricher's events, a
+/// transformer's deliveries; never changing them) and what it answers is
+/// compared and counted; a `canary` answers `percent` percent of calls.
+/// One trial per plugin.
 #[utoipa::path(put, path = "/v1/plugins/{name}/trial", tag = "plugins",
     params(("name" = String, Path)),
     request_body = TrialRequest,
@@ -127,11 +118,6 @@ async fn start_trial(
     let tenant = principal.tenant_with(Role::Admin)?;
     let name = plugin_name(&name)?;
     let trial = trial_of(Some(body.mode), body.percent)?.unwrap_or(store::Trial::Shadow);
-    if let Some((row, _)) = store::get(&state.pool, tenant.as_str(), name).await?
-        && row.kind != Kind::ValidationHook.as_str()
-    {
-        return Err(trial_kind_refused());
-    }
     if !store::start_trial(&state.pool, tenant.as_str(), name, body.version, trial).await? {
         return Err(ApiError::not_found(format!(
             "plugin {name} has no version {} to try beside another active version",
@@ -144,7 +130,7 @@ async fn start_trial(
     Ok(Json(detail(&state, tenant.as_str(), name).await?))
 }
 
-/// End the trial (roll it back): the active version answers every write.
+/// End the trial (roll it back): the active version answers every call.
 #[utoipa::path(delete, path = "/v1/plugins/{name}/trial", tag = "plugins",
     params(("name" = String, Path)),
     responses((status = 200, body = PluginDetail), (status = 404, body = Problem)),
@@ -506,9 +492,6 @@ async fn upload_plugin(
     let module = module.ok_or_else(|| missing("module"))?;
     check_bound_resources(&state, tenant, &manifest).await?;
     let kind = manifest.kind;
-    if trial.is_some() && kind != Kind::ValidationHook {
-        return Err(trial_kind_refused());
-    }
     let (name, version, sha256) = state
         .plugins
         .upload(tenant, &principal.actor(), manifest, module, trial)

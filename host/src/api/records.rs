@@ -28,7 +28,7 @@ use crate::domain::{RecordId, ResourceName, TenantId};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::events::envelope;
 use crate::events::outbox::RecordEvents;
-use crate::plugins::{WriteCall, WriteDoc};
+use crate::plugins::{Passed, WriteCall, WriteDoc};
 use crate::storage::StorageError;
 use crate::storage::query::{ListQuery, project};
 use crate::storage::records::{self, Created, Idempotency, Patch, Record, Target};
@@ -218,6 +218,7 @@ fn record_events(
         template: envelope::template(&super::event_context(state, headers), tenant),
         full: schema.full_events(),
         hidden: schema.encrypted_paths().to_vec(),
+        audit: Value::Null,
     }
 }
 
@@ -433,24 +434,34 @@ async fn create_record(
     })
 }
 
-/// Read a record.
+/// Read a record; with `include=audit`, also what its version keeps of
+/// the write that made it (actor, request, hook versions that passed it).
 #[utoipa::path(get, path = "/v1/data/{resource}/{id}", tag = "records",
-    params(("resource" = String, Path), ("id" = String, Path)),
-    responses((status = 200, body = Record), (status = 304), (status = 404, body = Problem)),
+    params(("resource" = String, Path), ("id" = String, Path),
+           ("include" = Option<String>, Query, description = "audit: add the version's audit")),
+    responses((status = 200, body = Record), (status = 304), (status = 400, body = Problem),
+              (status = 404, body = Problem)),
     security(("bearer" = [])))]
 async fn get_record(
     State(state): State<SharedState>,
     principal: Principal,
     Path((resource, id)): Path<(String, String)>,
+    QueryPairs(params): QueryPairs,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let tenant = principal.tenant_with(Role::Reader)?;
     let resource = ResourceName::parse(&resource)?;
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
+    let with_audit = includes_audit(&params)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    let raw = records::get_raw(&state.pool, target(tenant, &resource, &schema), &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
+    let raw = records::get_raw(
+        &state.pool,
+        target(tenant, &resource, &schema),
+        &id,
+        with_audit,
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
     let tag = etag(raw.version);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -471,6 +482,24 @@ async fn get_record(
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("stored record {id}: {e}")))?;
     reveal(&state, tenant, &mut record).await?;
     Ok(record_response(StatusCode::OK, &record))
+}
+
+/// Whether `include` asks for the audit (the only thing it can name).
+fn includes_audit(params: &[(String, String)]) -> ApiResult<bool> {
+    let mut audit = false;
+    for (_, value) in params.iter().filter(|(k, _)| k == "include") {
+        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "audit" => audit = true,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "include={other} is not known; a record can include: audit"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(audit)
 }
 
 /// Replace a record, or create it with this id.
@@ -712,12 +741,12 @@ impl<'a> Writer<'a> {
 
     /// Asks the tenant's validation hooks, if any are bound. Returns the
     /// version of the record they judged, for a patch (applied only to it),
-    /// and the hook versions that passed the write (`name@version,…`).
+    /// and the hook versions that passed the write.
     async fn ask_hooks(
         &self,
         schema: &Arc<CompiledSchema>,
         change: &Change,
-    ) -> ApiResult<(Option<i64>, String)> {
+    ) -> ApiResult<(Option<i64>, Passed)> {
         let state = self.state;
         let on_delete = matches!(change, Change::Delete { .. });
         let Some(hooks) = state
@@ -725,7 +754,7 @@ impl<'a> Writer<'a> {
             .hooks(self.tenant, self.resource.as_str(), on_delete)
             .await?
         else {
-            return Ok((None, String::new()));
+            return Ok((None, Passed::default()));
         };
         let mut seen = None;
         let docs = match change {
@@ -734,7 +763,7 @@ impl<'a> Writer<'a> {
                 if let Some((key, _)) = idem
                     && records::replays(&state.pool, self.tenant, key).await?
                 {
-                    return Ok((None, String::new()));
+                    return Ok((None, Passed::default()));
                 }
                 one_doc(doc, None)
             }
@@ -819,15 +848,23 @@ impl<'a> Writer<'a> {
         schema: &Arc<CompiledSchema>,
         change: &Change,
         seen: Option<i64>,
-        hooks: &str,
+        hooks: &Passed,
     ) -> ApiResult<Result<Done, StorageError>> {
         let state = self.state;
         let t = self.target(schema);
         let mut events = record_events(state, self.headers, self.tenant, schema);
+        // Audit: the hook versions that passed this write, on its events and
+        // on the record version it stores, with who wrote it and in which
+        // request.
         if !hooks.is_empty() {
-            // Audit: the hook versions that passed this write, on its events.
-            events.template[crate::plugins::HOOKS_ATTRIBUTE] = Value::String(hooks.to_owned());
+            events.template[crate::plugins::HOOKS_ATTRIBUTE] = Value::String(hooks.attribute());
         }
+        events.audit = json!({
+            "operation": change.operation(),
+            "actor": self.principal.actor(),
+            "requestId": events.template["correlationid"],
+            "hooks": hooks.to_json(),
+        });
         Ok(match change {
             Change::Create { id, doc, idem } => {
                 let stored = sealed(state, t, schema, id, doc).await?;

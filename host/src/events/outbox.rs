@@ -29,6 +29,10 @@ pub struct RecordEvents {
     /// Fields never put in events (`x-encrypted`, at any depth), as paths
     /// of object keys; bound as a JSON array of such paths.
     pub hidden: Vec<Vec<String>>,
+    /// What the record version written keeps of the write (its `audit`
+    /// column): operation, actor, request id, the hook versions that
+    /// passed it. Not part of any event.
+    pub audit: Value,
 }
 
 /// A CTE named `ob` that writes one outbox row per row of the CTE `ins`

@@ -129,6 +129,22 @@ impl Verdict {
         }
     }
 
+    /// An enricher's outcome as the host took it (its event checked and
+    /// its fixed attributes restored).
+    pub fn of_enriched(outcome: &Result<Option<Value>, Failure>) -> Self {
+        match outcome {
+            Ok(Some(event)) => Self {
+                verdict: "enriched",
+                detail: event.clone(),
+            },
+            Ok(None) => Self {
+                verdict: "dropped",
+                detail: Value::Null,
+            },
+            Err(f) => Self::failed(f),
+        }
+    }
+
     pub fn of_transform(outcome: &Result<Option<WebhookRequest>, Failure>) -> Self {
         match outcome {
             Ok(Some(r)) => Self {

@@ -87,7 +87,7 @@ pub struct Active {
     /// Err when the stored version cannot be loaded (calls then fail).
     loaded: Result<Loaded, String>,
     pub stats: Arc<Stats>,
-    /// A version on trial beside this one (validation hooks use it).
+    /// A version on trial beside this one.
     pub trial: Option<Arc<trial::Trial>>,
 }
 
@@ -129,14 +129,42 @@ impl Active {
 impl Active {
     /// One call of this plugin outside the write path (enrichers,
     /// transformers): refused while its breaker is open, given its config,
-    /// and counted in its stats and breaker whatever the outcome.
-    /// The call's outcome, and what it cost and logged with the context it
-    /// ran with (None when it did not run).
+    /// and counted in its stats and breaker whatever the outcome; or, for
+    /// its share of calls, answered by a canary (counted apart, outside the
+    /// breaker). The call's outcome, and what it cost and logged with the
+    /// context and version it ran with (None when it did not run).
     fn call<T>(
         &self,
         mut ctx: Context,
         run: impl FnOnce(&Loaded, &Context) -> Observed<T>,
-    ) -> (Result<T, Failure>, Option<(Report, Context)>) {
+    ) -> (Result<T, Failure>, Option<Ran>) {
+        if let Some(canary) = self.trial.as_ref().filter(|t| t.takes_this_call()) {
+            let loaded = match &canary.loaded {
+                Ok(l) => l,
+                Err(e) => {
+                    let failure = Failure::Unavailable(e.clone());
+                    canary.stats.called(true);
+                    self.warn_failed(canary.version, &failure, Duration::ZERO, &ctx.request_id);
+                    return (Err(failure), None);
+                }
+            };
+            ctx.config.clone_from(&loaded.config);
+            let start = Instant::now();
+            let Observed { outcome, report } = run(loaded, &ctx);
+            canary.stats.called(outcome.is_err());
+            if let Err(failure) = &outcome {
+                self.warn_failed(canary.version, failure, start.elapsed(), &ctx.request_id);
+            }
+            let version = canary.version;
+            return (
+                outcome,
+                Some(Ran {
+                    report,
+                    ctx,
+                    version,
+                }),
+            );
+        }
         let loaded = match self.ready(&ctx.request_id) {
             Ok(l) => l,
             Err(f) => return (Err(f), None),
@@ -153,7 +181,20 @@ impl Active {
             Ok(_) => self.stats.succeeded(start.elapsed(), false),
             Err(failure) => self.failed(failure, start.elapsed(), &ctx.request_id),
         }
-        (outcome, Some((report, ctx)))
+        let version = self.version;
+        (
+            outcome,
+            Some(Ran {
+                report,
+                ctx,
+                version,
+            }),
+        )
+    }
+
+    /// This plugin's shadow, if it has one.
+    fn shadow(&self) -> Option<Arc<trial::Trial>> {
+        self.trial.clone().filter(|t| t.is_shadow())
     }
 
     /// Hands a call's log lines to the recorder, and the call itself when
@@ -193,6 +234,14 @@ impl Active {
             report,
         });
     }
+}
+
+/// What a call that ran cost and logged, with the context and the version
+/// it ran with.
+struct Ran {
+    report: Report,
+    ctx: Context,
+    version: i32,
 }
 
 /// A tenant's active plugins, in name order.
@@ -293,6 +342,33 @@ fn restore(map: &mut serde_json::Map<String, Value>, original: &Value, keys: &[&
 /// and the enricher versions that made its event.
 pub const HOOKS_ATTRIBUTE: &str = "bsshooks";
 pub const ENRICHERS_ATTRIBUTE: &str = "bssenrichers";
+
+/// The validation hook versions that passed a write, in the order they
+/// ran (a canary's version when the canary answered).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Passed(Vec<(String, i32)>);
+
+impl Passed {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As the events' [`HOOKS_ATTRIBUTE`]: `name@version`, comma-separated.
+    pub fn attribute(&self) -> String {
+        let names: Vec<String> = self.0.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+        names.join(",")
+    }
+
+    /// As a record version's audit: `[{"plugin": name, "version": v}]`.
+    pub fn to_json(&self) -> Value {
+        Value::Array(
+            self.0
+                .iter()
+                .map(|(plugin, version)| serde_json::json!({"plugin": plugin, "version": version}))
+                .collect(),
+        )
+    }
+}
 
 /// Envelope attributes an enricher cannot change.
 const FIXED_ATTRIBUTES: [&str; 9] = [
@@ -692,14 +768,13 @@ impl Plugins {
     }
 
     /// Runs `hooks` over the documents of a write, in name order. Ok when
-    /// every hook accepted every document: then which versions passed it
-    /// (`name@version`, comma-separated, for the write's events).
+    /// every hook accepted every document: then which versions passed it.
     pub async fn check_write(
         &self,
         hooks: Hooks,
         call: WriteCall<'_>,
         docs: Vec<WriteDoc>,
-    ) -> ApiResult<String> {
+    ) -> ApiResult<Passed> {
         let tenant = call.tenant.as_str();
         let docs = Arc::new(docs);
         let mut passed = Vec::with_capacity(hooks.0.len());
@@ -760,7 +835,7 @@ impl Plugins {
             };
             let (rt, h, all) = (self.runtime.clone(), hook.clone(), docs.clone());
             let (recorder, hidden) = (self.recorder.clone(), call.hidden.clone());
-            let shadow = hook.trial.clone().filter(|t| t.is_shadow());
+            let shadow = hook.shadow();
             // The shadow runs after the write's own call, in the same context.
             let shadow_ctx = shadow.as_ref().map(|_| ctx.clone());
             let caps = Caps {
@@ -783,11 +858,11 @@ impl Plugins {
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
             if let (Some(shadow), Some(ctx), Ok(found)) = (shadow, shadow_ctx, &outcome) {
-                self.run_shadow(shadow, ctx, docs.clone(), found.verdicts.clone(), hidden);
+                self.shadow_write(shadow, ctx, docs.clone(), found.verdicts.clone(), hidden);
             }
             let source = format!("plugin:{}", hook.name);
             match outcome {
-                Ok(found) if found.is_empty() => passed.push(format!("{}@{version}", hook.name)),
+                Ok(found) if found.is_empty() => passed.push((hook.name.clone(), version)),
                 Ok(found) => return Err(found.into_error(&hook.name, &source)),
                 Err((_, Failure::Busy)) => return Err(refused(Failure::Busy, 1)),
                 Err((prefix, failure)) => {
@@ -807,25 +882,24 @@ impl Plugins {
                 }
             }
         }
-        Ok(passed.join(","))
+        Ok(Passed(passed))
     }
 
-    /// Runs a shadow version on a write's documents after the active one
-    /// (on a free call slot, never waiting for one: when none is free the
-    /// run is skipped and counted), comparing verdicts. Never delays or
-    /// changes the write.
+    /// Runs a shadow version after the active one (on a free call slot,
+    /// never waiting for one: when none is free the run is skipped and
+    /// counted): `run` gets the runtime, the shadow's loaded version and the
+    /// call's context with the shadow's config, and compares what it did
+    /// with the active version (`shadow.stats`). Never delays or changes
+    /// the call.
     fn run_shadow(
         &self,
         shadow: Arc<trial::Trial>,
-        ctx: Context,
-        docs: Arc<Vec<WriteDoc>>,
-        active: Vec<calls::Verdict>,
-        hidden: Arc<[Vec<String>]>,
+        mut ctx: Context,
+        run: impl FnOnce(&Runtime, &Loaded, &Context, &trial::TrialStats) + Send + 'static,
     ) {
         let (slots, rt) = (self.slots.clone(), self.runtime.clone());
-        let tenant = ctx.tenant_id.clone();
         tokio::spawn(async move {
-            let Some(slot) = slots.acquire(&tenant, Duration::ZERO).await else {
+            let Some(slot) = slots.acquire(&ctx.tenant_id, Duration::ZERO).await else {
                 shadow.stats.skipped();
                 return;
             };
@@ -835,31 +909,66 @@ impl Plugins {
                     shadow.stats.called(true);
                     return;
                 };
-                let mut ctx = ctx;
                 ctx.config.clone_from(&loaded.config);
-                for (doc, active) in docs.iter().zip(&active) {
-                    let outcome = rt.validate_capped(
-                        loaded,
-                        &ctx,
-                        &doc.record,
-                        doc.previous.as_deref(),
-                        MAX_VIOLATIONS_COMPARED,
-                    );
-                    shadow.stats.called(outcome.is_err());
-                    let verdict = calls::Verdict::of_validation(&outcome);
-                    shadow.stats.compare(active, &verdict, || {
-                        let mut record = serde_json::from_str(&doc.record).unwrap_or(Value::Null);
-                        calls::redact(&mut record, &hidden);
-                        serde_json::json!({
-                            "at": chrono::Utc::now(),
-                            "requestId": ctx.request_id,
-                            "path": doc.path,
-                            "record": record,
-                        })
-                    });
-                }
+                run(&rt, loaded, &ctx, &shadow.stats);
             })
             .await;
+        });
+    }
+
+    /// A validation hook's shadow on a write's documents, its verdicts
+    /// compared with the active version's (`active`, one per document).
+    fn shadow_write(
+        &self,
+        shadow: Arc<trial::Trial>,
+        ctx: Context,
+        docs: Arc<Vec<WriteDoc>>,
+        active: Vec<calls::Verdict>,
+        hidden: Arc<[Vec<String>]>,
+    ) {
+        self.run_shadow(shadow, ctx, move |rt, loaded, ctx, stats| {
+            for (doc, active) in docs.iter().zip(&active) {
+                let outcome = rt.validate_capped(
+                    loaded,
+                    ctx,
+                    &doc.record,
+                    doc.previous.as_deref(),
+                    MAX_VIOLATIONS_COMPARED,
+                );
+                stats.called(outcome.is_err());
+                let verdict = calls::Verdict::of_validation(&outcome);
+                stats.compare(active, &verdict, || {
+                    let mut record = serde_json::from_str(&doc.record).unwrap_or(Value::Null);
+                    calls::redact(&mut record, &hidden);
+                    serde_json::json!({
+                        "at": chrono::Utc::now(),
+                        "requestId": ctx.request_id,
+                        "path": doc.path,
+                        "record": record,
+                    })
+                });
+            }
+        });
+    }
+
+    /// An enricher's shadow on the event its active version got (`input`;
+    /// `original` as committed), what it makes of it compared with what
+    /// the active version made (`active`). Tasks it asks for are dropped.
+    fn shadow_enricher(
+        &self,
+        shadow: Arc<trial::Trial>,
+        ctx: Context,
+        input: Value,
+        original: Value,
+        active: calls::Verdict,
+    ) {
+        self.run_shadow(shadow, ctx, move |rt, loaded, ctx, stats| {
+            let outcome = enrich_once(rt, loaded, ctx, &input, &original).outcome;
+            sandbox::take_queued_tasks();
+            stats.called(outcome.is_err());
+            stats.compare(&active, &calls::Verdict::of_enriched(&outcome), || {
+                serde_json::json!({"at": chrono::Utc::now(), "requestId": ctx.request_id, "event": input})
+            });
         });
     }
 
@@ -906,19 +1015,31 @@ impl Plugins {
             // for the next pass.
             return Enriched::Later;
         };
+        let shadow_ctx = ctx.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let _held = slot;
             sandbox::take_queued_tasks();
             let mut current = original.clone();
             let mut touched = Vec::new();
+            // Shadows to run after: each on the event its enricher got,
+            // beside what the enricher made of it.
+            let mut shadows = Vec::new();
             for e in &enrichers {
-                match run_enricher(&rt, e, ctx.clone(), &current, &original, recorder.as_ref()) {
-                    Some(Some(next)) => {
+                let (result, version) =
+                    run_enricher(&rt, e, ctx.clone(), &current, &original, recorder.as_ref());
+                if let Some(shadow) = e.shadow() {
+                    let active = calls::Verdict::of_enriched(&result);
+                    shadows.push((shadow, current.clone(), active));
+                }
+                match result {
+                    Ok(Some(next)) => {
                         current = next;
-                        touched.push(format!("{}@{}", e.name, e.version));
+                        touched.push(format!("{}@{version}", e.name));
                     }
-                    Some(None) => return (Enriched::Dropped, sandbox::take_queued_tasks()),
-                    None => {}
+                    Ok(None) => {
+                        return (Enriched::Dropped, sandbox::take_queued_tasks(), shadows);
+                    }
+                    Err(_) => {}
                 }
             }
             let outcome = if !touched.is_empty() {
@@ -928,12 +1049,15 @@ impl Plugins {
             } else {
                 Enriched::Unchanged
             };
-            (outcome, sandbox::take_queued_tasks())
+            (outcome, sandbox::take_queued_tasks(), shadows)
         })
         .await;
-        let Ok((outcome, tasks)) = outcome else {
+        let Ok((outcome, tasks, shadows)) = outcome else {
             return Enriched::Unchanged;
         };
+        for (shadow, input, active) in shadows {
+            self.shadow_enricher(shadow, shadow_ctx.clone(), input, event.clone(), active);
+        }
         if tasks.is_empty() {
             return outcome;
         }
@@ -988,22 +1112,43 @@ impl Plugins {
         let rt = self.runtime.clone();
         let recorder = self.recorder.clone();
         let text = event.to_string();
-        tokio::task::spawn_blocking(move || {
+        let shadow = active.shadow();
+        let shadow_ctx = shadow.as_ref().map(|_| ctx.clone());
+        let (outcome, compared) = tokio::task::spawn_blocking(move || {
             let _held = slot;
             let (outcome, ran) = active.call(ctx, |loaded, ctx| {
                 rt.transform_observed(loaded, ctx, &text, &request)
             });
-            if let Some((report, ctx)) = ran {
-                active.observed(recorder.as_ref(), &ctx, active.version, report, outcome.is_err(), || {
+            if let Some(Ran {
+                report,
+                ctx,
+                version,
+            }) = ran
+            {
+                active.observed(recorder.as_ref(), &ctx, version, report, outcome.is_err(), || {
                     let event = serde_json::from_str(&text).unwrap_or(Value::Null);
                     let input = serde_json::json!({"event": event, "request": calls::request_json(&request)});
                     (input, calls::Verdict::of_transform(&outcome))
                 });
             }
-            outcome.map_err(|f| f.to_string())
+            // What the shadow is compared with, on the same input.
+            let compared = shadow_ctx.map(|ctx| {
+                (ctx, calls::Verdict::of_transform(&outcome), text, request)
+            });
+            (outcome, compared)
         })
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if let (Some(shadow), Some((ctx, active, text, request))) = (shadow, compared) {
+            self.run_shadow(shadow, ctx, move |rt, loaded, ctx, stats| {
+                let outcome = rt.transform_observed(loaded, ctx, &text, &request).outcome;
+                stats.called(outcome.is_err());
+                stats.compare(&active, &calls::Verdict::of_transform(&outcome), || {
+                    serde_json::json!({"at": chrono::Utc::now(), "eventId": ctx.request_id, "request": calls::request_json(&request)})
+                });
+            });
+        }
+        outcome.map_err(|f| f.to_string())
     }
 
     /// Follows other replicas' plugin changes (`NOTIFY bss_plugins`).
@@ -1208,8 +1353,9 @@ fn run_hook(
     Ok(found)
 }
 
-/// One enricher over one event: Some(Some(event)) replaced, Some(None)
-/// dropped, None failed (and counted) or not loadable.
+/// One enricher over one event: the new event (None: dropped) or why it
+/// failed (counted and logged: the event then goes on unchanged), and the
+/// version that answered (a canary's, for its share).
 fn run_enricher(
     rt: &Runtime,
     enricher: &Active,
@@ -1217,59 +1363,56 @@ fn run_enricher(
     event: &Value,
     original: &Value,
     recorder: Option<&Recorder>,
-) -> Option<Option<Value>> {
+) -> (Result<Option<Value>, Failure>, i32) {
     let (result, ran) = enricher.call(ctx, |loaded, ctx| {
-        rt.enrich_observed(loaded, ctx, &event.to_string())
-            .and_then(|out| match out {
-                None => Ok(None),
-                // Kept well under a broker's message size limit.
-                Some(text) if text.len() > ENRICHED_EVENT_MAX => Err(Failure::Output {
-                    size: text.len(),
-                    limit: ENRICHED_EVENT_MAX,
-                }),
-                Some(text) => match serde_json::from_str::<Value>(&text) {
-                    Ok(Value::Object(mut map)) => {
-                        restore(&mut map, original, &FIXED_ATTRIBUTES);
-                        match (map.get_mut("data"), original.get("data")) {
-                            (Some(Value::Object(data)), Some(was)) => {
-                                restore(data, was, &FIXED_DATA)
-                            }
-                            (_, Some(was)) => {
-                                map.insert("data".into(), was.clone());
-                            }
-                            _ => {}
-                        }
-                        Ok(Some(Value::Object(map)))
-                    }
-                    Ok(_) => Err(Failure::Invalid("the event must be a JSON object".into())),
-                    Err(e) => Err(Failure::Invalid(format!("the event is not JSON: {e}"))),
-                },
-            })
+        enrich_once(rt, loaded, ctx, event, original)
     });
-    if let Some((report, ctx)) = ran {
-        enricher.observed(
-            recorder,
-            &ctx,
-            enricher.version,
-            report,
-            result.is_err(),
-            || {
-                let verdict = match &result {
-                    Ok(Some(e)) => calls::Verdict {
-                        verdict: "enriched",
-                        detail: e.clone(),
-                    },
-                    Ok(None) => calls::Verdict {
-                        verdict: "dropped",
-                        detail: Value::Null,
-                    },
-                    Err(f) => calls::Verdict::failed(f),
-                };
-                (serde_json::json!({ "event": event }), verdict)
+    let Some(Ran {
+        report,
+        ctx,
+        version,
+    }) = ran
+    else {
+        return (result, enricher.version);
+    };
+    enricher.observed(recorder, &ctx, version, report, result.is_err(), || {
+        let verdict = calls::Verdict::of_enriched(&result);
+        (serde_json::json!({ "event": event }), verdict)
+    });
+    (result, version)
+}
+
+/// One call of an enricher version: the event it made, checked and with
+/// what it may not change (`original`'s fixed attributes) put back.
+fn enrich_once(
+    rt: &Runtime,
+    loaded: &Loaded,
+    ctx: &Context,
+    event: &Value,
+    original: &Value,
+) -> Observed<Option<Value>> {
+    rt.enrich_observed(loaded, ctx, &event.to_string())
+        .and_then(|out| match out {
+            None => Ok(None),
+            // Kept well under a broker's message size limit.
+            Some(text) if text.len() > ENRICHED_EVENT_MAX => Err(Failure::Output {
+                size: text.len(),
+                limit: ENRICHED_EVENT_MAX,
+            }),
+            Some(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(mut map)) => {
+                    restore(&mut map, original, &FIXED_ATTRIBUTES);
+                    match (map.get_mut("data"), original.get("data")) {
+                        (Some(Value::Object(data)), Some(was)) => restore(data, was, &FIXED_DATA),
+                        (_, Some(was)) => {
+                            map.insert("data".into(), was.clone());
+                        }
+                        _ => {}
+                    }
+                    Ok(Some(Value::Object(map)))
+                }
+                Ok(_) => Err(Failure::Invalid("the event must be a JSON object".into())),
+                Err(e) => Err(Failure::Invalid(format!("the event is not JSON: {e}"))),
             },
-        );
-    }
-    // A failure was counted and logged (`Active::failed`): the event goes
-    // on unchanged.
-    result.ok()
+        })
 }

@@ -1,9 +1,10 @@
-//! A validation hook's version on trial beside the active one: a shadow
-//! runs on the same writes after their own call (never changing them, and
-//! only on a call slot free at once, from its tenant's share),
-//! its verdicts compared with the active version's; a canary answers a
-//! share of writes itself. What each did is counted here, per replica, with
-//! the latest disagreements as examples.
+//! A plugin's version on trial beside the active one: a shadow runs on the
+//! same calls after the active version (a hook's writes, an enricher's
+//! events, a transformer's deliveries), never changing them, and only on a
+//! call slot free at once, from its tenant's share; what it answers is
+//! compared with the active version's. A canary answers a share of calls
+//! itself. What each did is counted here, per replica, with the latest
+//! disagreements as examples.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -30,7 +31,7 @@ pub struct Trial {
 }
 
 impl Trial {
-    /// Whether this write goes to the canary.
+    /// Whether this call goes to the canary.
     pub fn takes_this_call(&self) -> bool {
         match self.mode {
             Mode::Canary(percent) => rand::random_range(0..100) < i32::from(percent),
@@ -64,8 +65,9 @@ pub struct TrialStatsView {
     pub agreements: u64,
     pub disagreements: u64,
     pub skipped: u64,
-    /// The latest disagreements: the record (`x-encrypted` values
-    /// redacted) and both verdicts.
+    /// The latest disagreements: the input (a hook's record with its
+    /// `x-encrypted` values redacted, an enricher's event, a transformer's
+    /// request) and both verdicts.
     #[schema(value_type = Vec<Object>)]
     pub examples: Vec<Value>,
 }
@@ -121,8 +123,9 @@ impl TrialStats {
     }
 }
 
-/// Two verdicts agree when both accept, both fail the same way, or both
-/// refuse at the same places with the same codes (messages may differ).
+/// Two verdicts agree when both accept, both fail the same way, both
+/// refuse at the same places with the same codes (messages may differ), or
+/// both make the same event or request (or both drop or cancel).
 fn same(a: &Verdict, b: &Verdict) -> bool {
     if a.verdict != b.verdict {
         return false;
@@ -140,6 +143,7 @@ fn same(a: &Verdict, b: &Verdict) -> bool {
     match a.verdict {
         "refused" => places(a) == places(b),
         "failed" => a.detail["kind"] == b.detail["kind"],
+        "enriched" | "transformed" => a.detail == b.detail,
         _ => true,
     }
 }

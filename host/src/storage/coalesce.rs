@@ -71,6 +71,7 @@ struct Job {
     id: RecordId,
     data: Value,
     template: Value,
+    audit: Value,
     /// The record, or `None`: not written, the resource is locked.
     reply: oneshot::Sender<Result<Option<Record>, StorageError>>,
 }
@@ -287,6 +288,7 @@ impl Coalescer {
             id: id.clone(),
             data: data.clone(),
             template: events.template.clone(),
+            audit: events.audit.clone(),
             reply,
         };
         if !self.queue.push(job).await {
@@ -400,8 +402,10 @@ async fn statement<'e, E: sqlx::PgExecutor<'e>>(
         resource: &g.resource,
         schema_version: g.schema_version,
     };
-    let items: Vec<(&RecordId, &Value, &Value)> =
-        rows.iter().map(|j| (&j.id, &j.data, &j.template)).collect();
+    let items: Vec<(&RecordId, &Value, &Value, &Value)> = rows
+        .iter()
+        .map(|j| (&j.id, &j.data, &j.template, &j.audit))
+        .collect();
     insert_rows(exec, t, g.full, &g.hidden, &items, Wait::No).await
 }
 
@@ -484,6 +488,7 @@ mod tests {
             id: RecordId::parse(&format!("r{n}")).unwrap(),
             data: Value::Null,
             template: Value::Null,
+            audit: Value::Null,
             reply,
         }
     }

@@ -316,6 +316,7 @@ impl ListQuery {
                 created_at: row.try_get("created_at")?,
                 updated_at: row.try_get("updated_at")?,
                 data: row.try_get("data")?,
+                audit: None,
             });
             let keys: Vec<Option<String>> = (0..self.order.len())
                 .map(|i| row.try_get(format!("k{i}").as_str()))

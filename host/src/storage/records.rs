@@ -31,6 +31,37 @@ pub struct Record {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub data: Value,
+    /// With `?include=audit`: what the version keeps of the write that
+    /// made it (null for versions written before audits were kept).
+    #[sqlx(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Audit>)]
+    pub audit: Option<Value>,
+}
+
+/// What a record version keeps of the write that made it (stored as JSON
+/// with the version; described here for the API document).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct Audit {
+    /// create, replace, patch or batch.
+    operation: String,
+    /// Who wrote it: `user:<token subject>`.
+    actor: String,
+    /// The request's id (`X-Request-Id`, the events' `correlationid`).
+    request_id: String,
+    /// The validation hook versions that passed it, in the order they ran
+    /// (a canary's version when the canary answered); empty when none ran.
+    hooks: Vec<AuditHook>,
+}
+
+/// A validation hook version that passed a write.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct AuditHook {
+    plugin: String,
+    version: i32,
 }
 
 /// A stored record with its document as the database sent it (JSON text):
@@ -45,6 +76,10 @@ pub struct RawRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub data: String,
+    /// The version's audit as JSON text, when asked for (`null` when the
+    /// version has none).
+    #[sqlx(default)]
+    pub audit: Option<String>,
 }
 
 impl RawRecord {
@@ -57,6 +92,11 @@ impl RawRecord {
     pub fn parsed(self) -> Result<Record, serde_json::Error> {
         Ok(Record {
             data: serde_json::from_str(&self.data)?,
+            audit: self
+                .audit
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?,
             id: self.id,
             resource: self.resource,
             version: self.version,
@@ -76,7 +116,8 @@ impl RawRecord {
             created_at: &'a DateTime<Utc>,
             updated_at: &'a DateTime<Utc>,
         }
-        let mut out = Vec::with_capacity(160 + self.data.len());
+        let audit = self.audit.as_deref().map_or(0, |a| a.len() + 10);
+        let mut out = Vec::with_capacity(160 + self.data.len() + audit);
         serde_json::to_writer(
             &mut out,
             &Head {
@@ -90,12 +131,21 @@ impl RawRecord {
         out.pop(); // the closing brace
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(self.data.as_bytes());
+        if let Some(audit) = &self.audit {
+            out.extend_from_slice(b",\"audit\":");
+            out.extend_from_slice(audit.as_bytes());
+        }
         out.push(b'}');
         Ok(out)
     }
 }
 
 const RETURNING: &str = "RETURNING id, version, created_at, updated_at, data";
+
+/// A write's audit as bound: SQL NULL when the caller kept none.
+fn audit(v: &Value) -> Option<Json<&Value>> {
+    (!v.is_null()).then_some(Json(v))
+}
 
 /// Where a resource's records are: tenant, resource and the schema version
 /// the caller validated against.
@@ -257,52 +307,54 @@ async fn insert<'e, E>(
 where
     E: sqlx::PgExecutor<'e>,
 {
-    let rows = [(id, data, &events.template)];
+    let rows = [(id, data, &events.template, &events.audit)];
     let row = insert_rows(exec, t, events.full, &events.hidden, &rows, Wait::Yes).await?;
     row.into_iter().next().ok_or(StorageError::SchemaChanged)
 }
 
 /// Inserts records of one resource in one statement, each with its change
-/// event (from its own envelope template): `(id, stored document,
-/// template)`. Returns the rows written, none when the schema version moved
+/// event (from its own envelope template) and its audit: `(id, stored
+/// document, template, audit)`. Returns the rows written, none when the schema version moved
 /// on; an id that exists fails the statement (409).
 pub async fn insert_rows<'e, E>(
     exec: E,
     t: Target<'_>,
     full: bool,
     hidden: &[Vec<String>],
-    items: &[(&RecordId, &Value, &Value)],
+    items: &[(&RecordId, &Value, &Value, &Value)],
     wait: Wait,
 ) -> Result<Vec<Record>, StorageError>
 where
     E: sqlx::PgExecutor<'e>,
 {
     let sql = format!(
-        "{}, ins AS (INSERT INTO {} (id, data)
-            SELECT u.id, u.data FROM cur, unnest($1::text[], $2::jsonb[]) AS u(id, data)
+        "{}, ins AS (INSERT INTO {} (id, data, audit)
+            SELECT u.id, u.data, u.audit FROM cur, unnest($1::text[], $2::jsonb[], $4::jsonb[]) AS u(id, data, audit)
              WHERE cur.current_version = $3 {RETURNING}, 'created'::text AS kind), {}
          SELECT id, version, created_at, updated_at, data FROM ins",
         t.version_cte_with(wait),
         t.table(),
-        record_events_cte(4, hidden.len())
+        record_events_cte(5, hidden.len())
     );
     let ids: Vec<String> = items
         .iter()
-        .map(|(id, _, _)| id.as_str().to_owned())
+        .map(|(id, ..)| id.as_str().to_owned())
         .collect();
-    let docs: Vec<Json<&Value>> = items.iter().map(|(_, d, _)| Json(*d)).collect();
-    let templates: Vec<Json<&Value>> = items.iter().map(|(_, _, tpl)| Json(*tpl)).collect();
+    let docs: Vec<Json<&Value>> = items.iter().map(|(_, d, ..)| Json(*d)).collect();
+    let templates: Vec<Json<&Value>> = items.iter().map(|(_, _, tpl, _)| Json(*tpl)).collect();
+    let audits: Vec<Option<Json<&Value>>> = items.iter().map(|(.., a)| audit(a)).collect();
     let q = sqlx::query_as(&sql)
         .bind(ids.clone())
         .bind(docs)
-        .bind(t.schema_version);
+        .bind(t.schema_version)
+        .bind(audits);
     let rows: Vec<Record> = match bind_row_events(q, t, full, hidden, ids, templates)
         .fetch_all(exec)
         .await
     {
         Err(e) if pg_code(&e).as_deref() == Some("23505") => {
             return Err(StorageError::Conflict(match items {
-                [(id, _, _)] => format!("a record with id {id} already exists"),
+                [(id, ..)] => format!("a record with id {id} already exists"),
                 _ => "a record id in the batch already exists".into(),
             }));
         }
@@ -429,19 +481,20 @@ pub async fn put(
     let write = match condition {
         Precondition::Never => return Err(condition.failure(id)),
         Precondition::None => format!(
-            "INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur WHERE cur.current_version = $3
-             ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, version = r.version + 1, updated_at = now()
+            "INSERT INTO {table} AS r (id, data, audit) SELECT $1, $2, $5 FROM cur WHERE cur.current_version = $3
+             ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, audit = EXCLUDED.audit,
+                version = r.version + 1, updated_at = now()
              RETURNING id, version, created_at, updated_at, data,
                        CASE WHEN xmax = 0 THEN 'created' ELSE 'updated' END AS kind"
         ),
         Precondition::Absent => format!(
-            "INSERT INTO {table} AS r (id, data) SELECT $1, $2 FROM cur
+            "INSERT INTO {table} AS r (id, data, audit) SELECT $1, $2, $5 FROM cur
               WHERE cur.current_version = $3 AND $4::bigint IS NULL
              ON CONFLICT (id) DO NOTHING
              RETURNING id, version, created_at, updated_at, data, 'created'::text AS kind"
         ),
         Precondition::Exists | Precondition::Version(_) => format!(
-            "UPDATE {table} AS r SET data = $2, version = r.version + 1, updated_at = now()
+            "UPDATE {table} AS r SET data = $2, audit = $5, version = r.version + 1, updated_at = now()
              FROM cur WHERE r.id = $1 AND ($4::bigint IS NULL OR r.version = $4)
               AND cur.current_version = $3
              RETURNING r.id, r.version, r.created_at, r.updated_at, r.data, 'updated'::text AS kind"
@@ -450,13 +503,14 @@ pub async fn put(
     let sql = format!(
         "{cte}, ins AS ({write}), {}
          SELECT id, version, created_at, updated_at, data, kind = 'created' AS inserted FROM ins",
-        record_events_cte(5, events.hidden.len())
+        record_events_cte(6, events.hidden.len())
     );
     let q = sqlx::query_as::<_, RecordWithFlag>(&sql)
         .bind(id.as_str())
         .bind(data)
         .bind(t.schema_version)
-        .bind(condition.version());
+        .bind(condition.version())
+        .bind(audit(&events.audit));
     let row: Option<(Record, bool)> = bind_events(q, t, events, vec![id.as_str().to_owned()])
         .fetch_optional(pool)
         .await
@@ -482,14 +536,22 @@ impl RecordWithFlag {
     }
 }
 
-/// A record as stored, its document unparsed.
+/// A record as stored, its document unparsed; with its audit (JSON text,
+/// `null` when it has none) when `with_audit`.
 pub async fn get_raw(
     pool: &PgPool,
     t: Target<'_>,
     id: &RecordId,
+    with_audit: bool,
 ) -> Result<Option<RawRecord>, StorageError> {
+    let audit = if with_audit {
+        "COALESCE(audit::text, 'null')"
+    } else {
+        "NULL::text"
+    };
     let sql = format!(
-        "SELECT id, version, created_at, updated_at, data::text AS data FROM {} WHERE id = $1",
+        "SELECT id, version, created_at, updated_at, data::text AS data, {audit} AS audit
+           FROM {} WHERE id = $1",
         t.table()
     );
     let row: Option<RawRecord> = sqlx::query_as(&sql)
@@ -508,7 +570,7 @@ pub async fn get(
     t: Target<'_>,
     id: &RecordId,
 ) -> Result<Option<Record>, StorageError> {
-    let Some(raw) = get_raw(pool, t, id).await? else {
+    let Some(raw) = get_raw(pool, t, id, false).await? else {
         return Ok(None);
     };
     let record = raw.parsed().map_err(|e| {
@@ -615,15 +677,16 @@ impl<'a> Patch<'a> {
         events: &RecordEvents,
     ) -> Result<Record, StorageError> {
         let sql = format!(
-            "WITH ins AS (UPDATE {} SET data = $2, version = version + 1, updated_at = now() WHERE id = $1
-                {RETURNING}, 'updated'::text AS kind), {}
+            "WITH ins AS (UPDATE {} SET data = $2, audit = $3, version = version + 1, updated_at = now()
+                WHERE id = $1 {RETURNING}, 'updated'::text AS kind), {}
              SELECT id, version, created_at, updated_at, data FROM ins",
             self.t.table(),
-            record_events_cte(3, events.hidden.len())
+            record_events_cte(4, events.hidden.len())
         );
         let q = sqlx::query_as(&sql)
             .bind(self.current.id.clone())
-            .bind(data);
+            .bind(data)
+            .bind(audit(&events.audit));
         let row: Record = bind_events(q, self.t, events, vec![self.current.id.clone()])
             .fetch_one(&mut *self.tx)
             .await?;
@@ -639,9 +702,9 @@ pub async fn create_batch(
     events: &RecordEvents,
     items: &[(RecordId, Value)],
 ) -> Result<Vec<Record>, StorageError> {
-    let rows: Vec<(&RecordId, &Value, &Value)> = items
+    let rows: Vec<(&RecordId, &Value, &Value, &Value)> = items
         .iter()
-        .map(|(id, doc)| (id, doc, &events.template))
+        .map(|(id, doc)| (id, doc, &events.template, &events.audit))
         .collect();
     let written = insert_rows(pool, t, events.full, &events.hidden, &rows, Wait::Yes).await?;
     if written.len() != items.len() {

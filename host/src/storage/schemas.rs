@@ -286,6 +286,7 @@ async fn create_resource(
         "CREATE TABLE {table} (
             id text PRIMARY KEY,
             data jsonb NOT NULL,
+            audit jsonb,
             version bigint NOT NULL DEFAULT 1,
             created_at timestamptz NOT NULL DEFAULT now(),
             updated_at timestamptz NOT NULL DEFAULT now())"
