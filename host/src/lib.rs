@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod app_state;
+pub mod archive;
 pub mod auth;
 pub mod catalog;
 pub mod config;

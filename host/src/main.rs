@@ -19,7 +19,9 @@ const USAGE: &str = "usage:
   bss token [--tenant ID] [--roles reader,writer,admin,platform-admin] [--sub NAME] [--ttl SECONDS]
   bss dev-services [--addr 127.0.0.1:7070]     local stand-ins of the Validation, Auth and Task services
   bss dev-services token [--tenant ID] [--roles ...] [--sub NAME] [--ttl SECONDS] [--addr 127.0.0.1:7070]
-  bss plugin new|build|test|run|push ...       a plugin author's tools (`bss plugin help`)";
+  bss plugin new|build|test|run|push ...       a plugin author's tools (`bss plugin help`)
+  bss tenant export ID [--out FILE]            one tenant's whole state into an archive
+  bss tenant import [--as ID] [--trust] FILE   an archive into this installation, all or nothing";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("dev-services") => bss::dev_services::command(&settings, &args[1..]).await,
+        // No log lines: an archive may be going to stdout.
+        Some("tenant") => bss::archive::cli::command(&settings, &args[1..]).await,
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -3,6 +3,7 @@
 // Tests fail by panicking: unwrap is the assertion here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod archive;
 mod audit;
 mod auth;
 mod binary;

@@ -261,7 +261,7 @@ async fn version_row(
         .await?)
 }
 
-async fn create_resource(
+pub(crate) async fn create_resource(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     resource: &ResourceName,
@@ -386,7 +386,7 @@ fn index_prefix(resource: &ResourceName) -> String {
 }
 
 /// Creates an index per `x-index` field and drops those no longer marked.
-async fn sync_indexes(
+pub(crate) async fn sync_indexes(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     resource: &ResourceName,

@@ -69,7 +69,7 @@ pub async fn name_if_unnamed(
 }
 
 /// The DDL of a new tenant schema.
-fn schema_ddl(id: &TenantId, analytics_role: &str) -> Vec<String> {
+pub(crate) fn schema_ddl(id: &TenantId, analytics_role: &str) -> Vec<String> {
     let s = id.schema_ident();
     let role = quote_ident(analytics_role);
     vec![

@@ -1,0 +1,248 @@
+//! A tenant out of the database into an archive, from one snapshot.
+
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use super::{
+    CHUNK_BYTES, Counts, FORMAT, FORMAT_VERSION, Header, Manifest, Member, PluginLine,
+    PluginVersionLine, SchemaLine, TenantRow, copy_unescape, module_member,
+};
+use crate::domain::ids::quote_ident;
+use crate::domain::{ResourceName, TenantId};
+
+/// Writes members into the compressed tar, noting each one for the manifest.
+struct Writer<W: Write> {
+    tar: tar::Builder<zstd::Encoder<'static, W>>,
+    members: Vec<Member>,
+    mtime: u64,
+}
+
+impl<W: Write> Writer<W> {
+    fn new(out: W) -> anyhow::Result<Self> {
+        let zstd = zstd::Encoder::new(out, 3).context("starting the zstd stream")?;
+        Ok(Self {
+            tar: tar::Builder::new(zstd),
+            members: Vec::new(),
+            mtime: Utc::now().timestamp().max(0) as u64,
+        })
+    }
+
+    fn add(&mut self, name: &str, bytes: &[u8], lines: u64) -> anyhow::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(self.mtime);
+        self.tar
+            .append_data(&mut header, name, bytes)
+            .with_context(|| format!("writing {name}"))?;
+        self.members.push(Member {
+            name: name.to_owned(),
+            bytes: bytes.len() as u64,
+            lines,
+            sha256: hex(&Sha256::digest(bytes)),
+        });
+        Ok(())
+    }
+
+    fn add_json(&mut self, name: &str, value: &impl Serialize) -> anyhow::Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(value)?;
+        bytes.push(b'\n');
+        self.add(name, &bytes, 0)
+    }
+
+    fn add_lines<T: Serialize>(&mut self, name: &str, items: &[T]) -> anyhow::Result<()> {
+        let mut bytes = Vec::new();
+        for item in items {
+            serde_json::to_writer(&mut bytes, item)?;
+            bytes.push(b'\n');
+        }
+        self.add(name, &bytes, items.len() as u64)
+    }
+
+    /// Writes the manifest and ends the archive; returns the output.
+    fn finish(mut self, counts: Counts) -> anyhow::Result<(W, Manifest)> {
+        let manifest = Manifest {
+            members: std::mem::take(&mut self.members),
+            counts,
+        };
+        self.add_json("manifest.json", &manifest)?;
+        let zstd = self.tar.into_inner().context("ending the tar")?;
+        let out = zstd.finish().context("ending the zstd stream")?;
+        Ok((out, manifest))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Exports the tenant into `out`; `progress` is told of every record
+/// written and gets the total first. Returns the output and the manifest.
+pub async fn export<W: Write>(
+    pool: &PgPool,
+    tenant: &TenantId,
+    out: W,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<(W, Manifest)> {
+    let mut tx = pool.begin().await?;
+    // One snapshot for everything read below, while writes go on.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let row: Option<(String,)> = sqlx::query_as("SELECT status FROM bss.tenants WHERE id = $1")
+        .bind(tenant.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+    match row.as_ref().map(|(s,)| s.as_str()) {
+        None => bail!("there is no tenant {tenant} here"),
+        Some("active") => {}
+        Some(status) => bail!("tenant {tenant} is {status}: only an active tenant is exported"),
+    }
+    let tenant_row: TenantRow = sqlx::query_as(
+        "SELECT id, name, created_at, rate_limits, plugin_ceilings, key_version, key_id
+           FROM bss.tenants WHERE id = $1",
+    )
+    .bind(tenant.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    let s = tenant.schema_ident();
+    let schemas: Vec<SchemaLine> = sqlx::query_as(&format!(
+        "SELECT resource, version, schema, created_at, created_by FROM {s}._schemas
+          ORDER BY resource, version"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let resources: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT resource FROM {s}._resources ORDER BY resource"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut counts = Counts {
+        resources: resources.len() as u64,
+        schema_versions: schemas.len() as u64,
+        ..Counts::default()
+    };
+    // Counted in the same snapshot, for the progress bar's total.
+    let mut total = 0i64;
+    for (resource,) in &resources {
+        let table = format!("{s}.{}", quote_ident(resource));
+        let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        total += n;
+    }
+    progress(Progress::Total(total as u64));
+
+    let mut w = Writer::new(out)?;
+    w.add_json(
+        "format.json",
+        &Header {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            tenant: tenant.as_str().to_owned(),
+            exported_at: Utc::now(),
+            written_by: format!("business-store {}", env!("CARGO_PKG_VERSION")),
+            records: total as u64,
+        },
+    )?;
+    w.add_json("tenant.json", &tenant_row)?;
+    w.add_lines("schemas.ndjson", &schemas)?;
+
+    for (resource,) in &resources {
+        let name = ResourceName::parse(resource)
+            .map_err(|_| anyhow::anyhow!("stored resource name {resource:?} is not valid"))?;
+        let sql = format!(
+            "COPY (SELECT jsonb_build_object('id', id, 'version', version, 'createdAt', created_at,
+                       'updatedAt', updated_at, 'data', data, 'audit', audit)
+                     FROM {} ORDER BY id) TO STDOUT",
+            name.table_in(tenant)
+        );
+        let mut stream = tx.copy_out_raw(&sql).await?;
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
+        let (mut lines, mut part, mut pending) = (0u64, 0u32, Vec::new());
+        while let Some(bytes) = stream.try_next().await? {
+            pending.extend_from_slice(&bytes);
+            // Whole lines only; the rest waits for the next piece.
+            let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            for line in pending[..end].split(|b| *b == b'\n') {
+                copy_unescape(line, &mut chunk);
+                chunk.push(b'\n');
+                lines += 1;
+            }
+            pending.drain(..=end);
+            if chunk.len() >= CHUNK_BYTES {
+                part += 1;
+                w.add(&records_member(resource, part), &chunk, lines)?;
+                counts.records += lines;
+                progress(Progress::Records(lines));
+                chunk.clear();
+                lines = 0;
+            }
+        }
+        drop(stream);
+        if !pending.is_empty() {
+            bail!("the export of {resource} ended inside a line");
+        }
+        if lines > 0 || part == 0 {
+            part += 1;
+            w.add(&records_member(resource, part), &chunk, lines)?;
+            counts.records += lines;
+            progress(Progress::Records(lines));
+        }
+    }
+
+    let plugins: Vec<PluginLine> = sqlx::query_as(
+        "SELECT name, kind, active_version, trial_version, trial_mode, trial_percent, created_at,
+                updated_at
+           FROM bss.plugins WHERE tenant_id = $1 ORDER BY name",
+    )
+    .bind(tenant.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    let versions: Vec<PluginVersionLine> = sqlx::query_as(
+        "SELECT name, version, manifest, sha256, size, created_at, created_by
+           FROM bss.plugin_versions WHERE tenant_id = $1 ORDER BY name, version",
+    )
+    .bind(tenant.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    counts.plugins = plugins.len() as u64;
+    counts.plugin_versions = versions.len() as u64;
+    w.add_lines("plugins.ndjson", &plugins)?;
+    w.add_lines("plugin_versions.ndjson", &versions)?;
+    for v in &versions {
+        // One module in memory at a time.
+        let (module,): (Vec<u8>,) = sqlx::query_as(
+            "SELECT module FROM bss.plugin_versions WHERE tenant_id = $1 AND name = $2 AND version = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(&v.name)
+        .bind(v.version)
+        .fetch_one(&mut *tx)
+        .await?;
+        w.add(&module_member(&v.name, v.version), &module, 0)?;
+    }
+    tx.commit().await?;
+    w.finish(counts)
+}
+
+/// What an export or import tells its progress bar.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress {
+    /// How many records there are in all.
+    Total(u64),
+    /// This many more records are done.
+    Records(u64),
+}
+
+pub fn records_member(resource: &str, part: u32) -> String {
+    format!("records/{resource}/{part:06}.ndjson")
+}

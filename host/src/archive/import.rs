@@ -1,0 +1,609 @@
+//! An archive into the database as a tenant, in one transaction: all of it
+//! or nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+
+use anyhow::{Context, anyhow, bail};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::export::{Progress, hex};
+use super::{
+    FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
+    PluginVersionLine, RecordLine, SchemaLine, TenantRow, copy_escape, module_member,
+};
+use crate::catalog::CompiledSchema;
+use crate::crypto::{self, Keyring, Scope, fields};
+use crate::domain::{RecordId, ResourceName, TenantId};
+use crate::events::envelope::{self, EventContext};
+use crate::events::outbox;
+use crate::storage::{schemas, tenants};
+
+/// The event an import writes (one, whatever it holds).
+pub const TENANT_IMPORTED: &str = "business_store.tenant.imported";
+
+pub struct Options {
+    /// Import under this id instead of the archive's.
+    pub as_id: Option<TenantId>,
+    /// Skip validating records against their schema (an archive this
+    /// product wrote; its checksums are still verified).
+    pub trust: bool,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Imported {
+    pub tenant: String,
+    pub from: String,
+    pub resources: u64,
+    pub schema_versions: u64,
+    pub records: u64,
+    pub plugins: u64,
+    pub plugin_versions: u64,
+}
+
+/// What the import needs of the installation.
+pub struct Target<'a> {
+    pub pool: &'a PgPool,
+    pub keyring: &'a Keyring,
+    pub analytics_role: &'a str,
+    pub events: EventContext,
+}
+
+/// State while the members go by.
+struct Run<'a> {
+    target: &'a Target<'a>,
+    options: &'a Options,
+    tx: Transaction<'static, Postgres>,
+    from: String,
+    tenant: Option<TenantId>,
+    /// Each resource's current (last) schema, compiled.
+    current: BTreeMap<String, CompiledSchema>,
+    /// Key ids whose values were opened once here (the keys exist).
+    keys_checked: HashSet<String>,
+    versions: BTreeMap<(String, i32), PluginVersionLine>,
+    /// Plugins whose active and trial versions are set once all are in.
+    pending_plugins: Vec<PluginLine>,
+    done: Imported,
+    read: Vec<Member>,
+}
+
+/// Imports the archive read from `input`. Refuses a newer format, a
+/// corrupt or truncated archive, and a tenant id that is taken here,
+/// leaving nothing behind.
+pub async fn import<R: Read>(
+    target: &Target<'_>,
+    input: R,
+    options: &Options,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Imported> {
+    let zstd = zstd::Decoder::new(input).context("the file is not a zstd stream")?;
+    let mut archive = tar::Archive::new(zstd);
+    let entries = archive
+        .entries()
+        .context("the file is not a tenant archive (tar)")?;
+    let mut run = Run {
+        target,
+        options,
+        tx: target.pool.begin().await?,
+        from: String::new(),
+        tenant: None,
+        current: BTreeMap::new(),
+        keys_checked: HashSet::new(),
+        versions: BTreeMap::new(),
+        pending_plugins: Vec::new(),
+        done: Imported {
+            tenant: String::new(),
+            from: String::new(),
+            resources: 0,
+            schema_versions: 0,
+            records: 0,
+            plugins: 0,
+            plugin_versions: 0,
+        },
+        read: Vec::new(),
+    };
+    let mut manifest = None;
+    for entry in entries {
+        let mut entry = entry.map_err(truncated)?;
+        let name = entry
+            .path()
+            .map_err(truncated)?
+            .to_string_lossy()
+            .into_owned();
+        if manifest.is_some() {
+            bail!("the archive is corrupt: {name} follows manifest.json, which must be last");
+        }
+        let size = entry.header().size().map_err(truncated)?;
+        if size > MAX_MEMBER_BYTES {
+            bail!("the archive is corrupt: {name} is {size} bytes, more than any member holds");
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut bytes).map_err(truncated)?;
+        if bytes.len() as u64 != size {
+            bail!("the archive is truncated inside {name}");
+        }
+        if name == "manifest.json" {
+            manifest = Some(
+                serde_json::from_slice::<Manifest>(&bytes)
+                    .context("the archive is corrupt: manifest.json")?,
+            );
+            continue;
+        }
+        if run.read.is_empty() && name != "format.json" {
+            bail!("not a tenant archive: it starts with {name}, not format.json");
+        }
+        run.read.push(Member {
+            name: name.clone(),
+            bytes: size,
+            lines: bytes.iter().filter(|b| **b == b'\n').count() as u64,
+            sha256: hex(&Sha256::digest(&bytes)),
+        });
+        run.member(&name, &bytes, progress)
+            .await
+            .with_context(|| format!("importing {name}"))?;
+    }
+    let Some(manifest) = manifest else {
+        bail!("the archive is truncated: it ends before its manifest.json");
+    };
+    // To the end of the compressed stream: a cut in what follows the last
+    // member (or in the stream's own checksum) is found too.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(truncated)?;
+    run.check(&manifest)?;
+    run.finish().await
+}
+
+fn truncated(e: std::io::Error) -> anyhow::Error {
+    anyhow!("the archive is truncated or corrupt: {e}")
+}
+
+impl Run<'_> {
+    fn tenant(&self) -> anyhow::Result<&TenantId> {
+        self.tenant
+            .as_ref()
+            .ok_or_else(|| anyhow!("the archive is corrupt: tenant.json is missing"))
+    }
+
+    async fn member(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        progress: &mut dyn FnMut(Progress),
+    ) -> anyhow::Result<()> {
+        match name {
+            "format.json" => {
+                let header: Header = serde_json::from_slice(bytes)
+                    .context("not a tenant archive: format.json is not one")?;
+                if header.format != FORMAT {
+                    bail!("not a tenant archive: its format is {:?}", header.format);
+                }
+                if header.format_version > FORMAT_VERSION {
+                    bail!(
+                        "the archive is format version {}, newer than this build reads ({FORMAT_VERSION}); \
+                         import it with the version that wrote it ({}) or a newer one",
+                        header.format_version,
+                        header.written_by
+                    );
+                }
+                self.from = header.tenant;
+                progress(Progress::Total(header.records));
+                Ok(())
+            }
+            "tenant.json" => self.tenant_row(serde_json::from_slice(bytes)?).await,
+            "schemas.ndjson" => self.schemas(bytes).await,
+            "plugins.ndjson" => self.plugins(bytes).await,
+            "plugin_versions.ndjson" => {
+                for line in lines(bytes) {
+                    let v: PluginVersionLine = serde_json::from_slice(line)?;
+                    self.versions.insert((v.name.clone(), v.version), v);
+                }
+                Ok(())
+            }
+            _ if name.starts_with("records/") => {
+                let resource = name
+                    .split('/')
+                    .nth(1)
+                    .ok_or_else(|| anyhow!("the archive is corrupt: member {name}"))?;
+                let n = self.records(resource, bytes).await?;
+                progress(Progress::Records(n));
+                Ok(())
+            }
+            _ if name.starts_with("plugins/") && name.ends_with(".wasm") => {
+                self.module(name, bytes).await
+            }
+            _ => bail!("the archive holds {name}, which this format version does not know"),
+        }
+    }
+
+    async fn tenant_row(&mut self, row: TenantRow) -> anyhow::Result<()> {
+        let id = match &self.options.as_id {
+            Some(id) => id.clone(),
+            None => TenantId::parse(&row.id)
+                .map_err(|_| anyhow!("the archive's tenant id {:?} is not valid", row.id))?,
+        };
+        let fresh = self.options.as_id.is_some() && id.as_str() != row.id;
+        let inserted = sqlx::query(
+            "INSERT INTO bss.tenants (id, name, schema_name, created_at, rate_limits,
+                                      plugin_ceilings, key_version, key_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(&row.name)
+        .bind(id.schema_name())
+        .bind(row.created_at)
+        .bind(&row.rate_limits)
+        .bind(&row.plugin_ceilings)
+        // Under a new id, the values are sealed again with its first key.
+        .bind(if fresh { 1 } else { row.key_version })
+        .bind(if fresh { None } else { row.key_id.clone() })
+        .execute(&mut *self.tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            bail!(
+                "tenant {id} exists here (or existed: its id is kept while archived); \
+                 import under another id with --as <id>"
+            );
+        }
+        for statement in tenants::schema_ddl(&id, self.target.analytics_role) {
+            sqlx::query(&statement).execute(&mut *self.tx).await?;
+        }
+        self.done.tenant = id.as_str().to_owned();
+        self.done.from = row.id;
+        self.tenant = Some(id);
+        Ok(())
+    }
+
+    /// Every schema version in order; each resource's table is made with
+    /// its first, its indexes once the records are in.
+    async fn schemas(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tenant = self.tenant()?.clone();
+        let s = tenant.schema_ident();
+        let mut all: Vec<SchemaLine> = lines(bytes)
+            .map(serde_json::from_slice)
+            .collect::<Result<_, _>>()?;
+        all.sort_by(|a, b| (&a.resource, a.version).cmp(&(&b.resource, b.version)));
+        for line in all {
+            let resource = ResourceName::parse(&line.resource)
+                .map_err(|_| anyhow!("resource name {:?} is not valid", line.resource))?;
+            let expected = self
+                .current
+                .get(resource.as_str())
+                .map_or(1, |c| c.version + 1);
+            if line.version != expected {
+                bail!(
+                    "the archive is corrupt: {resource} has schema version {} where {expected} belongs",
+                    line.version
+                );
+            }
+            let compiled = CompiledSchema::compile(
+                line.schema.clone(),
+                line.version,
+                line.created_at,
+                line.created_by.clone(),
+            )
+            .map_err(|errors| {
+                anyhow!(
+                    "schema {resource} version {} is not valid here: {}",
+                    line.version,
+                    errors
+                        .iter()
+                        .map(|e| format!("{} {}", e.path, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+            if line.version == 1 {
+                schemas::create_resource(&mut self.tx, &tenant, &resource).await?;
+                self.done.resources += 1;
+            } else {
+                sqlx::query(&format!(
+                    "UPDATE {s}._resources SET current_version = $2 WHERE resource = $1"
+                ))
+                .bind(resource.as_str())
+                .bind(line.version)
+                .execute(&mut *self.tx)
+                .await?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {s}._schemas (resource, version, schema, created_at, created_by)
+                 VALUES ($1, $2, $3, $4, $5)"
+            ))
+            .bind(resource.as_str())
+            .bind(line.version)
+            .bind(&line.schema)
+            .bind(line.created_at)
+            .bind(&line.created_by)
+            .execute(&mut *self.tx)
+            .await?;
+            self.done.schema_versions += 1;
+            self.current.insert(resource.as_str().to_owned(), compiled);
+        }
+        Ok(())
+    }
+
+    /// One member of records, by COPY; each checked against its resource's
+    /// schema unless trusted, and sealed again under a new id.
+    async fn records(&mut self, resource: &str, bytes: &[u8]) -> anyhow::Result<u64> {
+        let tenant = self.tenant()?.clone();
+        let name = ResourceName::parse(resource)
+            .map_err(|_| anyhow!("resource name {resource:?} is not valid"))?;
+        if !self.current.contains_key(resource) {
+            bail!("the archive is corrupt: records of {resource}, which has no schema");
+        }
+        let reseal = self.done.from != tenant.as_str();
+        let mut copy = Vec::with_capacity(bytes.len() + bytes.len() / 8);
+        let mut n = 0u64;
+        for line in lines(bytes) {
+            let record: RecordLine<'_> = serde_json::from_slice(line)
+                .with_context(|| format!("record {} of the member", n + 1))?;
+            RecordId::parse(&record.id)
+                .map_err(|_| anyhow!("record id {:?} is not valid", record.id))?;
+            let data = self
+                .checked(&tenant, resource, &record, reseal)
+                .await
+                .with_context(|| format!("record {resource}/{}", record.id))?;
+            copy_escape(&record.id, &mut copy);
+            copy.push(b'\t');
+            copy_escape(data.as_deref().unwrap_or(record.data.get()), &mut copy);
+            copy.push(b'\t');
+            match record.audit.map(|a| a.get()) {
+                Some(a) if a != "null" => copy_escape(a, &mut copy),
+                _ => copy.extend_from_slice(b"\\N"),
+            }
+            copy.extend_from_slice(format!("\t{}\t", record.version).as_bytes());
+            copy_escape(&record.created_at, &mut copy);
+            copy.push(b'\t');
+            copy_escape(&record.updated_at, &mut copy);
+            copy.push(b'\n');
+            n += 1;
+        }
+        let mut sink = self
+            .tx
+            .copy_in_raw(&format!(
+                "COPY {} (id, data, audit, version, created_at, updated_at) FROM STDIN",
+                name.table_in(&tenant)
+            ))
+            .await?;
+        sink.send(copy).await?;
+        let rows = sink.finish().await?;
+        if rows != n {
+            bail!("{n} records sent, {rows} stored");
+        }
+        self.done.records += n;
+        Ok(n)
+    }
+
+    /// The document to store when it is not the archive's as is (sealed
+    /// again for a new id); checks it against the schema unless trusted
+    /// and that the keys its sealed values name open them here.
+    async fn checked(
+        &mut self,
+        tenant: &TenantId,
+        resource: &str,
+        record: &RecordLine<'_>,
+        reseal: bool,
+    ) -> anyhow::Result<Option<String>> {
+        let text = record.data.get();
+        let sealed = text.contains("\"$enc\"");
+        if self.options.trust && !sealed {
+            return Ok(None);
+        }
+        let mut doc: Value = serde_json::from_str(text)?;
+        let compiled = &self.current[resource];
+        if !sealed {
+            validate(compiled, &doc)?;
+            return Ok(None);
+        }
+        let from = Scope {
+            tenant: &self.done.from,
+            resource,
+            record: &record.id,
+        };
+        let ids = fields::key_ids(&doc);
+        if !reseal && ids.iter().all(|id| self.keys_checked.contains(id)) && self.options.trust {
+            return Ok(None);
+        }
+        let ring = self.target.keyring;
+        crypto::open_document(ring, &from, &mut doc).await.map_err(|e| {
+            anyhow!(
+                "its sealed values cannot be opened here ({e}): import into an installation \
+                 with the same master key (BSS_MASTER_KEY) or Auth Service as the one that exported it"
+            )
+        })?;
+        self.keys_checked.extend(ids);
+        if !self.options.trust {
+            validate(compiled, &doc)?;
+        }
+        if !reseal {
+            return Ok(None);
+        }
+        let to = Scope {
+            tenant: tenant.as_str(),
+            resource,
+            record: &record.id,
+        };
+        let stored = crypto::seal_document(ring, compiled.encrypted_paths(), &to, &doc).await?;
+        Ok(Some(stored.to_string()))
+    }
+
+    async fn plugins(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tenant = self.tenant()?.clone();
+        for line in lines(bytes) {
+            let p: PluginLine = serde_json::from_slice(line)?;
+            // Versions come later: the active and trial ones are set then.
+            sqlx::query(
+                "INSERT INTO bss.plugins (tenant_id, name, kind, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(tenant.as_str())
+            .bind(&p.name)
+            .bind(&p.kind)
+            .bind(p.created_at)
+            .execute(&mut *self.tx)
+            .await?;
+            self.pending_plugins.push(p);
+            self.done.plugins += 1;
+        }
+        Ok(())
+    }
+
+    async fn module(&mut self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let tenant = self.tenant()?.clone();
+        let key = self
+            .versions
+            .keys()
+            .find(|(n, v)| module_member(n, *v) == name)
+            .cloned()
+            .ok_or_else(|| {
+                anyhow!("the archive is corrupt: {name} belongs to no plugin version")
+            })?;
+        let v = &self.versions[&key];
+        if hex(&Sha256::digest(bytes)) != v.sha256 {
+            bail!("the archive is corrupt: {name} is not the module its version names");
+        }
+        sqlx::query(
+            "INSERT INTO bss.plugin_versions (tenant_id, name, version, manifest, sha256, size, module,
+                                              created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(tenant.as_str())
+        .bind(&v.name)
+        .bind(v.version)
+        .bind(&v.manifest)
+        .bind(&v.sha256)
+        .bind(v.size)
+        .bind(bytes)
+        .bind(v.created_at)
+        .bind(&v.created_by)
+        .execute(&mut *self.tx)
+        .await?;
+        self.done.plugin_versions += 1;
+        Ok(())
+    }
+
+    /// Every member read is the one the manifest names, and all are there.
+    fn check(&self, manifest: &Manifest) -> anyhow::Result<()> {
+        for (i, want) in manifest.members.iter().enumerate() {
+            let Some(got) = self.read.get(i) else {
+                bail!("the archive is truncated: {} is missing", want.name);
+            };
+            if got.name != want.name {
+                bail!(
+                    "the archive is corrupt: {} where {} belongs",
+                    got.name,
+                    want.name
+                );
+            }
+            if got.bytes != want.bytes || got.sha256 != want.sha256 {
+                bail!(
+                    "the archive is corrupt: {} does not match its checksum",
+                    got.name
+                );
+            }
+        }
+        if let Some(extra) = self.read.get(manifest.members.len()) {
+            bail!(
+                "the archive is corrupt: {} is not in its manifest",
+                extra.name
+            );
+        }
+        let c = &manifest.counts;
+        let d = &self.done;
+        if (
+            c.resources,
+            c.schema_versions,
+            c.records,
+            c.plugins,
+            c.plugin_versions,
+        ) != (
+            d.resources,
+            d.schema_versions,
+            d.records,
+            d.plugins,
+            d.plugin_versions,
+        ) {
+            bail!("the archive is corrupt: its counts are not what it holds");
+        }
+        Ok(())
+    }
+
+    /// Indexes, plugins' active and trial versions, the one event; commit.
+    async fn finish(mut self) -> anyhow::Result<Imported> {
+        let tenant = self.tenant()?.clone();
+        for (resource, compiled) in &self.current {
+            let name = ResourceName::parse(resource)
+                .map_err(|_| anyhow!("resource name {resource:?} is not valid"))?;
+            schemas::sync_indexes(&mut self.tx, &tenant, &name, compiled).await?;
+        }
+        for p in std::mem::take(&mut self.pending_plugins) {
+            sqlx::query(
+                "UPDATE bss.plugins SET active_version = $3, trial_version = $4, trial_mode = $5,
+                        trial_percent = $6, updated_at = $7
+                  WHERE tenant_id = $1 AND name = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(&p.name)
+            .bind(p.active_version)
+            .bind(p.trial_version)
+            .bind(&p.trial_mode)
+            .bind(p.trial_percent)
+            .bind(p.updated_at)
+            .execute(&mut *self.tx)
+            .await
+            .with_context(|| {
+                format!("plugin {}: its active or trial version is missing", p.name)
+            })?;
+        }
+        let event_id = envelope::new_event_id();
+        let data = serde_json::to_value(&self.done)?;
+        let event = envelope::complete(
+            &self.target.events,
+            &tenant,
+            event_id,
+            TENANT_IMPORTED,
+            "tenant",
+            data,
+        );
+        outbox::insert(
+            &mut *self.tx,
+            event_id,
+            tenant.as_str(),
+            "_tenant",
+            TENANT_IMPORTED,
+            tenant.as_str(),
+            &event,
+        )
+        .await?;
+        self.tx.commit().await?;
+        Ok(self.done)
+    }
+}
+
+/// A record against its resource's schema (values still sealed are not
+/// judged: they were checked in clear when written).
+fn validate(compiled: &CompiledSchema, doc: &Value) -> anyhow::Result<()> {
+    let Err(errors) = compiled.validate(doc) else {
+        return Ok(());
+    };
+    let errors: Vec<String> = errors
+        .into_iter()
+        .filter(|e| !fields::sealed_at(doc, &e.path))
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "it does not match its schema: {}; fix the archive's record or import with --trust",
+        errors.join("; ")
+    )
+}
+
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+}

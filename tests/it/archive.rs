@@ -1,0 +1,374 @@
+//! `bss tenant export` / `bss tenant import`: a tenant taken out of one
+//! database and put into another answers every read the same; a taken id,
+//! a newer format, a corrupt or truncated archive are refused and leave
+//! nothing behind.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bss_tests::*;
+use serde_json::{Value, json};
+
+/// One master key for both installations (sealed values move as they are).
+const MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+async fn installation() -> TestApp {
+    TestApp::spawn_with(|s| s.master_key = Some(MASTER_KEY.into())).await
+}
+
+/// Runs `bss tenant …` against the installation's database.
+fn tenant_cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let data = TempDir::new("bss-archive-data");
+    std::fs::create_dir_all(&data.0).unwrap();
+    let out = Command::new(bss_binary())
+        .arg("tenant")
+        .args(args)
+        .env("DATABASE_URL", &app.database_url)
+        .env("BSS_MASTER_KEY", MASTER_KEY)
+        .env("BSS_DATA_DIR", &data.0)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A tenant with two resources, schema history, sealed values, records
+/// at several versions and a plugin with two versions.
+async fn busy_tenant(app: &TestApp) -> (String, String) {
+    let (tenant, token) = app.tenant_with_invoices().await;
+    let mut v2 = invoice_schema();
+    v2["properties"]["note"] = json!({"type": "string"});
+    assert_eq!(app.put_schema("invoices", &token, v2).await.status(), 201);
+    let customers = json!({"type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string", "x-index": true}, "tier": {"type": "integer"}}});
+    assert_eq!(
+        app.put_schema("customers", &token, customers)
+            .await
+            .status(),
+        201
+    );
+    let hook = |max: u64| {
+        json!({"name": "no-negative-totals", "kind": "validation-hook",
+               "resources": ["invoices"], "config": {"max_total": max}})
+    };
+    app.install_plugin(&token, hook(100_000), "no_negative_totals")
+        .await;
+    app.install_plugin(&token, hook(1_000), "no_negative_totals")
+        .await;
+    for n in 0..60u64 {
+        let doc = json!({"number": format!("N-{n:03}"), "total": n * 7 % 500, "iban": format!("DE{n:020}"),
+                         "customer": {"name": format!("c{}", n % 5)}, "note": "tab\there \"quoted\" \\ back"});
+        let created = app.post("/v1/data/invoices", &token, &doc).await;
+        assert_eq!(created.status(), 201);
+        if n % 4 == 0 {
+            let id = body(created).await["id"].as_str().unwrap().to_owned();
+            let resp = app
+                .patch(
+                    &format!("/v1/data/invoices/{id}"),
+                    &token,
+                    &json!({"status": "paid"}),
+                )
+                .await;
+            assert_eq!(resp.status(), 200);
+        }
+    }
+    let batch: Vec<Value> = (0..40)
+        .map(|n| json!({"name": format!("cust {n}"), "tier": n % 3}))
+        .collect();
+    let resp = app
+        .post("/v1/data/customers/batch", &token, &json!({"items": batch}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    (tenant, token)
+}
+
+/// Every read a client of the tenant would make, as answered.
+async fn answers(app: &TestApp, token: &str) -> Vec<(String, u16, Option<String>, Value)> {
+    let mut paths: Vec<String> = [
+        "/v1/schemas",
+        "/v1/schemas/invoices",
+        "/v1/schemas/invoices/versions",
+        "/v1/schemas/customers",
+        "/v1/data/invoices?limit=1000&order=total.desc,createdAt.asc&count=exact",
+        "/v1/data/invoices?total=gte.200&select=id,data.total,data.iban&limit=1000",
+        "/v1/data/customers?order=name.asc&limit=7",
+        "/v1/plugins",
+        "/v1/plugins/no-negative-totals",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for resource in ["invoices", "customers"] {
+        let page = body(
+            app.get(&format!("/v1/data/{resource}?limit=1000"), token)
+                .await,
+        )
+        .await;
+        for item in page["items"].as_array().unwrap() {
+            let id = item["id"].as_str().unwrap();
+            paths.push(format!("/v1/data/{resource}/{id}?include=audit"));
+        }
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        let resp = app.get(&path, token).await;
+        let status = resp.status().as_u16();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let mut answer = body(resp).await;
+        // What says where it runs, not what the tenant holds.
+        if let Some(stats) = answer.get_mut("stats") {
+            *stats = Value::Null;
+        }
+        if let Some(items) = answer.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items {
+                if let Some(stats) = item.get_mut("stats") {
+                    *stats = Value::Null;
+                }
+            }
+        }
+        out.push((path, status, etag, answer));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
+    let source = installation().await;
+    let (tenant, token) = busy_tenant(&source).await;
+
+    // Another tenant writes all along, export included.
+    let (_, other) = source.tenant_with_invoices().await;
+    let (stop, written) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let load = {
+        let (stop, written) = (stop.clone(), written.clone());
+        let (base, client) = (source.base.clone(), source.client.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let resp = client
+                    .post(format!("{base}/v1/data/invoices"))
+                    .bearer_auth(&other)
+                    .json(&json!({"number": "load", "total": 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201);
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let dir = TempDir::new("bss-archive");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("t.tar.zst");
+    let file = file.to_str().unwrap();
+    let (ok, said) = tenant_cli(&source, &["export", &tenant, "--out", file]);
+    assert!(ok, "{said}");
+    assert!(said.contains("100 records"), "{said}");
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(written.load(Ordering::Relaxed) > 0);
+
+    let target = installation().await;
+    let (ok, said) = tenant_cli(&target, &["import", file]);
+    assert!(ok, "{said}");
+    assert!(said.contains("imported tenant"), "{said}");
+
+    let before = answers(&source, &token).await;
+    let after = answers(&target, &token).await;
+    assert_eq!(before.len(), 9 + 100, "every record read one by one");
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b, a, "{} answers differently after the move", b.0);
+    }
+    // Sealed values open on the target; the plugin works there.
+    let some = body(target.get("/v1/data/invoices?limit=1", &token).await).await;
+    assert!(
+        some["items"][0]["data"]["iban"]
+            .as_str()
+            .unwrap()
+            .starts_with("DE")
+    );
+    let refused = target
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "big", "total": 5000}),
+        )
+        .await;
+    assert_eq!(refused.status(), 422, "version 2 of the hook answers");
+    let created = target
+        .post(
+            "/v1/data/invoices",
+            &token,
+            &json!({"number": "new", "total": 5}),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    // One event says so, not one per record.
+    let log = wait_for_events(&target, &token, 2).await;
+    let kinds: Vec<&str> = log.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds[0], "business_store.tenant.imported", "{kinds:?}");
+    assert_eq!(log[0]["data"]["records"], 100);
+    assert!(!kinds.contains(&"business_store.data.updated"), "{kinds:?}");
+}
+
+/// The archive's members, decompressed.
+fn members(file: &Path) -> Vec<(String, Vec<u8>)> {
+    let decoder = zstd::Decoder::new(std::fs::File::open(file).unwrap()).unwrap();
+    let mut archive = tar::Archive::new(decoder);
+    let mut out = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        out.push((name, bytes));
+    }
+    out
+}
+
+/// Writes members as an archive (checksums as they are: the manifest is
+/// one of the members).
+fn write_members(file: &Path, members: &[(String, Vec<u8>)]) {
+    let encoder = zstd::Encoder::new(std::fs::File::create(file).unwrap(), 3).unwrap();
+    let mut tar = tar::Builder::new(encoder);
+    for (name, bytes) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, name, bytes.as_slice())
+            .unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_id_a_newer_format_a_corrupt_or_truncated_archive_are_refused_leaving_nothing() {
+    let app = installation().await;
+    let (tenant, _) = busy_tenant(&app).await;
+    let dir = TempDir::new("bss-archive");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let good = dir.0.join("good.tar.zst");
+    let (ok, said) = tenant_cli(&app, &["export", &tenant, "--out", good.to_str().unwrap()]);
+    assert!(ok, "{said}");
+    let count = tenants(&app).await;
+
+    // The id is taken here: said, with the way out.
+    let (ok, said) = tenant_cli(&app, &["import", good.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        said.contains("exists here") && said.contains("--as"),
+        "{said}"
+    );
+
+    let original = members(&good);
+    let refused = |name: &str, members: Vec<(String, Vec<u8>)>| {
+        let file = dir.0.join(name);
+        write_members(&file, &members);
+        let (ok, said) = tenant_cli(&app, &["import", "--as", "copy", file.to_str().unwrap()]);
+        assert!(!ok, "{name} was imported: {said}");
+        said
+    };
+    // A newer format.
+    let mut newer = original.clone();
+    let mut header: Value = serde_json::from_slice(&newer[0].1).unwrap();
+    header["formatVersion"] = json!(99);
+    newer[0].1 = serde_json::to_vec(&header).unwrap();
+    let said = refused("newer.tar.zst", newer);
+    assert!(said.contains("format version 99, newer"), "{said}");
+    // A record changed after the export: its checksum no longer matches.
+    let mut tampered = original.clone();
+    let records = tampered
+        .iter_mut()
+        .find(|(n, _)| n.starts_with("records/customers/"))
+        .unwrap();
+    let text = String::from_utf8(records.1.clone())
+        .unwrap()
+        .replacen("cust", "CUST", 1);
+    records.1 = text.into_bytes();
+    let said = refused("tampered.tar.zst", tampered.clone());
+    assert!(said.contains("does not match its checksum"), "{said}");
+    // A record that breaks its schema (checksums made to match): named.
+    let mut invalid = original.clone();
+    let records = invalid
+        .iter_mut()
+        .find(|(n, _)| n.starts_with("records/customers/"))
+        .unwrap();
+    let text = String::from_utf8(records.1.clone()).unwrap().replacen(
+        "\"tier\": 0",
+        "\"tier\": \"zero\"",
+        1,
+    );
+    assert_ne!(text.as_bytes(), records.1.as_slice());
+    records.1 = text.into_bytes();
+    let said = refused("invalid.tar.zst", with_manifest(invalid));
+    assert!(
+        said.contains("does not match its schema") && said.contains("/tier"),
+        "{said}"
+    );
+    // Truncated: cut anywhere.
+    let bytes = std::fs::read(&good).unwrap();
+    for cut in [bytes.len() / 3, bytes.len() - 40] {
+        let file = dir.0.join(format!("cut-{cut}.tar.zst"));
+        std::fs::write(&file, &bytes[..cut]).unwrap();
+        let (ok, said) = tenant_cli(&app, &["import", "--as", "copy", file.to_str().unwrap()]);
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains("truncated") || said.contains("corrupt"),
+            "{said}"
+        );
+    }
+    // Nothing was left behind by any of them.
+    assert_eq!(tenants(&app).await, count);
+    let resp = app.get("/v1/tenants/copy", &platform_token()).await;
+    assert_eq!(resp.status(), 404);
+
+    // Under another id: a tenant of its own, sealed values sealed again.
+    let (ok, said) = tenant_cli(&app, &["import", "--as", "copy", good.to_str().unwrap()]);
+    assert!(ok, "{said}");
+    assert!(said.contains("(exported as"), "{said}");
+    let copy = token("copy", &["admin"]);
+    let page = body(app.get("/v1/data/invoices?limit=1000", &copy).await).await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 60);
+    assert!(
+        items
+            .iter()
+            .all(|i| i["data"]["iban"].as_str().unwrap().starts_with("DE"))
+    );
+}
+
+async fn tenants(app: &TestApp) -> i64 {
+    let mut db = app.db().await;
+    sqlx::query_scalar("SELECT count(*) FROM bss.tenants")
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+/// The members with their manifest's checksums made to match again.
+fn with_manifest(mut members: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    use sha2::Digest;
+    let digest = |bytes: &[u8]| bss::archive::export::hex(&sha2::Sha256::digest(bytes));
+    let last = members.len() - 1;
+    let mut manifest: Value = serde_json::from_slice(&members[last].1).unwrap();
+    for (i, (_, bytes)) in members[..last].iter().enumerate() {
+        manifest["members"][i]["bytes"] = json!(bytes.len());
+        manifest["members"][i]["sha256"] = json!(digest(bytes));
+    }
+    members[last].1 = serde_json::to_vec(&manifest).unwrap();
+    members
+}
