@@ -16,7 +16,12 @@ use serde_json::{Value, json};
 const MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 async fn installation() -> TestApp {
-    TestApp::spawn_with(|s| s.master_key = Some(MASTER_KEY.into())).await
+    TestApp::spawn_with(|s| {
+        s.master_key = Some(MASTER_KEY.into());
+        s.webhook_allow = "127.0.0.1/32".into();
+        s.webhook_allow_http = true;
+    })
+    .await
 }
 
 /// Runs `bss tenant …` against the installation's database.
@@ -80,6 +85,11 @@ async fn busy_tenant(app: &TestApp) -> (String, String) {
             assert_eq!(resp.status(), 200);
         }
     }
+    // An endpoint for an event the tests never cause (so its state stays).
+    let hook = json!({"url": "http://127.0.0.1:9/hook", "events": ["business_store.data.deleted"],
+                      "description": "deletions"});
+    let resp = app.post("/v1/webhooks", &token, &hook).await;
+    assert_eq!(resp.status(), 201, "{:#}", body(resp).await);
     let batch: Vec<Value> = (0..40)
         .map(|n| json!({"name": format!("cust {n}"), "tier": n % 3}))
         .collect();
@@ -102,6 +112,7 @@ async fn answers(app: &TestApp, token: &str) -> Vec<(String, u16, Option<String>
         "/v1/data/customers?order=name.asc&limit=7",
         "/v1/plugins",
         "/v1/plugins/no-negative-totals",
+        "/v1/webhooks",
     ]
     .map(str::to_owned)
     .to_vec();
@@ -188,7 +199,7 @@ async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
 
     let before = answers(&source, &token).await;
     let after = answers(&target, &token).await;
-    assert_eq!(before.len(), 9 + 100, "every record read one by one");
+    assert_eq!(before.len(), 10 + 100, "every record read one by one");
     assert_eq!(before.len(), after.len());
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b, a, "{} answers differently after the move", b.0);
@@ -348,6 +359,43 @@ async fn a_taken_id_a_newer_format_a_corrupt_or_truncated_archive_are_refused_le
         items
             .iter()
             .all(|i| i["data"]["iban"].as_str().unwrap().starts_with("DE"))
+    );
+    // Its endpoint has an id of its own and a secret that opens (a rotation
+    // keeps it as the previous one).
+    let hooks = body(app.get("/v1/webhooks", &copy).await).await;
+    let hook = hooks["items"][0]["id"].as_str().unwrap().to_owned();
+    let rotated = app
+        .post(
+            &format!("/v1/webhooks/{hook}/secret/rotate"),
+            &copy,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(rotated.status(), 200, "{:#}", body(rotated).await);
+
+    // Without the webhook secrets: endpoints come disabled, saying why.
+    let bare = dir.0.join("bare.tar.zst");
+    let (ok, said) = tenant_cli(
+        &app,
+        &[
+            "export",
+            &tenant,
+            "--out",
+            bare.to_str().unwrap(),
+            "--without-webhook-secrets",
+        ],
+    );
+    assert!(ok, "{said}");
+    let (ok, said) = tenant_cli(&app, &["import", "--as", "bare", bare.to_str().unwrap()]);
+    assert!(ok, "{said}");
+    assert!(said.contains("1 without their secret"), "{said}");
+    let hooks = body(app.get("/v1/webhooks", &token("bare", &["admin"])).await).await;
+    assert_eq!(hooks["items"][0]["enabled"], false, "{hooks:#}");
+    assert!(
+        hooks["items"][0]["disabledReason"]
+            .as_str()
+            .unwrap()
+            .contains("rotate")
     );
 }
 

@@ -20,7 +20,8 @@ use crate::events::envelope::EventContext;
 use crate::storage::database::Database;
 
 pub const USAGE: &str = "usage:
-  bss tenant export ID [--out FILE]            one tenant's whole state into FILE (default ID.tenant.tar.zst; - for stdout)
+  bss tenant export ID [--out FILE] [--without-webhook-secrets]
+                                               one tenant's whole state into FILE (default ID.tenant.tar.zst; - for stdout)
   bss tenant import [--as ID] [--trust] FILE   an exported tenant into this installation, all or nothing (- for stdin);
                                                --as: under another id; --trust: skip validating records (checksums still checked)";
 
@@ -60,10 +61,14 @@ fn track(bar: &ProgressBar) -> impl FnMut(Progress) + '_ {
 
 async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<()> {
     let (mut id, mut out) = (None, None);
+    let mut options = export::Options {
+        webhook_secrets: true,
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--out" => out = Some(it.next().context("--out needs a file")?.clone()),
+            "--without-webhook-secrets" => options.webhook_secrets = false,
             flag if flag.starts_with("--") => bail!("unknown option {flag}\n{USAGE}"),
             _ if id.is_none() => id = Some(arg.clone()),
             extra => bail!("unexpected argument {extra:?}\n{USAGE}"),
@@ -77,7 +82,8 @@ async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     let out = out.unwrap_or_else(|| format!("{id}.tenant.tar.zst"));
     let (manifest, bytes) = if out == "-" {
         let stdout = BufWriter::new(std::io::stdout().lock());
-        let (mut w, manifest) = export::export(&db.pool, &tenant, stdout, &mut track(&bar)).await?;
+        let (mut w, manifest) =
+            export::export(&db.pool, &tenant, stdout, options, &mut track(&bar)).await?;
         w.flush()?;
         (manifest, None)
     } else {
@@ -87,8 +93,8 @@ async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<
         let partial = path.with_extension("partial");
         let file = std::fs::File::create(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
-        let result =
-            export::export(&db.pool, &tenant, BufWriter::new(file), &mut track(&bar)).await;
+        let file = BufWriter::new(file);
+        let result = export::export(&db.pool, &tenant, file, options, &mut track(&bar)).await;
         let (w, manifest) = match result {
             Ok(done) => done,
             Err(e) => {
@@ -106,12 +112,13 @@ async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     bar.finish_and_clear();
     let c = &manifest.counts;
     eprintln!(
-        "exported tenant {id}: {} resources, {} schema versions, {} records, {} plugins ({} versions){} in {:.1?}",
+        "exported tenant {id}: {} resources, {} schema versions, {} records, {} plugins ({} versions), {} webhooks{} in {:.1?}",
         c.resources,
         c.schema_versions,
         c.records,
         c.plugins,
         c.plugin_versions,
+        c.webhooks,
         bytes
             .map(|b| format!(", {b} bytes to {out}"))
             .unwrap_or_default(),
@@ -164,7 +171,7 @@ async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     bar.finish_and_clear();
     let done = done.context("nothing was imported")?;
     eprintln!(
-        "imported tenant {}{}: {} resources, {} schema versions, {} records, {} plugins ({} versions) in {:.1?}",
+        "imported tenant {}{}: {} resources, {} schema versions, {} records, {} plugins ({} versions), {} webhooks{} in {:.1?}",
         done.tenant,
         if done.from != done.tenant {
             format!(" (exported as {})", done.from)
@@ -176,6 +183,15 @@ async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<
         done.records,
         done.plugins,
         done.plugin_versions,
+        done.webhooks,
+        if done.webhooks_without_secret > 0 {
+            format!(
+                " ({} without their secret: disabled until rotated)",
+                done.webhooks_without_secret
+            )
+        } else {
+            String::new()
+        },
         start.elapsed()
     );
     Ok(())

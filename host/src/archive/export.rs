@@ -11,7 +11,7 @@ use sqlx::PgPool;
 
 use super::{
     CHUNK_BYTES, Counts, FORMAT, FORMAT_VERSION, Header, Manifest, Member, PluginLine,
-    PluginVersionLine, SchemaLine, TenantRow, copy_unescape, module_member,
+    PluginVersionLine, SchemaLine, TenantRow, WebhookLine, copy_unescape, module_member,
 };
 use crate::domain::ids::quote_ident;
 use crate::domain::{ResourceName, TenantId};
@@ -82,12 +82,21 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What goes into an export besides what always does.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Webhook endpoints' secrets (sealed as stored); without them an
+    /// import disables each endpoint until its secret is rotated.
+    pub webhook_secrets: bool,
+}
+
 /// Exports the tenant into `out`; `progress` is told of every record
 /// written and gets the total first. Returns the output and the manifest.
 pub async fn export<W: Write>(
     pool: &PgPool,
     tenant: &TenantId,
     out: W,
+    options: Options,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<(W, Manifest)> {
     let mut tx = pool.begin().await?;
@@ -95,6 +104,10 @@ pub async fn export<W: Write>(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
+    // Timestamps as `COPY` writes them: ISO, in UTC.
+    for set in ["SET LOCAL DateStyle = 'ISO'", "SET LOCAL TimeZone = 'UTC'"] {
+        sqlx::query(set).execute(&mut *tx).await?;
+    }
     let row: Option<(String,)> = sqlx::query_as("SELECT status FROM bss.tenants WHERE id = $1")
         .bind(tenant.as_str())
         .fetch_optional(&mut *tx)
@@ -157,14 +170,16 @@ pub async fn export<W: Write>(
     for (resource,) in &resources {
         let name = ResourceName::parse(resource)
             .map_err(|_| anyhow::anyhow!("stored resource name {resource:?} is not valid"))?;
+        // The columns as stored (a JSON object built by the database would
+        // cost it more than the export itself); each row becomes a line.
         let sql = format!(
-            "COPY (SELECT jsonb_build_object('id', id, 'version', version, 'createdAt', created_at,
-                       'updatedAt', updated_at, 'data', data, 'audit', audit)
-                     FROM {} ORDER BY id) TO STDOUT",
+            "COPY (SELECT id, version, created_at, updated_at, data, audit FROM {} ORDER BY id)
+               TO STDOUT",
             name.table_in(tenant)
         );
         let mut stream = tx.copy_out_raw(&sql).await?;
         let mut chunk = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
+        let mut field = Vec::new();
         let (mut lines, mut part, mut pending) = (0u64, 0u32, Vec::new());
         while let Some(bytes) = stream.try_next().await? {
             pending.extend_from_slice(&bytes);
@@ -172,9 +187,8 @@ pub async fn export<W: Write>(
             let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
                 continue;
             };
-            for line in pending[..end].split(|b| *b == b'\n') {
-                copy_unescape(line, &mut chunk);
-                chunk.push(b'\n');
+            for row in pending[..end].split(|b| *b == b'\n') {
+                record_line(row, &mut chunk, &mut field)?;
                 lines += 1;
             }
             pending.drain(..=end);
@@ -230,8 +244,65 @@ pub async fn export<W: Write>(
         .await?;
         w.add(&module_member(&v.name, v.version), &module, 0)?;
     }
+    let mut webhooks: Vec<WebhookLine> = sqlx::query_as(
+        "SELECT id, url, events, resources, transformer, description, fifo, rate_limit_per_sec,
+                enabled, disabled_reason, secrets, failing_since, created_at, updated_at
+           FROM bss.webhooks WHERE tenant_id = $1 ORDER BY id",
+    )
+    .bind(tenant.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    if !options.webhook_secrets {
+        for hook in &mut webhooks {
+            hook.secrets = None;
+        }
+    }
+    counts.webhooks = webhooks.len() as u64;
+    w.add_lines("webhooks.ndjson", &webhooks)?;
     tx.commit().await?;
     w.finish(counts)
+}
+
+/// A row of `COPY`'s text format (id, version, created_at, updated_at,
+/// data, audit) as a line of JSON: `{"id", "version", "createdAt",
+/// "updatedAt", "data", "audit"}`, timestamps in RFC 3339.
+fn record_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut cols = row.split(|b| *b == b'\t');
+    let mut next = |name: &str| {
+        cols.next()
+            .ok_or_else(|| anyhow::anyhow!("a row of the export has no {name}"))
+    };
+    let (id, version, created, updated, data, audit) = (
+        next("id")?,
+        next("version")?,
+        next("created_at")?,
+        next("updated_at")?,
+        next("data")?,
+        next("audit")?,
+    );
+    field.clear();
+    copy_unescape(id, field);
+    out.extend_from_slice(b"{\"id\":");
+    serde_json::to_writer(&mut *out, std::str::from_utf8(field)?)?;
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(version);
+    for (key, at) in [("createdAt", created), ("updatedAt", updated)] {
+        // `2026-12-07 22:04:17.123456+00` → `2026-12-07T22:04:17.123456+00:00`
+        out.extend_from_slice(format!(",\"{key}\":\"").as_bytes());
+        let at = std::str::from_utf8(at)?;
+        out.extend_from_slice(at.replacen(' ', "T", 1).as_bytes());
+        out.extend_from_slice(b":00\"");
+    }
+    out.extend_from_slice(b",\"data\":");
+    copy_unescape(data, out);
+    out.extend_from_slice(b",\"audit\":");
+    if audit == b"\\N" {
+        out.extend_from_slice(b"null");
+    } else {
+        copy_unescape(audit, out);
+    }
+    out.extend_from_slice(b"}\n");
+    Ok(())
 }
 
 /// What an export or import tells its progress bar.

@@ -13,7 +13,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::export::{Progress, hex};
 use super::{
     FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
-    PluginVersionLine, RecordLine, SchemaLine, TenantRow, copy_escape, module_member,
+    PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape, module_member,
 };
 use crate::catalog::CompiledSchema;
 use crate::crypto::{self, Keyring, Scope, fields};
@@ -44,6 +44,9 @@ pub struct Imported {
     pub records: u64,
     pub plugins: u64,
     pub plugin_versions: u64,
+    pub webhooks: u64,
+    /// Endpoints imported without their secret: disabled until rotated.
+    pub webhooks_without_secret: u64,
 }
 
 /// What the import needs of the installation.
@@ -104,6 +107,8 @@ pub async fn import<R: Read>(
             records: 0,
             plugins: 0,
             plugin_versions: 0,
+            webhooks: 0,
+            webhooks_without_secret: 0,
         },
         read: Vec::new(),
     };
@@ -196,6 +201,7 @@ impl Run<'_> {
             "tenant.json" => self.tenant_row(serde_json::from_slice(bytes)?).await,
             "schemas.ndjson" => self.schemas(bytes).await,
             "plugins.ndjson" => self.plugins(bytes).await,
+            "webhooks.ndjson" => self.webhooks(bytes).await,
             "plugin_versions.ndjson" => {
                 for line in lines(bytes) {
                     let v: PluginVersionLine = serde_json::from_slice(line)?;
@@ -297,7 +303,7 @@ impl Run<'_> {
                 )
             })?;
             if line.version == 1 {
-                schemas::create_resource(&mut self.tx, &tenant, &resource).await?;
+                schemas::create_resource_table(&mut self.tx, &tenant, &resource).await?;
                 self.done.resources += 1;
             } else {
                 sqlx::query(&format!(
@@ -484,6 +490,102 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The webhook endpoints: under a new tenant id, with new endpoint ids
+    /// and their secrets sealed again for it; without their secrets, with
+    /// a new one each and disabled until it is rotated.
+    async fn webhooks(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tenant = self.tenant()?.clone();
+        let reseal = self.done.from != tenant.as_str();
+        let ring = self.target.keyring;
+        for line in lines(bytes) {
+            let mut hook: WebhookLine = serde_json::from_slice(line)?;
+            let was = hook.id;
+            if reseal {
+                hook.id = uuid::Uuid::now_v7();
+            }
+            let id = hook.id.to_string();
+            let to = Scope {
+                tenant: tenant.as_str(),
+                resource: crate::storage::webhooks::RESOURCE,
+                record: &id,
+            };
+            let secrets = match hook.secrets.take() {
+                Some(mut secrets) => {
+                    let old = was.to_string();
+                    let from = Scope {
+                        tenant: &self.done.from,
+                        resource: crate::storage::webhooks::RESOURCE,
+                        record: &old,
+                    };
+                    crypto::open_document(ring, &from, &mut secrets).await.map_err(|e| {
+                        anyhow!(
+                            "webhook {was}: its secrets cannot be opened here ({e}): import into an \
+                             installation with the same master key or Auth Service, or export \
+                             --without-webhook-secrets"
+                        )
+                    })?;
+                    if reseal {
+                        let paths: Vec<Vec<String>> = ["current", "previous"]
+                            .into_iter()
+                            .filter(|k| secrets.get(k).is_some())
+                            .map(|k| vec![k.to_owned()])
+                            .collect();
+                        crypto::seal_document(ring, &paths, &to, &secrets)
+                            .await?
+                            .into_owned()
+                    } else {
+                        // Opened only to prove the keys are here: kept as sealed.
+                        hook.secrets.take();
+                        serde_json::from_slice::<WebhookLine>(line)?
+                            .secrets
+                            .unwrap_or_default()
+                    }
+                }
+                None => {
+                    hook.enabled = false;
+                    hook.disabled_reason = Some(
+                        "imported without its secret: rotate it (POST /v1/webhooks/{id}/secret/rotate), \
+                         give the receiver the new one, then enable the endpoint"
+                            .into(),
+                    );
+                    self.done.webhooks_without_secret += 1;
+                    let secret = crate::webhooks::sign::new_secret();
+                    let doc = serde_json::json!({ "current": secret });
+                    let paths = [vec!["current".to_owned()]];
+                    crypto::seal_document(ring, &paths, &to, &doc)
+                        .await?
+                        .into_owned()
+                }
+            };
+            sqlx::query(
+                "INSERT INTO bss.webhooks (id, tenant_id, url, events, resources, transformer,
+                        description, fifo, rate_limit_per_sec, enabled, disabled_reason, secrets,
+                        failing_since, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .bind(hook.id)
+            .bind(tenant.as_str())
+            .bind(&hook.url)
+            .bind(&hook.events)
+            .bind(&hook.resources)
+            .bind(&hook.transformer)
+            .bind(&hook.description)
+            .bind(hook.fifo)
+            .bind(hook.rate_limit_per_sec)
+            .bind(hook.enabled)
+            .bind(&hook.disabled_reason)
+            .bind(&secrets)
+            .bind(hook.failing_since)
+            .bind(hook.created_at)
+            .bind(hook.updated_at)
+            .execute(&mut *self.tx)
+            .await
+            .with_context(|| format!("webhook {was}"))?;
+            self.done.webhooks += 1;
+        }
+        Ok(())
+    }
+
     /// Every member read is the one the manifest names, and all are there.
     fn check(&self, manifest: &Manifest) -> anyhow::Result<()> {
         for (i, want) in manifest.members.iter().enumerate() {
@@ -512,19 +614,9 @@ impl Run<'_> {
         }
         let c = &manifest.counts;
         let d = &self.done;
-        if (
-            c.resources,
-            c.schema_versions,
-            c.records,
-            c.plugins,
-            c.plugin_versions,
-        ) != (
-            d.resources,
-            d.schema_versions,
-            d.records,
-            d.plugins,
-            d.plugin_versions,
-        ) {
+        let held = (c.resources, c.schema_versions, c.records, c.plugins);
+        let done = (d.resources, d.schema_versions, d.records, d.plugins);
+        if held != done || (c.plugin_versions, c.webhooks) != (d.plugin_versions, d.webhooks) {
             bail!("the archive is corrupt: its counts are not what it holds");
         }
         Ok(())
@@ -536,6 +628,10 @@ impl Run<'_> {
         for (resource, compiled) in &self.current {
             let name = ResourceName::parse(resource)
                 .map_err(|_| anyhow!("resource name {resource:?} is not valid"))?;
+            // Built once, over all the records (a duplicate id fails here).
+            schemas::create_resource_keys(&mut self.tx, &tenant, &name)
+                .await
+                .with_context(|| format!("{resource}: its record ids must be unique"))?;
             schemas::sync_indexes(&mut self.tx, &tenant, &name, compiled).await?;
         }
         for p in std::mem::take(&mut self.pending_plugins) {

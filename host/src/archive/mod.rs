@@ -11,6 +11,8 @@
 //!   most [`CHUNK_BYTES`]; `x-encrypted` values stay sealed (key id inside);
 //! - `plugins.ndjson`, `plugin_versions.ndjson` and
 //!   `plugins/<name>/<version>.wasm` — every plugin version with its module;
+//! - `webhooks.ndjson` — the webhook endpoints, their secrets sealed as
+//!   stored (or left out: `--without-webhook-secrets`);
 //! - `manifest.json` — [`Manifest`]: every member before it with its size,
 //!   line count and SHA-256, and the counts.
 //!
@@ -119,6 +121,27 @@ pub struct PluginVersionLine {
     pub created_by: String,
 }
 
+/// A line of `webhooks.ndjson`: an endpoint, its secrets sealed as stored
+/// (null when left out of the archive).
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookLine {
+    pub id: uuid::Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub resources: Option<Vec<String>>,
+    pub transformer: Option<String>,
+    pub description: String,
+    pub fifo: bool,
+    pub rate_limit_per_sec: Option<i32>,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub secrets: Option<Value>,
+    pub failing_since: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// One member as written: its name, size, lines and SHA-256 (hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -137,6 +160,7 @@ pub struct Counts {
     pub records: u64,
     pub plugins: u64,
     pub plugin_versions: u64,
+    pub webhooks: u64,
 }
 
 /// `manifest.json`, the archive's last member.

@@ -261,7 +261,19 @@ async fn version_row(
         .await?)
 }
 
-pub(crate) async fn create_resource(
+async fn create_resource(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    resource: &ResourceName,
+) -> Result<(), StorageError> {
+    create_resource_table(tx, tenant, resource).await?;
+    create_resource_keys(tx, tenant, resource).await
+}
+
+/// A new resource: its `_resources` row and its table, without the
+/// table's primary key and indexes (an import adds those once its records
+/// are in, with [`create_resource_keys`]).
+pub(crate) async fn create_resource_table(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &TenantId,
     resource: &ResourceName,
@@ -284,7 +296,7 @@ pub(crate) async fn create_resource(
     }
     sqlx::query(&format!(
         "CREATE TABLE {table} (
-            id text PRIMARY KEY,
+            id text NOT NULL,
             data jsonb NOT NULL,
             audit jsonb,
             version bigint NOT NULL DEFAULT 1,
@@ -293,6 +305,19 @@ pub(crate) async fn create_resource(
     ))
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// A resource table's primary key (`id`) and its index in creation order.
+pub(crate) async fn create_resource_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &TenantId,
+    resource: &ResourceName,
+) -> Result<(), StorageError> {
+    let table = resource.table_in(tenant);
+    sqlx::query(&format!("ALTER TABLE {table} ADD PRIMARY KEY (id)"))
+        .execute(&mut **tx)
+        .await?;
     let created_idx = quote_ident(&format!("{}created", index_prefix(resource)));
     sqlx::query(&format!(
         "CREATE INDEX {created_idx} ON {table} (created_at, id)"
