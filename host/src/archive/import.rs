@@ -337,103 +337,83 @@ impl Run<'_> {
         let tenant = self.tenant()?.clone();
         let name = ResourceName::parse(resource)
             .map_err(|_| anyhow!("resource name {resource:?} is not valid"))?;
-        if !self.current.contains_key(resource) {
+        let Run {
+            tx,
+            target,
+            options,
+            current,
+            keys_checked,
+            done,
+            ..
+        } = self;
+        let Some(compiled) = current.get(resource) else {
             bail!("the archive is corrupt: records of {resource}, which has no schema");
-        }
-        let reseal = self.done.from != tenant.as_str();
-        let mut copy = Vec::with_capacity(bytes.len() + bytes.len() / 8);
-        let mut n = 0u64;
-        for line in lines(bytes) {
-            let record: RecordLine<'_> = serde_json::from_slice(line)
-                .with_context(|| format!("record {} of the member", n + 1))?;
-            RecordId::parse(&record.id)
-                .map_err(|_| anyhow!("record id {:?} is not valid", record.id))?;
-            let data = self
-                .checked(&tenant, resource, &record, reseal)
-                .await
-                .with_context(|| format!("record {resource}/{}", record.id))?;
-            copy_escape(&record.id, &mut copy);
-            copy.push(b'\t');
-            copy_escape(data.as_deref().unwrap_or(record.data.get()), &mut copy);
-            copy.push(b'\t');
-            match record.audit.map(|a| a.get()) {
-                Some(a) if a != "null" => copy_escape(a, &mut copy),
-                _ => copy.extend_from_slice(b"\\N"),
-            }
-            copy.extend_from_slice(format!("\t{}\t", record.version).as_bytes());
-            copy_escape(&record.created_at, &mut copy);
-            copy.push(b'\t');
-            copy_escape(&record.updated_at, &mut copy);
-            copy.push(b'\n');
-            n += 1;
-        }
-        let mut sink = self
-            .tx
+        };
+        let mut checker = Checker {
+            ring: target.keyring,
+            trust: options.trust,
+            from: &done.from,
+            to: &tenant,
+            resource,
+            compiled,
+            keys_checked,
+        };
+        let mut sink = tx
             .copy_in_raw(&format!(
                 "COPY {} (id, data, audit, version, created_at, updated_at) FROM STDIN",
                 name.table_in(&tenant)
             ))
             .await?;
-        sink.send(copy).await?;
+        // Sent in pieces as they are made: the database stores one while
+        // the next is made.
+        let mut copy = Vec::with_capacity(SEND_BYTES + 64 * 1024);
+        let mut n = 0u64;
+        let sent: anyhow::Result<()> = async {
+            for line in lines(bytes) {
+                let record: RecordLine<'_> = serde_json::from_slice(line)
+                    .with_context(|| format!("record {} of the member", n + 1))?;
+                RecordId::parse(&record.id)
+                    .map_err(|_| anyhow!("record id {:?} is not valid", record.id))?;
+                let data = checker
+                    .checked(&record)
+                    .await
+                    .with_context(|| format!("record {resource}/{}", record.id))?;
+                copy_escape(&record.id, &mut copy);
+                copy.push(b'\t');
+                copy_escape(data.as_deref().unwrap_or(record.data.get()), &mut copy);
+                copy.push(b'\t');
+                match record.audit.map(|a| a.get()) {
+                    Some(a) if a != "null" => copy_escape(a, &mut copy),
+                    _ => copy.extend_from_slice(b"\\N"),
+                }
+                copy.extend_from_slice(format!("\t{}\t", record.version).as_bytes());
+                copy_escape(&record.created_at, &mut copy);
+                copy.push(b'\t');
+                copy_escape(&record.updated_at, &mut copy);
+                copy.push(b'\n');
+                n += 1;
+                if copy.len() >= SEND_BYTES {
+                    sink.send(copy.as_slice()).await?;
+                    copy.clear();
+                }
+            }
+            if !copy.is_empty() {
+                sink.send(copy.as_slice()).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = sent {
+            // The transaction is lost anyway; this leaves the connection usable.
+            let _ = sink.abort("the import failed").await;
+            return Err(e);
+        }
         let rows = sink.finish().await?;
         if rows != n {
             bail!("{n} records sent, {rows} stored");
         }
-        self.done.records += n;
+        done.records += n;
         Ok(n)
-    }
-
-    /// The document to store when it is not the archive's as is (sealed
-    /// again for a new id); checks it against the schema unless trusted
-    /// and that the keys its sealed values name open them here.
-    async fn checked(
-        &mut self,
-        tenant: &TenantId,
-        resource: &str,
-        record: &RecordLine<'_>,
-        reseal: bool,
-    ) -> anyhow::Result<Option<String>> {
-        let text = record.data.get();
-        let sealed = text.contains("\"$enc\"");
-        if self.options.trust && !sealed {
-            return Ok(None);
-        }
-        let mut doc: Value = serde_json::from_str(text)?;
-        let compiled = &self.current[resource];
-        if !sealed {
-            validate(compiled, &doc)?;
-            return Ok(None);
-        }
-        let from = Scope {
-            tenant: &self.done.from,
-            resource,
-            record: &record.id,
-        };
-        let ids = fields::key_ids(&doc);
-        if !reseal && ids.iter().all(|id| self.keys_checked.contains(id)) && self.options.trust {
-            return Ok(None);
-        }
-        let ring = self.target.keyring;
-        crypto::open_document(ring, &from, &mut doc).await.map_err(|e| {
-            anyhow!(
-                "its sealed values cannot be opened here ({e}): import into an installation \
-                 with the same master key (BSS_MASTER_KEY) or Auth Service as the one that exported it"
-            )
-        })?;
-        self.keys_checked.extend(ids);
-        if !self.options.trust {
-            validate(compiled, &doc)?;
-        }
-        if !reseal {
-            return Ok(None);
-        }
-        let to = Scope {
-            tenant: tenant.as_str(),
-            resource,
-            record: &record.id,
-        };
-        let stored = crypto::seal_document(ring, compiled.encrypted_paths(), &to, &doc).await?;
-        Ok(Some(stored.to_string()))
     }
 
     async fn plugins(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
@@ -675,6 +655,71 @@ impl Run<'_> {
         .await?;
         self.tx.commit().await?;
         Ok(self.done)
+    }
+}
+
+/// Bytes of COPY data sent at a time.
+const SEND_BYTES: usize = 256 * 1024;
+
+/// Checks records of one resource on their way in.
+struct Checker<'a> {
+    ring: &'a Keyring,
+    trust: bool,
+    /// The tenant the archive was exported as, and the one it becomes.
+    from: &'a str,
+    to: &'a TenantId,
+    resource: &'a str,
+    compiled: &'a CompiledSchema,
+    /// Key ids whose values were opened once here (the keys exist).
+    keys_checked: &'a mut HashSet<String>,
+}
+
+impl Checker<'_> {
+    /// The document to store when it is not the archive's as is (sealed
+    /// again for a new id); checks it against the schema unless trusted
+    /// and that the keys its sealed values name open them here.
+    async fn checked(&mut self, record: &RecordLine<'_>) -> anyhow::Result<Option<String>> {
+        let text = record.data.get();
+        let sealed = text.contains("\"$enc\"");
+        if self.trust && !sealed {
+            return Ok(None);
+        }
+        let mut doc: Value = serde_json::from_str(text)?;
+        if !sealed {
+            validate(self.compiled, &doc)?;
+            return Ok(None);
+        }
+        let reseal = self.from != self.to.as_str();
+        let ids = fields::key_ids(&doc);
+        if !reseal && self.trust && ids.iter().all(|id| self.keys_checked.contains(id)) {
+            return Ok(None);
+        }
+        let from = Scope {
+            tenant: self.from,
+            resource: self.resource,
+            record: &record.id,
+        };
+        crypto::open_document(self.ring, &from, &mut doc).await.map_err(|e| {
+            anyhow!(
+                "its sealed values cannot be opened here ({e}): import into an installation \
+                 with the same master key (BSS_MASTER_KEY) or Auth Service as the one that exported it"
+            )
+        })?;
+        self.keys_checked.extend(ids);
+        if !self.trust {
+            validate(self.compiled, &doc)?;
+        }
+        if !reseal {
+            return Ok(None);
+        }
+        let to = Scope {
+            tenant: self.to.as_str(),
+            resource: self.resource,
+            record: &record.id,
+        };
+        let paths = self.compiled.encrypted_paths();
+        let stored = crypto::seal_document(self.ring, paths, &to, &doc).await?;
+        Ok(Some(stored.to_string()))
     }
 }
 
