@@ -490,7 +490,8 @@ impl Run<'_> {
                 record: &id,
             };
             let secrets = match hook.secrets.take() {
-                Some(mut secrets) => {
+                Some(sealed) => {
+                    let mut secrets = sealed.clone();
                     let old = was.to_string();
                     let from = Scope {
                         tenant: &self.done.from,
@@ -515,10 +516,7 @@ impl Run<'_> {
                             .into_owned()
                     } else {
                         // Opened only to prove the keys are here: kept as sealed.
-                        hook.secrets.take();
-                        serde_json::from_slice::<WebhookLine>(line)?
-                            .secrets
-                            .unwrap_or_default()
+                        sealed
                     }
                 }
                 None => {

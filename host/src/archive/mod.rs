@@ -153,7 +153,7 @@ pub struct Member {
 
 /// What the archive holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Counts {
     pub resources: u64,
     pub schema_versions: u64,
