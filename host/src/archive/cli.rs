@@ -178,12 +178,12 @@ async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<
         } else {
             String::new()
         },
-        done.resources,
-        done.schema_versions,
-        done.records,
-        done.plugins,
-        done.plugin_versions,
-        done.webhooks,
+        done.counts.resources,
+        done.counts.schema_versions,
+        done.counts.records,
+        done.counts.plugins,
+        done.counts.plugin_versions,
+        done.counts.webhooks,
         if done.webhooks_without_secret > 0 {
             format!(
                 " ({} without their secret: disabled until rotated)",

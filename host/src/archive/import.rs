@@ -12,7 +12,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::export::{Progress, hex};
 use super::{
-    FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
+    Counts, FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
     PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape, module_member,
 };
 use crate::catalog::CompiledSchema;
@@ -39,12 +39,8 @@ pub struct Options {
 pub struct Imported {
     pub tenant: String,
     pub from: String,
-    pub resources: u64,
-    pub schema_versions: u64,
-    pub records: u64,
-    pub plugins: u64,
-    pub plugin_versions: u64,
-    pub webhooks: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Endpoints imported without their secret: disabled until rotated.
     pub webhooks_without_secret: u64,
 }
@@ -102,12 +98,7 @@ pub async fn import<R: Read>(
         done: Imported {
             tenant: String::new(),
             from: String::new(),
-            resources: 0,
-            schema_versions: 0,
-            records: 0,
-            plugins: 0,
-            plugin_versions: 0,
-            webhooks: 0,
+            counts: Counts::default(),
             webhooks_without_secret: 0,
         },
         read: Vec::new(),
@@ -304,7 +295,7 @@ impl Run<'_> {
             })?;
             if line.version == 1 {
                 schemas::create_resource_table(&mut self.tx, &tenant, &resource).await?;
-                self.done.resources += 1;
+                self.done.counts.resources += 1;
             } else {
                 sqlx::query(&format!(
                     "UPDATE {s}._resources SET current_version = $2 WHERE resource = $1"
@@ -325,7 +316,7 @@ impl Run<'_> {
             .bind(&line.created_by)
             .execute(&mut *self.tx)
             .await?;
-            self.done.schema_versions += 1;
+            self.done.counts.schema_versions += 1;
             self.current.insert(resource.as_str().to_owned(), compiled);
         }
         Ok(())
@@ -412,7 +403,7 @@ impl Run<'_> {
         if rows != n {
             bail!("{n} records sent, {rows} stored");
         }
-        done.records += n;
+        done.counts.records += n;
         Ok(n)
     }
 
@@ -431,7 +422,7 @@ impl Run<'_> {
             .execute(&mut *self.tx)
             .await?;
             self.pending_plugins.push(p);
-            self.done.plugins += 1;
+            self.done.counts.plugins += 1;
         }
         Ok(())
     }
@@ -466,7 +457,7 @@ impl Run<'_> {
         .bind(&v.created_by)
         .execute(&mut *self.tx)
         .await?;
-        self.done.plugin_versions += 1;
+        self.done.counts.plugin_versions += 1;
         Ok(())
     }
 
@@ -559,7 +550,7 @@ impl Run<'_> {
             .execute(&mut *self.tx)
             .await
             .with_context(|| format!("webhook {was}"))?;
-            self.done.webhooks += 1;
+            self.done.counts.webhooks += 1;
         }
         Ok(())
     }
@@ -590,11 +581,7 @@ impl Run<'_> {
                 extra.name
             );
         }
-        let c = &manifest.counts;
-        let d = &self.done;
-        let held = (c.resources, c.schema_versions, c.records, c.plugins);
-        let done = (d.resources, d.schema_versions, d.records, d.plugins);
-        if held != done || (c.plugin_versions, c.webhooks) != (d.plugin_versions, d.webhooks) {
+        if manifest.counts != self.done.counts {
             bail!("the archive is corrupt: its counts are not what it holds");
         }
         Ok(())
