@@ -233,6 +233,7 @@ async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
     let kinds: Vec<&str> = log.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds[0], "business_store.tenant.imported", "{kinds:?}");
     assert_eq!(log[0]["data"]["records"], 100);
+    assert_eq!(log[0]["data"]["tenantId"], log[0]["data"]["exportedAs"]);
     assert!(!kinds.contains(&"business_store.data.updated"), "{kinds:?}");
 }
 

@@ -288,6 +288,7 @@ async fn the_asyncapi_document_passes_the_asyncapi_parser() {
         "business_store.data.updated",
         "business_store.data.deleted",
         "business_store.webhook.failed",
+        "business_store.tenant.imported",
         "auth.tenant.created",
         "auth.tenant.deleted",
         "business_store.dead_letter",

@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::archive::import::TENANT_IMPORTED;
 use crate::events::consumer::CONSUMED_TOPICS;
 use crate::events::envelope::SCHEMA_UPDATED;
 use crate::storage::webhooks::{DISABLED_EVENT, FAILED_EVENT};
@@ -62,6 +63,12 @@ pub fn document(dead_letter_topic: &str, record_topic: Option<&str>) -> Value {
         DISABLED_EVENT,
         "webhookDisabled",
         "A webhook endpoint was disabled (410 Gone, or failing too long).",
+    );
+    publish(
+        "tenantImported",
+        TENANT_IMPORTED,
+        "tenantImported",
+        "A tenant was imported from an archive (bss tenant import): one event, not one per record.",
     );
     if let Some(topic) = record_topic {
         channels.insert(
@@ -177,6 +184,7 @@ fn messages() -> Value {
         "dataDeleted": message("business_store.data.deleted", "Record deleted", "RecordDeleted", RECORD_KEY),
         "webhookFailed": message(FAILED_EVENT, "Webhook delivery failed", "WebhookFailed", WEBHOOK_KEY),
         "webhookDisabled": message(DISABLED_EVENT, "Webhook endpoint disabled", "WebhookDisabled", WEBHOOK_KEY),
+        "tenantImported": message(TENANT_IMPORTED, "Tenant imported", "TenantImported", "<tenantId>"),
         "tenantCreated": tenant_message("auth.tenant.created"),
         "tenantDeleted": tenant_message("auth.tenant.deleted"),
         "deadLetter": {
@@ -278,6 +286,20 @@ fn schemas() -> Value {
                 "tenantId": {"type": "string"},
                 "webhookId": {"type": "string", "format": "uuid"},
                 "reason": {"type": "string"},
+            },
+        },
+        "TenantImported": {
+            "type": "object",
+            "required": ["tenantId", "exportedAs", "records"],
+            "properties": {
+                "tenantId": {"type": "string"},
+                "exportedAs": {"type": "string", "description": "The tenant id in the archive (another one with --as)."},
+                "resources": {"type": "integer"},
+                "schemaVersions": {"type": "integer"},
+                "records": {"type": "integer"},
+                "plugins": {"type": "integer"},
+                "pluginVersions": {"type": "integer"},
+                "webhooks": {"type": "integer"},
             },
         },
         "TenantAnnouncement": {

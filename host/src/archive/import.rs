@@ -619,7 +619,9 @@ impl Run<'_> {
             })?;
         }
         let event_id = envelope::new_event_id();
-        let data = serde_json::to_value(&self.done)?;
+        let mut data = serde_json::to_value(&self.done.counts)?;
+        data["tenantId"] = tenant.as_str().into();
+        data["exportedAs"] = self.done.from.as_str().into();
         let event = envelope::complete(
             &self.target.events,
             &tenant,
