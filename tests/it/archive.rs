@@ -331,6 +331,21 @@ async fn a_taken_id_a_newer_format_a_corrupt_or_truncated_archive_are_refused_le
         said.contains("does not match its schema") && said.contains("/tier"),
         "{said}"
     );
+    // A plugin version whose manifest this build cannot load.
+    let mut broken = original.clone();
+    let versions = broken
+        .iter_mut()
+        .find(|(n, _)| n == "plugin_versions.ndjson")
+        .unwrap();
+    let text = String::from_utf8(versions.1.clone()).unwrap().replacen(
+        "\"validation-hook\"",
+        "\"no-such-kind\"",
+        1,
+    );
+    assert_ne!(text.as_bytes(), versions.1.as_slice());
+    versions.1 = text.into_bytes();
+    let said = refused("broken-plugin.tar.zst", with_manifest(broken));
+    assert!(said.contains("its manifest is not valid"), "{said}");
     // Truncated: cut anywhere.
     let bytes = std::fs::read(&good).unwrap();
     for cut in [bytes.len() / 3, bytes.len() - 40] {

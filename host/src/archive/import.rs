@@ -196,6 +196,16 @@ impl Run<'_> {
             "plugin_versions.ndjson" => {
                 for line in lines(bytes) {
                     let v: PluginVersionLine = serde_json::from_slice(line)?;
+                    // What the service will load: refused now, not at its first call.
+                    serde_json::from_value::<crate::plugins::manifest::Manifest>(
+                        v.manifest.clone(),
+                    )
+                    .with_context(|| {
+                        format!(
+                            "plugin {} version {}: its manifest is not valid",
+                            v.name, v.version
+                        )
+                    })?;
                     self.versions.insert((v.name.clone(), v.version), v);
                 }
                 Ok(())
@@ -411,6 +421,9 @@ impl Run<'_> {
         let tenant = self.tenant()?.clone();
         for line in lines(bytes) {
             let p: PluginLine = serde_json::from_slice(line)?;
+            if !crate::plugins::manifest::valid_name(&p.name) {
+                bail!("plugin name {:?} is not valid", p.name);
+            }
             // Versions come later: the active and trial ones are set then.
             sqlx::query(
                 "INSERT INTO bss.plugins (tenant_id, name, kind, created_at) VALUES ($1, $2, $3, $4)",
