@@ -302,48 +302,28 @@ async fn a_taken_id_a_newer_format_a_corrupt_or_truncated_archive_are_refused_le
     let said = refused("newer.tar.zst", newer);
     assert!(said.contains("format version 99, newer"), "{said}");
     // A record changed after the export: its checksum no longer matches.
-    let mut tampered = original.clone();
-    let records = tampered
-        .iter_mut()
-        .find(|(n, _)| n.starts_with("records/customers/"))
-        .unwrap();
-    let text = String::from_utf8(records.1.clone())
-        .unwrap()
-        .replacen("cust", "CUST", 1);
-    records.1 = text.into_bytes();
-    let said = refused("tampered.tar.zst", tampered.clone());
+    let tampered = edited(&original, "records/customers/", "cust", "CUST");
+    let said = refused("tampered.tar.zst", tampered);
     assert!(said.contains("does not match its checksum"), "{said}");
     // A record that breaks its schema (checksums made to match): named.
-    let mut invalid = original.clone();
-    let records = invalid
-        .iter_mut()
-        .find(|(n, _)| n.starts_with("records/customers/"))
-        .unwrap();
-    let text = String::from_utf8(records.1.clone()).unwrap().replacen(
+    let invalid = edited(
+        &original,
+        "records/customers/",
         "\"tier\": 0",
         "\"tier\": \"zero\"",
-        1,
     );
-    assert_ne!(text.as_bytes(), records.1.as_slice());
-    records.1 = text.into_bytes();
     let said = refused("invalid.tar.zst", with_manifest(invalid));
     assert!(
         said.contains("does not match its schema") && said.contains("/tier"),
         "{said}"
     );
     // A plugin version whose manifest this build cannot load.
-    let mut broken = original.clone();
-    let versions = broken
-        .iter_mut()
-        .find(|(n, _)| n == "plugin_versions.ndjson")
-        .unwrap();
-    let text = String::from_utf8(versions.1.clone()).unwrap().replacen(
+    let broken = edited(
+        &original,
+        "plugin_versions.ndjson",
         "\"validation-hook\"",
         "\"no-such-kind\"",
-        1,
     );
-    assert_ne!(text.as_bytes(), versions.1.as_slice());
-    versions.1 = text.into_bytes();
     let said = refused("broken-plugin.tar.zst", with_manifest(broken));
     assert!(said.contains("its manifest is not valid"), "{said}");
     // Truncated: cut anywhere.
@@ -421,6 +401,31 @@ async fn tenants(app: &TestApp) -> i64 {
         .fetch_one(&mut db)
         .await
         .unwrap()
+}
+
+/// The members with the first `from` in the first member named `member…`
+/// replaced by `to` (which must change it).
+fn edited(
+    members: &[(String, Vec<u8>)],
+    member: &str,
+    from: &str,
+    to: &str,
+) -> Vec<(String, Vec<u8>)> {
+    let mut members = members.to_vec();
+    let (_, bytes) = members
+        .iter_mut()
+        .find(|(n, _)| n.starts_with(member))
+        .unwrap();
+    let text = String::from_utf8(bytes.clone())
+        .unwrap()
+        .replacen(from, to, 1);
+    assert_ne!(
+        text.as_bytes(),
+        bytes.as_slice(),
+        "{from} is not in {member}"
+    );
+    *bytes = text.into_bytes();
+    members
 }
 
 /// The members with their manifest's checksums made to match again.

@@ -33,7 +33,7 @@ impl<W: Write> Writer<W> {
         })
     }
 
-    fn add(&mut self, name: &str, bytes: &[u8], lines: u64) -> anyhow::Result<()> {
+    fn add(&mut self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
         let mut header = tar::Header::new_gnu();
         header.set_size(bytes.len() as u64);
         header.set_mode(0o644);
@@ -44,7 +44,6 @@ impl<W: Write> Writer<W> {
         self.members.push(Member {
             name: name.to_owned(),
             bytes: bytes.len() as u64,
-            lines,
             sha256: hex(&Sha256::digest(bytes)),
         });
         Ok(())
@@ -53,7 +52,7 @@ impl<W: Write> Writer<W> {
     fn add_json(&mut self, name: &str, value: &impl Serialize) -> anyhow::Result<()> {
         let mut bytes = serde_json::to_vec_pretty(value)?;
         bytes.push(b'\n');
-        self.add(name, &bytes, 0)
+        self.add(name, &bytes)
     }
 
     fn add_lines<T: Serialize>(&mut self, name: &str, items: &[T]) -> anyhow::Result<()> {
@@ -62,7 +61,7 @@ impl<W: Write> Writer<W> {
             serde_json::to_writer(&mut bytes, item)?;
             bytes.push(b'\n');
         }
-        self.add(name, &bytes, items.len() as u64)
+        self.add(name, &bytes)
     }
 
     /// Writes the manifest and ends the archive; returns the output.
@@ -194,7 +193,7 @@ pub async fn export<W: Write>(
             pending.drain(..=end);
             if chunk.len() >= CHUNK_BYTES {
                 part += 1;
-                w.add(&records_member(resource, part), &chunk, lines)?;
+                w.add(&records_member(resource, part), &chunk)?;
                 counts.records += lines;
                 progress(Progress::Records(lines));
                 chunk.clear();
@@ -207,7 +206,7 @@ pub async fn export<W: Write>(
         }
         if lines > 0 || part == 0 {
             part += 1;
-            w.add(&records_member(resource, part), &chunk, lines)?;
+            w.add(&records_member(resource, part), &chunk)?;
             counts.records += lines;
             progress(Progress::Records(lines));
         }
@@ -242,7 +241,7 @@ pub async fn export<W: Write>(
         .bind(v.version)
         .fetch_one(&mut *tx)
         .await?;
-        w.add(&module_member(&v.name, v.version), &module, 0)?;
+        w.add(&module_member(&v.name, v.version), &module)?;
     }
     let mut webhooks: Vec<WebhookLine> = sqlx::query_as(
         "SELECT id, url, events, resources, transformer, description, fifo, rate_limit_per_sec,

@@ -13,7 +13,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::export::{Progress, hex};
 use super::{
     Counts, FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
-    PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape, module_member,
+    PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape,
 };
 use crate::catalog::CompiledSchema;
 use crate::crypto::{self, Keyring, Scope, fields};
@@ -58,7 +58,6 @@ struct Run<'a> {
     target: &'a Target<'a>,
     options: &'a Options,
     tx: Transaction<'static, Postgres>,
-    from: String,
     tenant: Option<TenantId>,
     /// Each resource's current (last) schema, compiled.
     current: BTreeMap<String, CompiledSchema>,
@@ -89,7 +88,6 @@ pub async fn import<R: Read>(
         target,
         options,
         tx: target.pool.begin().await?,
-        from: String::new(),
         tenant: None,
         current: BTreeMap::new(),
         keys_checked: HashSet::new(),
@@ -133,15 +131,15 @@ pub async fn import<R: Read>(
         if run.read.is_empty() && name != "format.json" {
             bail!("not a tenant archive: it starts with {name}, not format.json");
         }
-        run.read.push(Member {
-            name: name.clone(),
-            bytes: size,
-            lines: bytes.iter().filter(|b| **b == b'\n').count() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
-        });
-        run.member(&name, &bytes, progress)
+        let sha256 = hex(&Sha256::digest(&bytes));
+        run.member(&name, &bytes, &sha256, progress)
             .await
             .with_context(|| format!("importing {name}"))?;
+        run.read.push(Member {
+            name,
+            bytes: size,
+            sha256,
+        });
     }
     let Some(manifest) = manifest else {
         bail!("the archive is truncated: it ends before its manifest.json");
@@ -164,10 +162,12 @@ impl Run<'_> {
             .ok_or_else(|| anyhow!("the archive is corrupt: tenant.json is missing"))
     }
 
+    /// One member, whose SHA-256 is `sha256`.
     async fn member(
         &mut self,
         name: &str,
         bytes: &[u8],
+        sha256: &str,
         progress: &mut dyn FnMut(Progress),
     ) -> anyhow::Result<()> {
         match name {
@@ -185,7 +185,6 @@ impl Run<'_> {
                         header.written_by
                     );
                 }
-                self.from = header.tenant;
                 progress(Progress::Total(header.records));
                 Ok(())
             }
@@ -193,23 +192,7 @@ impl Run<'_> {
             "schemas.ndjson" => self.schemas(bytes).await,
             "plugins.ndjson" => self.plugins(bytes).await,
             "webhooks.ndjson" => self.webhooks(bytes).await,
-            "plugin_versions.ndjson" => {
-                for line in lines(bytes) {
-                    let v: PluginVersionLine = serde_json::from_slice(line)?;
-                    // What the service will load: refused now, not at its first call.
-                    serde_json::from_value::<crate::plugins::manifest::Manifest>(
-                        v.manifest.clone(),
-                    )
-                    .with_context(|| {
-                        format!(
-                            "plugin {} version {}: its manifest is not valid",
-                            v.name, v.version
-                        )
-                    })?;
-                    self.versions.insert((v.name.clone(), v.version), v);
-                }
-                Ok(())
-            }
+            "plugin_versions.ndjson" => self.plugin_versions(bytes),
             _ if name.starts_with("records/") => {
                 let resource = name
                     .split('/')
@@ -220,7 +203,7 @@ impl Run<'_> {
                 Ok(())
             }
             _ if name.starts_with("plugins/") && name.ends_with(".wasm") => {
-                self.module(name, bytes).await
+                self.module(name, bytes, sha256).await
             }
             _ => bail!("the archive holds {name}, which this format version does not know"),
         }
@@ -440,18 +423,38 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn module(&mut self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    /// The versions whose modules follow (each checked as the service
+    /// will load it: refused now, not at its first call).
+    fn plugin_versions(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        for line in lines(bytes) {
+            let v: PluginVersionLine = serde_json::from_slice(line)?;
+            serde_json::from_value::<crate::plugins::manifest::Manifest>(v.manifest.clone())
+                .with_context(|| {
+                    format!(
+                        "plugin {} version {}: its manifest is not valid",
+                        v.name, v.version
+                    )
+                })?;
+            self.versions.insert((v.name.clone(), v.version), v);
+        }
+        Ok(())
+    }
+
+    /// `plugins/<name>/<version>.wasm`, stored with its version's row.
+    async fn module(&mut self, name: &str, bytes: &[u8], sha256: &str) -> anyhow::Result<()> {
         let tenant = self.tenant()?.clone();
-        let key = self
+        let corrupt = || anyhow!("the archive is corrupt: {name} belongs to no plugin version");
+        let (plugin, version) = name
+            .strip_prefix("plugins/")
+            .and_then(|n| n.strip_suffix(".wasm"))
+            .and_then(|n| n.rsplit_once('/'))
+            .ok_or_else(corrupt)?;
+        let version: i32 = version.parse().map_err(|_| corrupt())?;
+        let v = self
             .versions
-            .keys()
-            .find(|(n, v)| module_member(n, *v) == name)
-            .cloned()
-            .ok_or_else(|| {
-                anyhow!("the archive is corrupt: {name} belongs to no plugin version")
-            })?;
-        let v = &self.versions[&key];
-        if hex(&Sha256::digest(bytes)) != v.sha256 {
+            .get(&(plugin.to_owned(), version))
+            .ok_or_else(corrupt)?;
+        if sha256 != v.sha256 {
             bail!("the archive is corrupt: {name} is not the module its version names");
         }
         sqlx::query(

@@ -142,12 +142,11 @@ pub struct WebhookLine {
     pub updated_at: DateTime<Utc>,
 }
 
-/// One member as written: its name, size, lines and SHA-256 (hex).
+/// One member as written: its name, size and SHA-256 (hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
     pub bytes: u64,
-    pub lines: u64,
     pub sha256: String,
 }
 

@@ -115,27 +115,25 @@ impl Verdict {
         }
     }
 
+    /// An enricher's outcome as it answered (its event as text).
     pub fn of_enrichment(outcome: &Result<Option<String>, Failure>) -> Self {
-        match outcome {
-            Ok(Some(text)) => Self {
-                verdict: "enriched",
-                detail: serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone())),
-            },
-            Ok(None) => Self {
-                verdict: "dropped",
-                detail: Value::Null,
-            },
-            Err(f) => Self::failed(f),
-        }
+        let event = |text: &String| {
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+        };
+        Self::enrichment(outcome.as_ref().map(|o| o.as_ref().map(event)))
     }
 
     /// An enricher's outcome as the host took it (its event checked and
     /// its fixed attributes restored).
     pub fn of_enriched(outcome: &Result<Option<Value>, Failure>) -> Self {
+        Self::enrichment(outcome.as_ref().map(|o| o.as_ref().cloned()))
+    }
+
+    fn enrichment(outcome: Result<Option<Value>, &Failure>) -> Self {
         match outcome {
             Ok(Some(event)) => Self {
                 verdict: "enriched",
-                detail: event.clone(),
+                detail: event,
             },
             Ok(None) => Self {
                 verdict: "dropped",

@@ -138,58 +138,52 @@ impl Active {
         mut ctx: Context,
         run: impl FnOnce(&Loaded, &Context) -> Observed<T>,
     ) -> (Result<T, Failure>, Option<Ran>) {
-        if let Some(canary) = self.trial.as_ref().filter(|t| t.takes_this_call()) {
-            let loaded = match &canary.loaded {
-                Ok(l) => l,
+        let canary = self.trial.as_ref().filter(|t| t.takes_this_call());
+        // The version that answers: a canary (no breaker), else this one.
+        let (loaded, version) = match canary {
+            Some(c) => match &c.loaded {
+                Ok(l) => (l, c.version),
                 Err(e) => {
                     let failure = Failure::Unavailable(e.clone());
-                    canary.stats.called(true);
-                    self.warn_failed(canary.version, &failure, Duration::ZERO, &ctx.request_id);
+                    c.stats.called(true);
+                    self.warn_failed(c.version, &failure, Duration::ZERO, &ctx.request_id);
                     return (Err(failure), None);
                 }
-            };
-            ctx.config.clone_from(&loaded.config);
-            let start = Instant::now();
-            let Observed { outcome, report } = run(loaded, &ctx);
-            canary.stats.called(outcome.is_err());
-            if let Err(failure) = &outcome {
-                self.warn_failed(canary.version, failure, start.elapsed(), &ctx.request_id);
+            },
+            None => {
+                let loaded = match self.ready(&ctx.request_id) {
+                    Ok(l) => l,
+                    Err(f) => return (Err(f), None),
+                };
+                if let Err(retry) = self.stats.breaker.try_acquire() {
+                    let failure = Failure::Tripped(retry.as_secs().max(1));
+                    self.failed(&failure, Duration::ZERO, &ctx.request_id);
+                    return (Err(failure), None);
+                }
+                (loaded, self.version)
             }
-            let version = canary.version;
-            return (
-                outcome,
-                Some(Ran {
-                    report,
-                    ctx,
-                    version,
-                }),
-            );
-        }
-        let loaded = match self.ready(&ctx.request_id) {
-            Ok(l) => l,
-            Err(f) => return (Err(f), None),
         };
-        if let Err(retry) = self.stats.breaker.try_acquire() {
-            let failure = Failure::Tripped(retry.as_secs().max(1));
-            self.failed(&failure, Duration::ZERO, &ctx.request_id);
-            return (Err(failure), None);
-        }
         ctx.config.clone_from(&loaded.config);
         let start = Instant::now();
         let Observed { outcome, report } = run(loaded, &ctx);
-        match &outcome {
-            Ok(_) => self.stats.succeeded(start.elapsed(), false),
-            Err(failure) => self.failed(failure, start.elapsed(), &ctx.request_id),
+        let took = start.elapsed();
+        match (canary, &outcome) {
+            // Counted in the trial's stats, never in the breaker.
+            (Some(c), _) => {
+                c.stats.called(outcome.is_err());
+                if let Err(failure) = &outcome {
+                    self.warn_failed(version, failure, took, &ctx.request_id);
+                }
+            }
+            (None, Ok(_)) => self.stats.succeeded(took, false),
+            (None, Err(failure)) => self.failed(failure, took, &ctx.request_id),
         }
-        let version = self.version;
-        (
-            outcome,
-            Some(Ran {
-                report,
-                ctx,
-                version,
-            }),
-        )
+        let ran = Ran {
+            report,
+            ctx,
+            version,
+        };
+        (outcome, Some(ran))
     }
 
     /// This plugin's shadow, if it has one.
@@ -1015,7 +1009,11 @@ impl Plugins {
             // for the next pass.
             return Enriched::Later;
         };
-        let shadow_ctx = ctx.clone();
+        // Cloned only when a shadow will run on this event.
+        let shadow_ctx = enrichers
+            .iter()
+            .any(|e| e.shadow().is_some())
+            .then(|| ctx.clone());
         let outcome = tokio::task::spawn_blocking(move || {
             let _held = slot;
             sandbox::take_queued_tasks();
@@ -1055,8 +1053,10 @@ impl Plugins {
         let Ok((outcome, tasks, shadows)) = outcome else {
             return Enriched::Unchanged;
         };
-        for (shadow, input, active) in shadows {
-            self.shadow_enricher(shadow, shadow_ctx.clone(), input, event.clone(), active);
+        if let Some(ctx) = shadow_ctx {
+            for (shadow, input, active) in shadows {
+                self.shadow_enricher(shadow, ctx.clone(), input, event.clone(), active);
+            }
         }
         if tasks.is_empty() {
             return outcome;
