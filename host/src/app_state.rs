@@ -20,6 +20,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// Creates, written together (group commit).
     pub writes: crate::storage::coalesce::Coalescer,
+    /// Reads by id, on tenant-affine connections.
+    pub reads: crate::storage::lanes::Lanes,
     pub schemas: SchemaCache,
     pub auth: Authenticator,
     /// Tokens verified lately (until expiry, at most a minute).

@@ -27,8 +27,13 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub db_max_connections: u32,
     /// Writers of coalesced creates (`BSS_WRITE_WORKERS`): each writes the
-    /// creates waiting for it in one transaction, on one connection.
+    /// creates of its part of the tenants in one transaction, on a
+    /// connection of its own.
     pub write_workers: usize,
+    /// Tenant-affine connections for reads by id (`BSS_READ_LANES`; unset:
+    /// half of `db_max_connections`, at most 16; `0`: none, every read on
+    /// the shared pool). See `storage::lanes`.
+    pub read_lanes: Option<usize>,
     /// HS256 secret for tokens when no Auth Service is configured
     /// (`BSS_JWT_SECRET`). Unset: a secret generated into
     /// `<data_dir>/jwt-secret` on first start, for loopback addresses only
@@ -242,6 +247,7 @@ impl Default for Settings {
             data_dir: PathBuf::from(".bss"),
             db_max_connections: 32,
             write_workers: 2,
+            read_lanes: None,
             jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
@@ -332,6 +338,9 @@ impl Default for Settings {
     }
 }
 
+/// Most writers (`BSS_WRITE_WORKERS`) or read lanes (`BSS_READ_LANES`).
+pub const MAX_LANES: usize = 64;
+
 impl Settings {
     /// Defaults, then the config file, then the process environment.
     pub fn load() -> anyhow::Result<Self> {
@@ -383,6 +392,7 @@ impl Settings {
             "BSS_DATA_DIR" => data_dir: text,
             "BSS_DB_MAX_CONNECTIONS" => db_max_connections: parsed,
             "BSS_WRITE_WORKERS" => write_workers: parsed,
+            "BSS_READ_LANES" => read_lanes: some_parsed,
             "BSS_JWT_SECRET" => jwt_secret: some,
             "BSS_JWT_ISSUER" => jwt_issuer: some,
             "BSS_JWT_AUDIENCE" => jwt_audience: some,
@@ -502,6 +512,16 @@ impl Settings {
         if let Some((key, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
             anyhow::bail!("{key} must be more than 0");
         }
+        // Writers and lanes are PostgreSQL connections each, beside the pool.
+        let connections = [
+            ("BSS_WRITE_WORKERS", self.write_workers),
+            ("BSS_READ_LANES", self.read_lanes.unwrap_or(0)),
+        ];
+        if let Some((key, n)) = connections.iter().find(|(_, n)| *n > MAX_LANES) {
+            anyhow::bail!(
+                "{key} must be at most {MAX_LANES} (each is a PostgreSQL connection), not {n}"
+            );
+        }
         self.webhook_guard()?;
         crate::webhooks::parse_schedule(&self.webhook_retry_schedule)?;
         Ok(())
@@ -578,6 +598,22 @@ mod tests {
         assert_eq!(s.http_addr.port(), 9000);
         assert_eq!(s.validation_service_url.as_deref(), Some("http://v:1"));
         assert!(s.validation_fallback);
+    }
+
+    #[test]
+    fn writers_and_lanes_are_bounded() {
+        let mut s = Settings {
+            read_lanes: Some(MAX_LANES + 1),
+            ..Settings::default()
+        };
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("BSS_READ_LANES must be at most 64"), "{err}");
+        s.read_lanes = Some(0);
+        s.write_workers = 1000;
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("BSS_WRITE_WORKERS"), "{err}");
+        s.write_workers = MAX_LANES;
+        s.check().unwrap();
     }
 
     #[test]

@@ -117,9 +117,19 @@ impl Application {
             keyring: crate::crypto::Keyring::from_settings(&settings, Some(database.pool.clone()))?,
             tasks,
             pool: database.pool.clone(),
-            writes: crate::storage::coalesce::Coalescer::start(
+            writes: crate::storage::coalesce::Coalescer::start(crate::storage::lanes::pools(
+                &database.options,
+                settings.write_workers.max(1),
+            )),
+            reads: crate::storage::lanes::Lanes::new(
                 database.pool.clone(),
-                settings.write_workers,
+                crate::storage::lanes::pools(
+                    &database.options,
+                    crate::storage::lanes::read_lanes(
+                        settings.read_lanes,
+                        settings.db_max_connections,
+                    ),
+                ),
             ),
             schemas: SchemaCache::default(),
             metrics: crate::telemetry::metrics(),
@@ -189,7 +199,8 @@ impl Application {
             let _ = task.await;
         }
         // Connections a dropped request still holds are closed, not awaited.
-        let _ = tokio::time::timeout(Duration::from_secs(2), state.pool.close()).await;
+        let closed = async { tokio::join!(state.pool.close(), state.reads.close()) };
+        let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
         if let Some(cluster) = &database.cluster {
             cluster.stop();
         }

@@ -36,6 +36,36 @@ async fn a_created_record_can_be_read_back_with_its_etag() {
     assert_eq!(resp.status(), 304);
 }
 
+/// Reads by id take the tenant's lane when it is free and the shared pool
+/// when it is not (or when lanes are off): the answer is the same.
+#[tokio::test]
+async fn reads_by_id_answer_alike_on_a_busy_lane_and_with_lanes_off() {
+    for lanes in [Some(1), Some(0)] {
+        let app = TestApp::spawn_with(|s| s.read_lanes = lanes).await;
+        let mut written = Vec::new();
+        for n in 0..3 {
+            let (_, token) = app.tenant_with_invoices().await;
+            let resp = app.post("/v1/data/invoices", &token, &invoice(n)).await;
+            assert_eq!(resp.status(), 201);
+            let location = resp.headers()["location"].to_str().unwrap().to_owned();
+            written.push((token, location, body(resp).await));
+        }
+        // Every tenant on the one lane at once: most reads find it busy.
+        let reads = (0..30).map(|i| {
+            let (token, location, created) = &written[i % written.len()];
+            let app = &app;
+            async move {
+                let resp = app.get(location, token).await;
+                assert_eq!(resp.status(), 200, "lanes {lanes:?}");
+                assert_eq!(&body(resp).await, created, "lanes {lanes:?}");
+            }
+        });
+        futures::future::join_all(reads).await;
+        // Another tenant's token reads nothing of it.
+        assert_eq!(app.get(&written[0].1, &written[1].0).await.status(), 404);
+    }
+}
+
 #[tokio::test]
 async fn creating_a_record_with_a_negative_total_is_rejected_with_the_field() {
     let app = TestApp::spawn().await;

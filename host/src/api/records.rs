@@ -454,13 +454,21 @@ async fn get_record(
     let id = RecordId::parse(&id).map_err(|_| ApiError::not_found("record not found"))?;
     let with_audit = includes_audit(&params)?;
     let schema = schema_of(&state, tenant, &resource, false).await?;
-    let raw = records::get_raw(
-        &state.pool,
-        target(tenant, &resource, &schema),
-        &id,
-        with_audit,
-    )
-    .await?
+    let raw = {
+        // The tenant's lane (see `storage::lanes`), given back at once.
+        let mut conn = state
+            .reads
+            .acquire(tenant)
+            .await
+            .map_err(StorageError::Db)?;
+        records::get_raw(
+            &mut *conn,
+            target(tenant, &resource, &schema),
+            &id,
+            with_audit,
+        )
+        .await?
+    }
     .ok_or_else(|| ApiError::not_found(format!("record {id} not found")))?;
     let tag = etag(raw.version);
     if headers

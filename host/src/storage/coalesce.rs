@@ -20,15 +20,21 @@
 //! (then 503 with `Retry-After`).
 //!
 //! An idle worker takes a create at once, so under light load nothing
-//! waits for company; the queue is bounded (`QUEUE` creates), so callers
-//! wait for room under overload as they would for a connection.
+//! waits for company; each worker's queue is bounded (its share of `QUEUE`
+//! creates), so callers wait for room under overload as they would for a
+//! connection.
 //!
 //! No tenant's burst delays another's creates: the queue keeps each
 //! tenant's creates apart and a worker takes them in turns, one create of
 //! each waiting tenant at a time, so a create of a quiet tenant goes in the
 //! next transaction however many a busy tenant has queued; and a tenant may
-//! hold at most `PER_TENANT` (a quarter) of the queue, so it alone never
-//! fills it and another tenant's create never waits for room.
+//! hold at most a quarter of its worker's queue, so it alone never fills
+//! it and another tenant's create never waits for room.
+//!
+//! Each writer has a connection of its own and the creates of a fixed
+//! part of the tenants (a lane, see [`super::lanes`]), so a tenant's
+//! inserts always reach the same PostgreSQL backend, its catalog entries
+//! and prepared statements already there.
 //!
 //! [`Coalescer::stop`] lets the workers finish what they took and ends
 //! them; creates queued after it fail as the closed pool would fail them.
@@ -48,10 +54,8 @@ use crate::events::outbox::RecordEvents;
 
 /// Most creates one worker writes at once (in one transaction).
 pub const MAX_ROWS: usize = 64;
-/// Creates that may wait for a worker.
+/// Creates that may wait for the writers, all together.
 const QUEUE: usize = 4096;
-/// Creates of one tenant that may wait for a worker.
-const PER_TENANT: usize = QUEUE / 4;
 /// How long a create waits for a schema change of its resource to end.
 pub const LOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -78,13 +82,15 @@ struct Job {
 
 #[derive(Debug, Clone)]
 pub struct Coalescer {
-    queue: Arc<Queue>,
+    /// One queue per writer; a tenant's creates always wait in the same one.
+    queues: Arc<[Arc<Queue>]>,
     workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
-/// The creates waiting for a worker, apart per tenant.
-#[derive(Default)]
+/// The creates waiting for one writer, apart per tenant.
 struct Queue {
+    /// Creates that may wait here; a tenant may hold a quarter of them.
+    room: usize,
     waiting: Mutex<Waiting>,
     /// A create was queued, or the queue closed: for workers.
     queued: Notify,
@@ -117,6 +123,15 @@ enum Pushed {
 }
 
 impl Queue {
+    fn with_room(room: usize) -> Self {
+        Self {
+            room,
+            waiting: Mutex::default(),
+            queued: Notify::new(),
+            taken: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -147,7 +162,7 @@ impl Queue {
         }
         let tenant = &job.group.tenant;
         let mine = w.by_tenant.get(tenant).map_or(0, VecDeque::len);
-        if w.len >= QUEUE || mine >= PER_TENANT {
+        if w.len >= self.room || mine >= self.room / 4 {
             return Pushed::Full(job);
         }
         if mine == 0 {
@@ -219,22 +234,38 @@ impl Waiting {
 }
 
 impl Coalescer {
-    /// Starts `workers` writers on the pool.
-    pub fn start(pool: PgPool, workers: usize) -> Self {
-        let queue = Arc::new(Queue::default());
-        let workers = (0..workers.max(1))
-            .map(|_| tokio::spawn(work(pool.clone(), queue.clone())))
+    /// Starts one writer per pool: each pool is the writer's own connection
+    /// (a lane, see [`super::lanes::pools`]).
+    pub fn start(pools: Vec<PgPool>) -> Self {
+        // Every tenant needs a writer to be hashed to.
+        assert!(!pools.is_empty(), "creates need at least one writer");
+        let room = (QUEUE / pools.len()).max(4 * MAX_ROWS);
+        let queues: Vec<Arc<Queue>> = pools
+            .iter()
+            .map(|_| Arc::new(Queue::with_room(room)))
+            .collect();
+        let workers = pools
+            .into_iter()
+            .zip(&queues)
+            .map(|(pool, queue)| tokio::spawn(work(pool, queue.clone())))
             .collect();
         Self {
-            queue,
+            queues: queues.into(),
             workers: Arc::new(Mutex::new(workers)),
         }
     }
 
-    /// Closes the queue and waits (at most `wait`) for the workers to write
+    /// The queue of the writer that writes this tenant's creates.
+    fn queue_of(&self, tenant: &TenantId) -> &Queue {
+        &self.queues[super::lanes::lane_of(tenant, self.queues.len())]
+    }
+
+    /// Closes the queues and waits (at most `wait`) for the workers to write
     /// what was queued before.
     pub async fn stop(&self, wait: std::time::Duration) {
-        self.queue.close();
+        for queue in self.queues.iter() {
+            queue.close();
+        }
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         let joined = futures_util::future::join_all(workers);
         if tokio::time::timeout(wait, joined).await.is_err() {
@@ -291,7 +322,7 @@ impl Coalescer {
             audit: events.audit.clone(),
             reply,
         };
-        if !self.queue.push(job).await {
+        if !self.queue_of(t.tenant).push(job).await {
             return Err(StorageError::Db(sqlx::Error::PoolClosed));
         }
         answer
@@ -304,6 +335,7 @@ async fn work(pool: PgPool, queue: Arc<Queue>) {
     while let Some(jobs) = queue.take().await {
         write(&pool, jobs).await;
     }
+    pool.close().await;
 }
 
 /// The creates of one statement.
@@ -499,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_quiet_tenants_create_goes_in_the_next_transaction_whatever_a_busy_one_queued() {
-        let queue = Queue::default();
+        let queue = Queue::with_room(QUEUE);
         for n in 0..500 {
             assert!(matches!(
                 queue.try_push(Box::new(job("busy", n))),
@@ -526,15 +558,16 @@ mod tests {
 
     #[test]
     fn one_tenant_holds_at_most_its_part_of_the_queue() {
-        let queue = Queue::default();
-        for n in 0..PER_TENANT {
+        let queue = Queue::with_room(QUEUE);
+        let mine = QUEUE / 4;
+        for n in 0..mine {
             assert!(matches!(
                 queue.try_push(Box::new(job("busy", n))),
                 Pushed::Queued
             ));
         }
         assert!(matches!(
-            queue.try_push(Box::new(job("busy", PER_TENANT))),
+            queue.try_push(Box::new(job("busy", mine))),
             Pushed::Full(_)
         ));
         assert!(matches!(

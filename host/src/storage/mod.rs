@@ -5,6 +5,7 @@
 
 pub mod coalesce;
 pub mod database;
+pub mod lanes;
 pub mod local_postgres;
 pub mod plugins;
 pub mod query;

@@ -538,8 +538,8 @@ impl RecordWithFlag {
 
 /// A record as stored, its document unparsed; with its audit (JSON text,
 /// `null` when it has none) when `with_audit`.
-pub async fn get_raw(
-    pool: &PgPool,
+pub async fn get_raw<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
     t: Target<'_>,
     id: &RecordId,
     with_audit: bool,
@@ -556,7 +556,7 @@ pub async fn get_raw(
     );
     let row: Option<RawRecord> = sqlx::query_as(&sql)
         .bind(id.as_str())
-        .fetch_optional(pool)
+        .fetch_optional(exec)
         .await
         .map_err(map_err)?;
     Ok(row.map(|mut r| {
