@@ -34,6 +34,9 @@ pub struct Settings {
     /// half of `db_max_connections`, at most 16; `0`: none, every read on
     /// the shared pool). See `storage::lanes`.
     pub read_lanes: Option<usize>,
+    /// Most bytes of a tenant archive uploaded to `POST /v1/tenants/import`
+    /// (`BSS_IMPORT_MAX_BYTES`).
+    pub import_max_bytes: u64,
     /// HS256 secret for tokens when no Auth Service is configured
     /// (`BSS_JWT_SECRET`). Unset: a secret generated into
     /// `<data_dir>/jwt-secret` on first start, for loopback addresses only
@@ -248,6 +251,7 @@ impl Default for Settings {
             db_max_connections: 32,
             write_workers: 2,
             read_lanes: None,
+            import_max_bytes: 1 << 30,
             jwt_secret: None,
             jwt_issuer: None,
             jwt_audience: None,
@@ -393,6 +397,7 @@ impl Settings {
             "BSS_DB_MAX_CONNECTIONS" => db_max_connections: parsed,
             "BSS_WRITE_WORKERS" => write_workers: parsed,
             "BSS_READ_LANES" => read_lanes: some_parsed,
+            "BSS_IMPORT_MAX_BYTES" => import_max_bytes: parsed,
             "BSS_JWT_SECRET" => jwt_secret: some,
             "BSS_JWT_ISSUER" => jwt_issuer: some,
             "BSS_JWT_AUDIENCE" => jwt_audience: some,
@@ -485,6 +490,7 @@ impl Settings {
                 self.http_header_timeout_ms == 0,
             ),
             ("BSS_HTTP_BODY_TIMEOUT_MS", self.http_body_timeout_ms == 0),
+            ("BSS_IMPORT_MAX_BYTES", self.import_max_bytes == 0),
             ("BSS_HTTP_MAX_CONNECTIONS", self.http_max_connections == 0),
             ("BSS_SERVICE_TIMEOUT_MS", self.service_timeout_ms == 0),
             (

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bss_tests::*;
 use serde_json::{Value, json};
+use sha2::Digest;
 
 /// One master key for both installations (sealed values move as they are).
 const MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -158,29 +159,7 @@ async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
     let (tenant, token) = busy_tenant(&source).await;
 
     // Another tenant writes all along, export included.
-    let (_, other) = source.tenant_with_invoices().await;
-    let (stop, written) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let load = {
-        let (stop, written) = (stop.clone(), written.clone());
-        let (base, client) = (source.base.clone(), source.client.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let resp = client
-                    .post(format!("{base}/v1/data/invoices"))
-                    .bearer_auth(&other)
-                    .json(&json!({"number": "load", "total": 1}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 201);
-                written.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-
+    let load = Load::start(&source).await;
     let dir = TempDir::new("bss-archive");
     std::fs::create_dir_all(&dir.0).unwrap();
     let file = dir.0.join("t.tar.zst");
@@ -188,9 +167,7 @@ async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
     let (ok, said) = tenant_cli(&source, &["export", &tenant, "--out", file]);
     assert!(ok, "{said}");
     assert!(said.contains("100 records"), "{said}");
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(written.load(Ordering::Relaxed) > 0);
+    assert!(load.stop().await > 0);
 
     let target = installation().await;
     let (ok, said) = tenant_cli(&target, &["import", file]);
@@ -235,6 +212,186 @@ async fn a_tenant_moved_to_a_fresh_database_answers_every_read_the_same() {
     assert_eq!(log[0]["data"]["records"], 100);
     assert_eq!(log[0]["data"]["tenantId"], log[0]["data"]["exportedAs"]);
     assert!(!kinds.contains(&"business_store.data.updated"), "{kinds:?}");
+}
+
+/// Creates of another tenant, one after another, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    async fn start(app: &TestApp) -> Self {
+        let (_, other) = app.tenant_with_invoices().await;
+        let (stop, written) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let task = {
+            let (stop, written) = (stop.clone(), written.clone());
+            let (base, client) = (app.base.clone(), app.client.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let resp = client
+                        .post(format!("{base}/v1/data/invoices"))
+                        .bearer_auth(&other)
+                        .json(&json!({"number": "load", "total": 1}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(resp.status(), 201);
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        Self {
+            stop,
+            written,
+            task,
+        }
+    }
+
+    /// Stops it: how many it wrote.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// Follows an archive job until it is no longer running.
+async fn finished(app: &TestApp, location: &str) -> Value {
+    let admin = platform_token();
+    for _ in 0..600 {
+        let resp = app.get(location, &admin).await;
+        assert_eq!(resp.status(), 200);
+        let job = body(resp).await;
+        if job["status"] != "running" {
+            return job;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the job at {location} is still running after a minute");
+}
+
+/// Uploads an archive to `POST /v1/tenants/import{query}`.
+async fn upload(app: &TestApp, query: &str, archive: Vec<u8>) -> reqwest::Response {
+    app.request(
+        reqwest::Method::POST,
+        &format!("/v1/tenants/import{query}"),
+        Some(&platform_token()),
+    )
+    .header("content-type", "application/zstd")
+    .body(archive)
+    .send()
+    .await
+    .unwrap()
+}
+
+/// The same move over the API, the event log with it: an export job
+/// (progress, then its archive to download) while another tenant writes,
+/// the archive uploaded to a fresh installation and imported by a job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moved_over_the_api_with_its_event_log_answers_the_same() {
+    let source = installation().await;
+    let (tenant, token) = busy_tenant(&source).await;
+    let admin = platform_token();
+    let export = format!("/v1/tenants/{tenant}/export");
+    // For platform admins only, of a tenant that is here.
+    let resp = source.post(&export, &token, &json!({})).await;
+    assert_eq!(resp.status(), 403);
+    let resp = source
+        .post("/v1/tenants/nobody/export", &admin, &json!({}))
+        .await;
+    assert_eq!(resp.status(), 404);
+
+    let load = Load::start(&source).await;
+    let resp = source
+        .post(&export, &admin, &json!({"withEvents": true}))
+        .await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let job = finished(&source, &location).await;
+    assert!(load.stop().await > 0);
+    assert_eq!(job["status"], "done", "{job:#}");
+    assert_eq!(job["kind"], "export");
+    assert_eq!(
+        (job["recordsDone"].as_u64(), job["recordsTotal"].as_u64()),
+        (Some(100), Some(100))
+    );
+    assert_eq!(job["result"]["records"], 100);
+    let events = job["result"]["events"].as_u64().unwrap() as usize;
+    // Every event the tenant's writes made (60 invoices, 15 patches, the
+    // batch's 40 customers), schema changes and plugin and webhook ones.
+    assert!(events > 115, "{job:#}");
+    let source_log = wait_for_events(&source, &token, events).await;
+    assert_eq!(source_log.len(), events);
+
+    let resp = source.get(&format!("{location}/archive"), &admin).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/zstd");
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    let archive = resp.bytes().await.unwrap().to_vec();
+    let sha256 = bss::archive::export::hex(&sha2::Sha256::digest(&archive));
+    assert_eq!(job["sha256"], sha256.as_str());
+    assert_eq!(etag, format!("\"{sha256}\""));
+    assert_eq!(job["bytes"], archive.len());
+
+    let target = installation().await;
+    // What is not an archive is refused before any job starts.
+    let resp = upload(&target, "", b"not an archive".to_vec()).await;
+    assert_eq!(resp.status(), 422);
+    let resp = upload(&target, "", archive.clone()).await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let job = finished(&target, &location).await;
+    assert_eq!(job["status"], "done", "{job:#}");
+    assert_eq!(
+        (job["kind"].as_str(), job["tenant"].as_str()),
+        (Some("import"), Some(tenant.as_str()))
+    );
+    assert_eq!(job["result"]["records"], 100);
+    assert_eq!(job["result"]["events"], events);
+    // An import job has nothing to download.
+    let resp = target.get(&format!("{location}/archive"), &admin).await;
+    assert_eq!(resp.status(), 404);
+
+    let before = answers(&source, &token).await;
+    let after = answers(&target, &token).await;
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b, a, "{} answers differently after the move", b.0);
+    }
+    // The log: the tenant's events as they were, in their order, then the
+    // import's one.
+    let target_log = wait_for_events(&target, &token, events + 1).await;
+    assert_eq!(target_log.len(), events + 1);
+    for (b, a) in source_log.iter().zip(&target_log) {
+        for field in ["id", "type", "subject", "time", "data", "tenantid"] {
+            assert_eq!(b[field], a[field], "{field} of {b:#}");
+        }
+    }
+    let last = &target_log[events];
+    assert_eq!(last["type"], "business_store.tenant.imported");
+    assert_eq!(last["data"]["events"], events);
+
+    // The id is taken now; under another one, each event has a new id and
+    // names the new tenant.
+    let resp = upload(&target, "", archive.clone()).await;
+    assert_eq!(resp.status(), 409);
+    let resp = upload(&target, "?as=moved-copy", archive).await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let job = finished(&target, &location).await;
+    assert_eq!(job["status"], "done", "{job:#}");
+    let copy = bss_tests::token("moved-copy", &["admin"]);
+    let copy_log = wait_for_events(&target, &copy, events + 1).await;
+    for (b, a) in source_log.iter().zip(&copy_log) {
+        assert_ne!(b["id"], a["id"]);
+        assert_eq!(a["tenantid"], "moved-copy");
+        assert_eq!((&b["type"], &b["data"]), (&a["type"], &a["data"]));
+    }
 }
 
 /// The archive's members, decompressed.
@@ -326,6 +483,17 @@ async fn a_taken_id_a_newer_format_a_corrupt_or_truncated_archive_are_refused_le
     );
     let said = refused("broken-plugin.tar.zst", with_manifest(broken));
     assert!(said.contains("its manifest is not valid"), "{said}");
+    // A member larger than any the export writes: refused from its header,
+    // before it is read into memory.
+    let mut huge = original.clone();
+    let last = huge.len() - 1;
+    let size = bss::archive::MAX_MEMBER_BYTES as usize + 1;
+    huge.insert(
+        last,
+        ("records/customers/999999.ndjson".into(), vec![b'\n'; size]),
+    );
+    let said = refused("huge.tar.zst", huge);
+    assert!(said.contains("more than any member holds"), "{said}");
     // Truncated: cut anywhere.
     let bytes = std::fs::read(&good).unwrap();
     for cut in [bytes.len() / 3, bytes.len() - 40] {
@@ -430,7 +598,6 @@ fn edited(
 
 /// The members with their manifest's checksums made to match again.
 fn with_manifest(mut members: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
-    use sha2::Digest;
     let digest = |bytes: &[u8]| bss::archive::export::hex(&sha2::Sha256::digest(bytes));
     let last = members.len() - 1;
     let mut manifest: Value = serde_json::from_slice(&members[last].1).unwrap();

@@ -68,7 +68,7 @@ pub fn document(dead_letter_topic: &str, record_topic: Option<&str>) -> Value {
         "tenantImported",
         TENANT_IMPORTED,
         "tenantImported",
-        "A tenant was imported from an archive (bss tenant import): one event, not one per record.",
+        "A tenant was imported from an archive (bss tenant import or POST /v1/tenants/import): one event, not one per record.",
     );
     if let Some(topic) = record_topic {
         channels.insert(
@@ -300,6 +300,7 @@ fn schemas() -> Value {
                 "plugins": {"type": "integer"},
                 "pluginVersions": {"type": "integer"},
                 "webhooks": {"type": "integer"},
+                "events": {"type": "integer", "description": "Events of the log brought in (archives made with --with-events; absent when none). They are in the tenant's log for reading and replay, and were not published again."},
             },
         },
         "TenantAnnouncement": {

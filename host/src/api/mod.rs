@@ -4,6 +4,7 @@
 //! limit and deadline, panic guard). Operational endpoints move to their own
 //! router when a separate listener is configured (`ops_addr`).
 
+pub mod archives;
 pub mod asyncapi;
 pub mod broker;
 pub mod events;
@@ -86,6 +87,7 @@ pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
 pub fn routes(with_metrics: bool) -> (Router<SharedState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tenants::router())
+        .merge(archives::router())
         .merge(schemas::router())
         .merge(records::router())
         .merge(events::router())
@@ -270,6 +272,10 @@ async fn track_metrics(req: Request, next: Next) -> Response {
 /// that sends its body too slowly gets 408 and the connection is closed
 /// (a per-read timeout would let one byte every few seconds hold it).
 async fn body_deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    // An archive upload may take longer; it bounds its pauses instead.
+    if req.uri().path() == archives::IMPORT_PATH {
+        return next.run(req).await;
+    }
     let expired = Arc::new(AtomicBool::new(false));
     let deadline = tokio::time::Instant::now() + limit;
     let req = req.map(|inner| {

@@ -20,8 +20,9 @@ use crate::events::envelope::EventContext;
 use crate::storage::database::Database;
 
 pub const USAGE: &str = "usage:
-  bss tenant export ID [--out FILE] [--without-webhook-secrets]
-                                               one tenant's whole state into FILE (default ID.tenant.tar.zst; - for stdout)
+  bss tenant export ID [--out FILE] [--with-events] [--without-webhook-secrets]
+                                               one tenant's whole state into FILE (default ID.tenant.tar.zst; - for stdout);
+                                               --with-events: its event log too (imported for reading and replay, not published again)
   bss tenant import [--as ID] [--trust] FILE   an exported tenant into this installation, all or nothing (- for stdin);
                                                --as: under another id; --trust: skip validating records (checksums still checked)";
 
@@ -63,12 +64,14 @@ async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     let (mut id, mut out) = (None, None);
     let mut options = export::Options {
         webhook_secrets: true,
+        events: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--out" => out = Some(it.next().context("--out needs a file")?.clone()),
             "--without-webhook-secrets" => options.webhook_secrets = false,
+            "--with-events" => options.events = true,
             flag if flag.starts_with("--") => bail!("unknown option {flag}\n{USAGE}"),
             _ if id.is_none() => id = Some(arg.clone()),
             extra => bail!("unexpected argument {extra:?}\n{USAGE}"),
@@ -110,21 +113,27 @@ async fn export_command(settings: &Settings, args: &[String]) -> anyhow::Result<
         (manifest, Some(std::fs::metadata(&path)?.len()))
     };
     bar.finish_and_clear();
-    let c = &manifest.counts;
     eprintln!(
-        "exported tenant {id}: {} resources, {} schema versions, {} records, {} plugins ({} versions), {} webhooks{} in {:.1?}",
-        c.resources,
-        c.schema_versions,
-        c.records,
-        c.plugins,
-        c.plugin_versions,
-        c.webhooks,
+        "exported tenant {id}: {}{} in {:.1?}",
+        said(&manifest.counts),
         bytes
             .map(|b| format!(", {b} bytes to {out}"))
             .unwrap_or_default(),
         start.elapsed()
     );
     Ok(())
+}
+
+/// What an archive holds, in words.
+pub fn said(c: &super::Counts) -> String {
+    let mut said = format!(
+        "{} resources, {} schema versions, {} records, {} plugins ({} versions), {} webhooks",
+        c.resources, c.schema_versions, c.records, c.plugins, c.plugin_versions, c.webhooks
+    );
+    if c.events > 0 {
+        said.push_str(&format!(", {} events", c.events));
+    }
+    said
 }
 
 async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<()> {
@@ -148,8 +157,15 @@ async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     let file = file.context(format!("which archive?\n{USAGE}"))?;
     let db = Database::connect(settings).await?;
     let keyring = Keyring::from_settings(settings, Some(db.pool.clone()))?;
+    let plugin_settings = settings.plugin_settings();
+    let plugins = crate::plugins::Runtime::with_bounds(
+        &settings.plugin_cache_dir(),
+        None,
+        plugin_settings.runtime_bounds(),
+    )?;
     let target = import::Target {
         pool: &db.pool,
+        plugins: &plugins,
         keyring: &keyring,
         analytics_role: &settings.analytics_role,
         events: EventContext {
@@ -171,19 +187,14 @@ async fn import_command(settings: &Settings, args: &[String]) -> anyhow::Result<
     bar.finish_and_clear();
     let done = done.context("nothing was imported")?;
     eprintln!(
-        "imported tenant {}{}: {} resources, {} schema versions, {} records, {} plugins ({} versions), {} webhooks{} in {:.1?}",
+        "imported tenant {}{}: {}{} in {:.1?}",
         done.tenant,
         if done.from != done.tenant {
             format!(" (exported as {})", done.from)
         } else {
             String::new()
         },
-        done.counts.resources,
-        done.counts.schema_versions,
-        done.counts.records,
-        done.counts.plugins,
-        done.counts.plugin_versions,
-        done.counts.webhooks,
+        said(&done.counts),
         if done.webhooks_without_secret > 0 {
             format!(
                 " ({} without their secret: disabled until rotated)",

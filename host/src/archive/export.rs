@@ -87,6 +87,8 @@ pub struct Options {
     /// Webhook endpoints' secrets (sealed as stored); without them an
     /// import disables each endpoint until its secret is rotated.
     pub webhook_secrets: bool,
+    /// The tenant's event log (`events/*.ndjson`), as far as it is kept.
+    pub events: bool,
 }
 
 /// Exports the tenant into `out`; `progress` is told of every record
@@ -176,40 +178,16 @@ pub async fn export<W: Write>(
                TO STDOUT",
             name.table_in(tenant)
         );
-        let mut stream = tx.copy_out_raw(&sql).await?;
-        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
-        let mut field = Vec::new();
-        let (mut lines, mut part, mut pending) = (0u64, 0u32, Vec::new());
-        while let Some(bytes) = stream.try_next().await? {
-            pending.extend_from_slice(&bytes);
-            // Whole lines only; the rest waits for the next piece.
-            let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
-                continue;
-            };
-            for row in pending[..end].split(|b| *b == b'\n') {
-                record_line(row, &mut chunk, &mut field)?;
-                lines += 1;
-            }
-            pending.drain(..=end);
-            if chunk.len() >= CHUNK_BYTES {
-                part += 1;
-                w.add(&records_member(resource, part), &chunk)?;
-                counts.records += lines;
-                progress(Progress::Records(lines));
-                chunk.clear();
-                lines = 0;
-            }
-        }
-        drop(stream);
-        if !pending.is_empty() {
-            bail!("the export of {resource} ended inside a line");
-        }
-        if lines > 0 || part == 0 {
-            part += 1;
-            w.add(&records_member(resource, part), &chunk)?;
-            counts.records += lines;
-            progress(Progress::Records(lines));
-        }
+        counts.records += copy_members(
+            &mut tx,
+            &mut w,
+            &sql,
+            |part| records_member(resource, part),
+            record_line,
+            &mut |n| progress(Progress::Records(n)),
+        )
+        .await
+        .with_context(|| format!("exporting the records of {resource}"))?;
     }
 
     let plugins: Vec<PluginLine> = sqlx::query_as(
@@ -258,8 +236,131 @@ pub async fn export<W: Write>(
     }
     counts.webhooks = webhooks.len() as u64;
     w.add_lines("webhooks.ndjson", &webhooks)?;
+    if options.events {
+        // The log in its order; events not yet sequenced after, in theirs.
+        let sql = format!(
+            "COPY (SELECT event_id, resource, type, kafka_key, created_at, envelope
+                     FROM bss.outbox WHERE tenant_id = {} ORDER BY seq NULLS LAST, id)
+               TO STDOUT",
+            quote_literal(tenant.as_str())
+        );
+        counts.events = copy_members(
+            &mut tx,
+            &mut w,
+            &sql,
+            events_member,
+            event_line,
+            &mut |_| {},
+        )
+        .await
+        .context("exporting the event log")?;
+    }
     tx.commit().await?;
     w.finish(counts)
+}
+
+/// Turns a row of `COPY`'s text format into a line of JSON at the end of
+/// the first buffer (the second is scratch).
+type LineMaker = fn(&[u8], &mut Vec<u8>, &mut Vec<u8>) -> anyhow::Result<()>;
+
+/// Streams `sql` (a `COPY … TO STDOUT`) into members named by `member`
+/// (numbered from 1), each row turned into a line by `line`, each member at
+/// most about [`CHUNK_BYTES`]; `done` is told the lines of each member.
+/// At least one member is written. Returns the lines written.
+async fn copy_members<W: Write>(
+    tx: &mut sqlx::PgConnection,
+    w: &mut Writer<W>,
+    sql: &str,
+    member: impl Fn(u32) -> String,
+    line: LineMaker,
+    done: &mut dyn FnMut(u64),
+) -> anyhow::Result<u64> {
+    let mut stream = tx.copy_out_raw(sql).await?;
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES + 64 * 1024);
+    let mut field = Vec::new();
+    let (mut total, mut lines, mut part, mut pending) = (0u64, 0u64, 0u32, Vec::new());
+    while let Some(bytes) = stream.try_next().await? {
+        pending.extend_from_slice(&bytes);
+        // Whole lines only; the rest waits for the next piece.
+        let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
+            continue;
+        };
+        for row in pending[..end].split(|b| *b == b'\n') {
+            line(row, &mut chunk, &mut field)?;
+            lines += 1;
+        }
+        pending.drain(..=end);
+        if chunk.len() >= CHUNK_BYTES {
+            part += 1;
+            w.add(&member(part), &chunk)?;
+            done(lines);
+            (total, lines) = (total + lines, 0);
+            chunk.clear();
+        }
+    }
+    drop(stream);
+    if !pending.is_empty() {
+        bail!("the copy ended inside a line");
+    }
+    if lines > 0 || part == 0 {
+        part += 1;
+        w.add(&member(part), &chunk)?;
+        total += lines;
+        done(lines);
+    }
+    Ok(total)
+}
+
+/// A row of `COPY`'s text format (event_id, resource, type, kafka_key,
+/// created_at, envelope) of the outbox as a line of JSON: `{"eventId",
+/// "resource", "type", "kafkaKey", "createdAt", "envelope"}`.
+fn event_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut cols = row.split(|b| *b == b'\t');
+    let mut next = |name: &str| {
+        cols.next()
+            .ok_or_else(|| anyhow::anyhow!("an event of the export has no {name}"))
+    };
+    let (id, resource, kind, key, created, envelope) = (
+        next("event_id")?,
+        next("resource")?,
+        next("type")?,
+        next("kafka_key")?,
+        next("created_at")?,
+        next("envelope")?,
+    );
+    out.push(b'{');
+    for (name, value) in [
+        ("eventId", id),
+        ("resource", resource),
+        ("type", kind),
+        ("kafkaKey", key),
+    ] {
+        field.clear();
+        copy_unescape(value, field);
+        out.extend_from_slice(format!("\"{name}\":").as_bytes());
+        serde_json::to_writer(&mut *out, std::str::from_utf8(field)?)?;
+        out.push(b',');
+    }
+    timestamp("createdAt", created, out)?;
+    out.extend_from_slice(b",\"envelope\":");
+    copy_unescape(envelope, out);
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// `"key":"<RFC 3339>"` from a timestamp as `COPY` writes it in UTC:
+/// `2026-12-07 22:04:17.123456+00` → `2026-12-07T22:04:17.123456+00:00`.
+fn timestamp(key: &str, at: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+    out.extend_from_slice(format!("\"{key}\":\"").as_bytes());
+    let at = std::str::from_utf8(at)?;
+    out.extend_from_slice(at.replacen(' ', "T", 1).as_bytes());
+    out.extend_from_slice(b":00\"");
+    Ok(())
+}
+
+/// A SQL string literal (for `COPY`, which takes no parameters).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A row of `COPY`'s text format (id, version, created_at, updated_at,
@@ -286,11 +387,8 @@ fn record_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Re
     out.extend_from_slice(b",\"version\":");
     out.extend_from_slice(version);
     for (key, at) in [("createdAt", created), ("updatedAt", updated)] {
-        // `2026-12-07 22:04:17.123456+00` → `2026-12-07T22:04:17.123456+00:00`
-        out.extend_from_slice(format!(",\"{key}\":\"").as_bytes());
-        let at = std::str::from_utf8(at)?;
-        out.extend_from_slice(at.replacen(' ', "T", 1).as_bytes());
-        out.extend_from_slice(b":00\"");
+        out.push(b',');
+        timestamp(key, at, out)?;
     }
     out.extend_from_slice(b",\"data\":");
     copy_unescape(data, out);
@@ -315,4 +413,8 @@ pub enum Progress {
 
 pub fn records_member(resource: &str, part: u32) -> String {
     format!("records/{resource}/{part:06}.ndjson")
+}
+
+pub fn events_member(part: u32) -> String {
+    format!("events/{part:06}.ndjson")
 }

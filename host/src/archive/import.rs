@@ -12,8 +12,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::export::{Progress, hex};
 use super::{
-    Counts, FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member, PluginLine,
-    PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape,
+    Counts, EventLine, FORMAT, FORMAT_VERSION, Header, MAX_MEMBER_BYTES, Manifest, Member,
+    PluginLine, PluginVersionLine, RecordLine, SchemaLine, TenantRow, WebhookLine, copy_escape,
 };
 use crate::catalog::CompiledSchema;
 use crate::crypto::{self, Keyring, Scope, fields};
@@ -48,6 +48,9 @@ pub struct Imported {
 /// What the import needs of the installation.
 pub struct Target<'a> {
     pub pool: &'a PgPool,
+    /// Compiles each module as an upload is (the component for its kind's
+    /// world, imports the host provides), into the plugin cache.
+    pub plugins: &'a crate::plugins::Runtime,
     pub keyring: &'a Keyring,
     pub analytics_role: &'a str,
     pub events: EventContext,
@@ -151,6 +154,50 @@ pub async fn import<R: Read>(
     run.finish().await
 }
 
+/// `format.json`, if it is a tenant archive's that this build reads.
+fn header(bytes: &[u8]) -> anyhow::Result<Header> {
+    let header: Header =
+        serde_json::from_slice(bytes).context("not a tenant archive: format.json is not one")?;
+    if header.format != FORMAT {
+        bail!("not a tenant archive: its format is {:?}", header.format);
+    }
+    if header.format_version > FORMAT_VERSION {
+        bail!(
+            "the archive is format version {}, newer than this build reads ({FORMAT_VERSION}); \
+             import it with the version that wrote it ({}) or a newer one",
+            header.format_version,
+            header.written_by
+        );
+    }
+    Ok(header)
+}
+
+/// The tenant an archive holds, from its first member (`format.json`);
+/// what is not a tenant archive this build reads is refused.
+pub fn tenant_of<R: Read>(input: R) -> anyhow::Result<TenantId> {
+    let zstd = zstd::Decoder::new(input).context("the file is not a zstd stream")?;
+    let mut archive = tar::Archive::new(zstd);
+    let mut entries = archive
+        .entries()
+        .context("the file is not a tenant archive (tar)")?;
+    let mut first = entries
+        .next()
+        .context("the archive is empty")?
+        .map_err(truncated)?;
+    if first.path().map_err(truncated)?.as_os_str() != "format.json" {
+        bail!("not a tenant archive: it does not start with format.json");
+    }
+    let size = first.header().size().map_err(truncated)?;
+    if size > MAX_MEMBER_BYTES {
+        bail!("not a tenant archive: its format.json is {size} bytes");
+    }
+    let mut bytes = Vec::new();
+    first.read_to_end(&mut bytes).map_err(truncated)?;
+    let tenant = header(&bytes)?.tenant;
+    TenantId::parse(&tenant)
+        .map_err(|_| anyhow!("the archive's tenant {tenant:?} is not a tenant id"))
+}
+
 fn truncated(e: std::io::Error) -> anyhow::Error {
     anyhow!("the archive is truncated or corrupt: {e}")
 }
@@ -172,20 +219,7 @@ impl Run<'_> {
     ) -> anyhow::Result<()> {
         match name {
             "format.json" => {
-                let header: Header = serde_json::from_slice(bytes)
-                    .context("not a tenant archive: format.json is not one")?;
-                if header.format != FORMAT {
-                    bail!("not a tenant archive: its format is {:?}", header.format);
-                }
-                if header.format_version > FORMAT_VERSION {
-                    bail!(
-                        "the archive is format version {}, newer than this build reads ({FORMAT_VERSION}); \
-                         import it with the version that wrote it ({}) or a newer one",
-                        header.format_version,
-                        header.written_by
-                    );
-                }
-                progress(Progress::Total(header.records));
+                progress(Progress::Total(header(bytes)?.records));
                 Ok(())
             }
             "tenant.json" => self.tenant_row(serde_json::from_slice(bytes)?).await,
@@ -201,6 +235,9 @@ impl Run<'_> {
                 let n = self.records(resource, bytes).await?;
                 progress(Progress::Records(n));
                 Ok(())
+            }
+            _ if name.starts_with("events/") && name.ends_with(".ndjson") => {
+                self.events(bytes).await
             }
             _ if name.starts_with("plugins/") && name.ends_with(".wasm") => {
                 self.module(name, bytes, sha256).await
@@ -342,62 +379,94 @@ impl Run<'_> {
             compiled,
             keys_checked,
         };
-        let mut sink = tx
-            .copy_in_raw(&format!(
+        let mut copy = CopyIn::start(
+            tx,
+            &format!(
                 "COPY {} (id, data, audit, version, created_at, updated_at) FROM STDIN",
                 name.table_in(&tenant)
-            ))
-            .await?;
-        // Sent in pieces as they are made: the database stores one while
-        // the next is made.
-        let mut copy = Vec::with_capacity(SEND_BYTES + 64 * 1024);
-        let mut n = 0u64;
+            ),
+        )
+        .await?;
         let sent: anyhow::Result<()> = async {
             for line in lines(bytes) {
                 let record: RecordLine<'_> = serde_json::from_slice(line)
-                    .with_context(|| format!("record {} of the member", n + 1))?;
+                    .with_context(|| format!("record {} of the member", copy.rows + 1))?;
                 RecordId::parse(&record.id)
                     .map_err(|_| anyhow!("record id {:?} is not valid", record.id))?;
                 let data = checker
                     .checked(&record)
                     .await
                     .with_context(|| format!("record {resource}/{}", record.id))?;
-                copy_escape(&record.id, &mut copy);
-                copy.push(b'\t');
-                copy_escape(data.as_deref().unwrap_or(record.data.get()), &mut copy);
-                copy.push(b'\t');
+                let row = &mut copy.buf;
+                copy_escape(&record.id, row);
+                row.push(b'\t');
+                copy_escape(data.as_deref().unwrap_or(record.data.get()), row);
+                row.push(b'\t');
                 match record.audit.map(|a| a.get()) {
-                    Some(a) if a != "null" => copy_escape(a, &mut copy),
-                    _ => copy.extend_from_slice(b"\\N"),
+                    Some(a) if a != "null" => copy_escape(a, row),
+                    _ => row.extend_from_slice(b"\\N"),
                 }
-                copy.extend_from_slice(format!("\t{}\t", record.version).as_bytes());
-                copy_escape(&record.created_at, &mut copy);
-                copy.push(b'\t');
-                copy_escape(&record.updated_at, &mut copy);
-                copy.push(b'\n');
-                n += 1;
-                if copy.len() >= SEND_BYTES {
-                    sink.send(copy.as_slice()).await?;
-                    copy.clear();
-                }
-            }
-            if !copy.is_empty() {
-                sink.send(copy.as_slice()).await?;
+                row.extend_from_slice(format!("\t{}\t", record.version).as_bytes());
+                copy_escape(&record.created_at, row);
+                row.push(b'\t');
+                copy_escape(&record.updated_at, row);
+                copy.end_row().await?;
             }
             Ok(())
         }
         .await;
-        if let Err(e) = sent {
-            // The transaction is lost anyway; this leaves the connection usable.
-            let _ = sink.abort("the import failed").await;
-            return Err(e);
-        }
-        let rows = sink.finish().await?;
-        if rows != n {
-            bail!("{n} records sent, {rows} stored");
-        }
+        let n = copy.finish(sent).await?;
         done.counts.records += n;
         Ok(n)
+    }
+
+    /// One member of the event log, by COPY: in the tenant's log for
+    /// reading and replay, marked imported (never published to the broker
+    /// again nor matched against webhook endpoints). Under a new tenant id
+    /// each event gets a new id and says the new tenant.
+    async fn events(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let tenant = self.tenant()?.clone();
+        let renamed = self.done.from != tenant.as_str();
+        let mut copy = CopyIn::start(
+            &mut self.tx,
+            "COPY bss.outbox (event_id, tenant_id, resource, type, kafka_key, created_at, envelope,
+                              enriched, imported) FROM STDIN",
+        )
+        .await?;
+        let sent: anyhow::Result<()> = async {
+            for line in lines(bytes) {
+                let event: EventLine<'_> = serde_json::from_slice(line)
+                    .with_context(|| format!("event {} of the member", copy.rows + 1))?;
+                let (id, envelope) = if renamed {
+                    let mut envelope: Value = serde_json::from_str(event.envelope.get())?;
+                    let id = envelope::new_event_id();
+                    envelope["id"] = id.to_string().into();
+                    envelope["tenantid"] = tenant.as_str().into();
+                    (id, std::borrow::Cow::Owned(envelope.to_string()))
+                } else {
+                    (event.event_id, event.envelope.get().into())
+                };
+                let row = &mut copy.buf;
+                row.extend_from_slice(format!("{id}\t").as_bytes());
+                for field in [
+                    tenant.as_str(),
+                    &event.resource,
+                    &event.kind,
+                    &event.kafka_key,
+                    &event.created_at,
+                    &envelope,
+                ] {
+                    copy_escape(field, row);
+                    row.push(b'\t');
+                }
+                row.extend_from_slice(b"t\tt");
+                copy.end_row().await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.done.counts.events += copy.finish(sent).await?;
+        Ok(())
     }
 
     async fn plugins(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
@@ -456,6 +525,16 @@ impl Run<'_> {
             .ok_or_else(corrupt)?;
         if sha256 != v.sha256 {
             bail!("the archive is corrupt: {name} is not the module its version names");
+        }
+        // Compiled here, as an upload is: a module this build cannot run is
+        // refused now, and the service's first call finds it in the cache.
+        if self.target.plugins.cached(sha256).is_none() {
+            let manifest: crate::plugins::manifest::Manifest =
+                serde_json::from_value(v.manifest.clone())?;
+            self.target
+                .plugins
+                .compile_upload(bytes, manifest.kind)
+                .map_err(|e| anyhow!("plugin {plugin} version {version}: {e}"))?;
         }
         sqlx::query(
             "INSERT INTO bss.plugin_versions (tenant_id, name, version, manifest, sha256, size, module,
@@ -663,6 +742,54 @@ impl Run<'_> {
 
 /// Bytes of COPY data sent at a time.
 const SEND_BYTES: usize = 256 * 1024;
+
+/// Rows into a `COPY … FROM STDIN`, sent in pieces as they are made (the
+/// database stores one while the next is made).
+struct CopyIn<'c> {
+    sink: sqlx::postgres::PgCopyIn<&'c mut sqlx::PgConnection>,
+    /// The row being made goes at the end of this.
+    buf: Vec<u8>,
+    rows: u64,
+}
+
+impl<'c> CopyIn<'c> {
+    async fn start(conn: &'c mut sqlx::PgConnection, sql: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            sink: conn.copy_in_raw(sql).await?,
+            buf: Vec::with_capacity(SEND_BYTES + 64 * 1024),
+            rows: 0,
+        })
+    }
+
+    /// Ends the row made in `buf`.
+    async fn end_row(&mut self) -> anyhow::Result<()> {
+        self.buf.push(b'\n');
+        self.rows += 1;
+        if self.buf.len() >= SEND_BYTES {
+            self.sink.send(self.buf.as_slice()).await?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends the copy when the rows were all made (`made`), else aborts it;
+    /// returns how many rows were stored.
+    async fn finish(mut self, made: anyhow::Result<()>) -> anyhow::Result<u64> {
+        if let Err(e) = made {
+            // The transaction is lost anyway; this leaves the connection usable.
+            let _ = self.sink.abort("the import failed").await;
+            return Err(e);
+        }
+        if !self.buf.is_empty() {
+            self.sink.send(self.buf.as_slice()).await?;
+        }
+        let stored = self.sink.finish().await?;
+        if stored != self.rows {
+            bail!("{} rows sent, {stored} stored", self.rows);
+        }
+        Ok(stored)
+    }
+}
 
 /// Checks records of one resource on their way in.
 struct Checker<'a> {

@@ -13,6 +13,8 @@
 //!   `plugins/<name>/<version>.wasm` — every plugin version with its module;
 //! - `webhooks.ndjson` — the webhook endpoints, their secrets sealed as
 //!   stored (or left out: `--without-webhook-secrets`);
+//! - `events/<nnnnnn>.ndjson` — with `--with-events` only: the tenant's
+//!   event log as far as it is kept, in log order ([`EventLine`]);
 //! - `manifest.json` — [`Manifest`]: every member before it with its size,
 //!   line count and SHA-256, and the counts.
 //!
@@ -23,6 +25,7 @@
 pub mod cli;
 pub mod export;
 pub mod import;
+pub mod jobs;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -93,6 +96,21 @@ pub struct RecordLine<'a> {
     pub audit: Option<&'a serde_json::value::RawValue>,
 }
 
+/// A line of `events/*.ndjson`: an event of the log, its envelope as
+/// published (borrowed: an import under the same id never parses it).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventLine<'a> {
+    pub event_id: uuid::Uuid,
+    pub resource: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub kafka_key: String,
+    pub created_at: String,
+    #[serde(borrow)]
+    pub envelope: &'a serde_json::value::RawValue,
+}
+
 /// A line of `plugins.ndjson`.
 #[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
@@ -160,6 +178,13 @@ pub struct Counts {
     pub plugins: u64,
     pub plugin_versions: u64,
     pub webhooks: u64,
+    /// Events of the log (only in archives made with `--with-events`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub events: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `manifest.json`, the archive's last member.

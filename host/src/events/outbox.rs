@@ -222,14 +222,16 @@ pub async fn published_seq(pool: &PgPool) -> Result<i64, sqlx::Error> {
     Ok(seq)
 }
 
-/// Sequenced events after log position `after`, oldest first.
+/// Sequenced events after log position `after`, oldest first (not those an
+/// import brought in: they were published where they were written).
 pub async fn sequenced_after(
     pool: &PgPool,
     after: i64,
     limit: i64,
 ) -> Result<Vec<OutboxEvent>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT {EVENT_COLUMNS} FROM bss.outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
+        "SELECT {EVENT_COLUMNS} FROM bss.outbox WHERE seq > $1 AND NOT imported
+          ORDER BY seq LIMIT $2"
     ))
     .bind(after)
     .bind(limit)
@@ -257,7 +259,8 @@ pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
 
 /// The backlog query (also used by the tests and the benchmark).
 pub const BACKLOG_SQL: &str = "SELECT (SELECT count(*) FROM bss.outbox WHERE seq IS NULL)
-      + (SELECT count(*) FROM bss.outbox WHERE seq > (SELECT published_seq FROM bss.relay_state WHERE id = 1))";
+      + (SELECT count(*) FROM bss.outbox
+          WHERE seq > (SELECT published_seq FROM bss.relay_state WHERE id = 1) AND NOT imported)";
 
 /// The log position of an event of this tenant.
 pub async fn position_of(

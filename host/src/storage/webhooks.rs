@@ -200,7 +200,8 @@ pub async fn dispatch(pool: &PgPool, limit: i64) -> Result<(i64, i64), StorageEr
         "WITH st AS (
             SELECT dispatched_seq FROM bss.webhook_state WHERE id = 1 FOR UPDATE SKIP LOCKED
          ), ev AS (
-            SELECT o.seq, o.event_id, o.tenant_id, o.type, o.resource, o.envelope, o.created_at
+            SELECT o.seq, o.event_id, o.tenant_id, o.type, o.resource, o.envelope, o.created_at,
+                   o.imported
               FROM bss.outbox o, st
              WHERE o.seq > st.dispatched_seq ORDER BY o.seq LIMIT $1
          ), ins AS (
@@ -208,8 +209,9 @@ pub async fn dispatch(pool: &PgPool, limit: i64) -> Result<(i64, i64), StorageEr
                    (id, tenant_id, webhook_id, event_seq, event_id, event_type, event_time)
             SELECT gen_random_uuid(), ev.tenant_id, w.id, ev.seq, ev.event_id, ev.type, ev.created_at
               FROM ev JOIN bss.webhooks w ON w.tenant_id = ev.tenant_id AND w.enabled
-             -- Events from the endpoint's registration on (older ones: replay).
-             WHERE ev.created_at >= w.created_at AND {MATCHES_SQL}
+             -- Events from the endpoint's registration on (older ones, and
+             -- those an import brought in: replay).
+             WHERE ev.created_at >= w.created_at AND NOT ev.imported AND {MATCHES_SQL}
              ORDER BY ev.seq
             ON CONFLICT (webhook_id, event_seq) DO NOTHING
             RETURNING 1
