@@ -375,6 +375,21 @@ async fn a_tenant_moved_over_the_api_with_its_event_log_answers_the_same() {
     let last = &target_log[events];
     assert_eq!(last["type"], "business_store.tenant.imported");
     assert_eq!(last["data"]["events"], events);
+    // They were published where they were written: here the relay leaves
+    // none of them pending (the backlog counts what it still owes).
+    let mut db = target.db().await;
+    let mut left = -1i64;
+    for _ in 0..100 {
+        (left,) = sqlx::query_as(bss::events::outbox::BACKLOG_SQL)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "imported events wait to be published");
 
     // The id is taken now; under another one, each event has a new id and
     // names the new tenant.
