@@ -34,6 +34,12 @@ pub fn router() -> OpenApiRouter<SharedState> {
         .routes(routes!(download))
 }
 
+/// A tenant archive (a zstd-compressed tar), for the OpenAPI document.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+struct Archive(Vec<u8>);
+
 /// What goes into an export besides what always does.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -73,7 +79,7 @@ impl From<NotStarted> for ApiError {
 #[utoipa::path(post, path = "/v1/tenants/{id}/export", tag = "tenants", params(("id" = String, Path)),
     request_body(content = ExportRequest, description = "optional"),
     responses((status = 202, body = Job, headers(("Location" = String))), (status = 404, body = Problem),
-        (status = 429, body = Problem)),
+        (status = 409, body = Problem), (status = 429, body = Problem)),
     security(("bearer" = [])))]
 async fn export_tenant(
     State(state): State<SharedState>,
@@ -113,6 +119,7 @@ async fn export_tenant(
 struct ImportParams {
     /// Import under this tenant id instead of the archive's.
     #[serde(rename = "as")]
+    #[param(pattern = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")]
     as_id: Option<String>,
     /// Skip validating records against their schemas (an archive this
     /// product wrote; checksums are still verified).
@@ -120,13 +127,14 @@ struct ImportParams {
     trust: bool,
 }
 
-/// Import a tenant: the body is an archive (`application/zstd`, as an
-/// export wrote it). Once it is uploaded, a job puts it in, all or
+/// Import a tenant: the body is an archive as an export wrote it (any
+/// content type; `application/zstd` or `application/octet-stream`). Once it is uploaded, a job puts it in, all or
 /// nothing; follow it at `Location`. The upload may take as long as it
 /// needs while bytes keep coming (a pause longer than the body timeout
 /// ends it) and is at most `BSS_IMPORT_MAX_BYTES`.
 #[utoipa::path(post, path = "/v1/tenants/import", tag = "tenants", params(ImportParams),
-    request_body(content = Vec<u8>, content_type = "application/zstd"),
+    request_body(content = Archive, content_type = "application/octet-stream",
+        description = "the archive as an export wrote it (sent as application/zstd or application/octet-stream)"),
     responses((status = 202, body = Job, headers(("Location" = String))), (status = 409, body = Problem),
         (status = 413, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)),
     security(("bearer" = [])))]
@@ -146,17 +154,13 @@ async fn import_tenant(
     let file = jobs::upload_file(&state)?;
     let result: ApiResult<Job> = async {
         let upload = receive(&state, body, &file).await?;
-        let tenant = match &as_id {
-            Some(id) => id.clone(),
-            None => {
-                let input = std::io::BufReader::new(
-                    std::fs::File::open(&file).map_err(anyhow::Error::from)?,
-                );
-                import::tenant_of(input).map_err(|e| {
-                    ApiError::unprocessable(format!("the upload is refused: {e:#}"), vec![])
-                })?
-            }
-        };
+        // Not a tenant archive this build reads: refused before any job.
+        let input =
+            std::io::BufReader::new(std::fs::File::open(&file).map_err(anyhow::Error::from)?);
+        let exported_as = import::tenant_of(input).map_err(|e| {
+            ApiError::unprocessable(format!("the upload is refused: {e:#}"), vec![])
+        })?;
+        let tenant = as_id.clone().unwrap_or(exported_as);
         if crate::storage::tenants::get(&state.pool, &tenant)
             .await?
             .is_some()
@@ -218,7 +222,10 @@ async fn receive(
     }
     out.sync_all().await.map_err(anyhow::Error::from)?;
     if bytes == 0 {
-        return Err(ApiError::bad_request("the body must be a tenant archive"));
+        return Err(ApiError::unprocessable(
+            "the upload is refused: it is empty, not a tenant archive",
+            vec![],
+        ));
     }
     Ok((bytes, hex(&hash.finalize())))
 }
@@ -249,7 +256,7 @@ async fn job(state: &SharedState, id: &str) -> ApiResult<Job> {
 /// The archive a finished export wrote (`application/zstd`; its SHA-256
 /// is the `ETag` and the job's `sha256`).
 #[utoipa::path(get, path = "/v1/archive-jobs/{id}/archive", tag = "tenants", params(("id" = String, Path)),
-    responses((status = 200, content_type = "application/zstd", body = Vec<u8>), (status = 404, body = Problem),
+    responses((status = 200, content_type = "application/zstd", body = Archive), (status = 404, body = Problem),
         (status = 409, body = Problem)),
     security(("bearer" = [])))]
 async fn download(
