@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tenant export and import (`bss tenant export|import`) beside pg_dump -n /
-# pg_restore of the same schema, in the same run: wall time, rate and peak
-# RSS of each. One tenant with RECORDS small records (default 1,000,000),
+# Tenant export and import (`bss tenant export|import`, then the same over
+# the API: job, download, upload, job) beside pg_dump -n / pg_restore of the
+# same schema, in the same run: wall time, rate and peak RSS of each (for
+# the API, the service's peak RSS over both). One tenant with RECORDS small records (default 1,000,000),
 # made through the API (tenant, schema) and then in bulk by SQL.
 #
 #   cargo build --release --bin bss && bench/archive.sh [RECORDS]
@@ -55,5 +56,47 @@ measure "bss tenant import" "$bss" tenant import --as bench-checked "$work/bench
 measure "bss tenant import --trust" "$bss" tenant import --as bench-trusted --trust "$work/bench.tar.zst"
 psql "$server/postgres" -qc "CREATE DATABASE ${db}_restore"
 measure "pg_restore" pg_restore -h 127.0.0.1 -U postgres -d "${db}_restore" "$work/bench.dump"
+
+# The same over the API: from the request to the job's end (and the
+# download, or from the upload's start).
+"$bss" serve > "$work/serve.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -fs "localhost:$port/health/ready" > /dev/null && break; sleep 0.1; done
+auth="authorization: Bearer $admin"
+# Follows the job at $1 until it ends; fails unless it is done.
+follow() {
+  local job
+  while job=$(curl -fs "localhost:$port$1" -H "$auth"); grep -q '"status":"running"' <<< "$job"; do
+    sleep 0.05
+  done
+  grep -q '"status":"done"' <<< "$job" || { echo "$job"; exit 1; }
+}
+timed() {
+  local name=$1; shift
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$@"
+  t1=$(date +%s.%N)
+  awk -v n="$name" -v a="$t0" -v b="$t1" -v r="$records" \
+    'BEGIN { printf "%-28s %7.2f s %10.0f records/s\n", n, b - a, r / (b - a) }'
+}
+api_export() {
+  local at
+  at=$(curl -fsi -X POST "localhost:$port/v1/tenants/bench/export" -H "$auth" | tr -d '\r' | awk -F': ' 'tolower($1) == "location" { print $2 }')
+  follow "$at"
+  curl -fs "localhost:$port$at/archive" -H "$auth" -o "$work/api.tar.zst"
+}
+api_import() {
+  local at
+  at=$(curl -fsi -X POST "localhost:$port/v1/tenants/import?as=$1$2" -H "$auth" \
+         -H 'content-type: application/zstd' --data-binary @"$work/api.tar.zst" \
+       | tr -d '\r' | awk -F': ' 'tolower($1) == "location" { print $2 }')
+  follow "$at"
+}
+timed "API export + download" api_export
+timed "API upload + import" api_import bench-api ""
+timed "API upload + import trusted" api_import bench-api-trusted "&trust=true"
+awk '/VmHWM/ { printf "%-28s %7.1f MiB peak RSS\n", "service (API runs)", $2 / 1024 }' "/proc/$pid/status"
+kill "$pid"; wait "$pid" 2>/dev/null || true
 ls -l "$work/bench.tar.zst" "$work/bench.dump" | awk '{ printf "%-40s %12d bytes\n", $9, $5 }'
 psql "$server/postgres" -qc "DROP DATABASE $db" -c "DROP DATABASE ${db}_restore"
