@@ -212,8 +212,13 @@ where
         })
     };
     tokio::task::spawn_blocking(move || {
-        let ended = runtime.block_on(work());
-        beat.abort();
+        // Whatever happens (a panic too), the heartbeat stops and the job
+        // ends recorded: a job never looks alive when it is not.
+        let beat = AbortOnDrop(beat);
+        let ended =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(work())))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the job failed unexpectedly (a panic)")));
+        drop(beat);
         let _ = std::fs::remove_file(&cleanup);
         let done = counter.done.load(Ordering::Relaxed) as i64;
         let total = counter.total.load(Ordering::Relaxed) as i64;
@@ -257,6 +262,15 @@ where
             tracing::error!(job = %id, error = %e, "an archive job's end was not recorded");
         }
     });
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How a job ended well.
