@@ -81,6 +81,17 @@ async fn invalid_tenant_ids_are_refused_with_the_rule() {
         .post("/v1/tenants", &admin, &json!({"name": "no id"}))
         .await;
     assert_eq!(resp.status(), 422);
+    // `/v1/tenants/import` is the import: no tenant may live there.
+    let resp = app
+        .post("/v1/tenants", &admin, &json!({"id": "import"}))
+        .await;
+    assert_eq!(resp.status(), 400);
+    assert!(
+        body(resp).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("reserved")
+    );
 }
 
 #[tokio::test]

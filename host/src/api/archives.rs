@@ -161,6 +161,12 @@ async fn import_tenant(
             ApiError::unprocessable(format!("the upload is refused: {e:#}"), vec![])
         })?;
         let tenant = as_id.clone().unwrap_or(exported_as);
+        if let Some(why) = tenant.reserved() {
+            return Err(ApiError::unprocessable(
+                format!("{why}; import it under another id (?as=…)"),
+                vec![],
+            ));
+        }
         if crate::storage::tenants::get(&state.pool, &tenant)
             .await?
             .is_some()

@@ -171,6 +171,9 @@ async fn create_tenant(
 ) -> ApiResult<(StatusCode, Json<Tenant>)> {
     principal.require_platform_admin()?;
     let id = TenantId::parse(&body.id)?;
+    if let Some(why) = id.reserved() {
+        return Err(ApiError::bad_request(why));
+    }
     let name = body.name.unwrap_or_else(|| body.id.clone());
     if name.len() > 200 {
         return Err(ApiError::bad_request(

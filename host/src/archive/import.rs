@@ -252,6 +252,9 @@ impl Run<'_> {
             None => TenantId::parse(&row.id)
                 .map_err(|_| anyhow!("the archive's tenant id {:?} is not valid", row.id))?,
         };
+        if let Some(why) = id.reserved() {
+            bail!("{why}; import it under another id (--as)");
+        }
         let fresh = self.options.as_id.is_some() && id.as_str() != row.id;
         let inserted = sqlx::query(
             "INSERT INTO bss.tenants (id, name, schema_name, created_at, rate_limits,

@@ -55,6 +55,17 @@ impl TenantId {
         &self.0
     }
 
+    /// Why no new tenant may have this id, if none may: `import` is the
+    /// path `POST /v1/tenants/import`, where a tenant's own path would be.
+    pub fn reserved(&self) -> Option<String> {
+        (self.0 == "import").then(|| {
+            format!(
+                "tenant id {} is reserved: /v1/tenants/{} is the import",
+                self.0, self.0
+            )
+        })
+    }
+
     /// The Postgres schema that holds this tenant's data.
     ///
     /// Injective by construction: ids of up to 61 characters map to

@@ -68,6 +68,9 @@ pub async fn handle(
     };
     match topic {
         TENANT_CREATED => {
+            if let Some(why) = tenant.reserved() {
+                return Ok(Outcome::Malformed(why));
+            }
             let name = match name {
                 Some(n) => Some(n),
                 None => name_from_auth(state, &tenant).await,
