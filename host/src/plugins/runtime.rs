@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{
@@ -833,8 +832,6 @@ struct DiskCache {
     max_bytes: AtomicU64,
 }
 
-type Seal = Hmac<Sha256>;
-
 impl DiskCache {
     fn open(dir: &Path, engine: &Engine) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -863,25 +860,33 @@ impl DiskCache {
         })
     }
 
-    fn seal(&self, sha: &str, artifact: &[u8]) -> Seal {
-        let mut mac = Seal::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+    /// The artifact's tag: BLAKE3 in keyed mode (a MAC) under the cache's
+    /// key, over the engine, the module's sha256 and the artifact. Checked
+    /// on every load from disk, so it is on the first call after a
+    /// restart: measured on a 466 KB artifact, HMAC-SHA256 (SHA-NI) took
+    /// about 330 µs of a 700 µs load; BLAKE3 (AVX-512/AVX2) a fraction.
+    fn seal(&self, sha: &str, artifact: &[u8]) -> blake3::Hash {
+        let mut mac = blake3::Hasher::new_keyed(&self.key);
         mac.update(&self.engine_id.to_le_bytes());
         mac.update(sha.as_bytes());
         mac.update(artifact);
-        mac
+        mac.finalize()
     }
 
+    /// Named for the tag's kind: artifacts tagged another way (by an
+    /// earlier version) are never read, only pruned.
     fn path(&self, sha: &str) -> PathBuf {
-        self.dir.join(format!("{sha}.cwasm"))
+        self.dir.join(format!("{sha}.b3.cwasm"))
     }
 
     fn store(&self, sha: &str, component: &Component) {
         let Ok(artifact) = component.serialize() else {
             return;
         };
-        let tag = self.seal(sha, &artifact).finalize().into_bytes();
+        let tag = self.seal(sha, &artifact);
+        let tag = tag.as_bytes();
         let mut file = Vec::with_capacity(tag.len() + artifact.len());
-        file.extend_from_slice(&tag);
+        file.extend_from_slice(tag);
         file.extend_from_slice(&artifact);
         let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
         let written =
@@ -931,7 +936,8 @@ impl DiskCache {
             return None;
         }
         let (tag, artifact) = file.split_at(32);
-        if self.seal(sha, artifact).verify_slice(tag).is_err() {
+        // `blake3::Hash` compares in constant time.
+        if self.seal(sha, artifact) != blake3::Hash::from_slice(tag).ok()? {
             tracing::warn!(
                 sha,
                 "a cached plugin artifact does not verify; compiling again"
