@@ -40,7 +40,11 @@ async fn what_the_framework_refuses_is_a_problem_document_too() {
     let allow = resp.headers()["allow"].to_str().unwrap().to_owned();
     assert!(allow.contains("GET") && allow.contains("PUT"), "{allow}");
     let problem = assert_problem(resp, 405).await;
-    assert!(problem["detail"].as_str().unwrap().contains("PATCH"));
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("PATCH") && detail.contains("Allow"),
+        "{detail}"
+    );
 
     // A query parameter of the wrong type, and one given twice.
     let problem = assert_problem(app.get("/v1/events?limit=abc", &token).await, 400).await;

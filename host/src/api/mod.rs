@@ -331,14 +331,20 @@ async fn problem_documents(req: Request, next: Next) -> Response {
         .unwrap_or_default();
     let (slug, detail) = match status {
         StatusCode::METHOD_NOT_ALLOWED => {
+            // axum adds `Allow` outside this layer (it wraps each route),
+            // so the header is seldom here yet; the response carries it.
             let allow = parts
                 .headers
                 .get(header::ALLOW)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+                .filter(|a| !a.is_empty())
+                .map_or_else(
+                    || "the Allow header lists the methods it has".to_owned(),
+                    |a| format!("it allows {a}"),
+                );
             (
                 "method-not-allowed",
-                format!("{method} is not allowed on this path; it allows {allow}"),
+                format!("{method} is not allowed on this path; {allow}"),
             )
         }
         StatusCode::BAD_REQUEST => ("bad-request", text),
