@@ -248,7 +248,11 @@ impl IntoResponse for ApiError {
         } = &self
         {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            // A limit without a quota (none said) sends no empty header.
             for (name, value) in [("ratelimit-policy", policy), ("ratelimit", limit)] {
+                if value.is_empty() {
+                    continue;
+                }
                 if let Ok(value) = HeaderValue::from_str(value) {
                     headers.insert(name, value);
                 }

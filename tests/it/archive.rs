@@ -409,6 +409,56 @@ async fn a_tenant_moved_over_the_api_with_its_event_log_answers_the_same() {
     }
 }
 
+/// Two jobs running (as another replica's would be) hold the installation's
+/// places: a third is 429 with Retry-After. A job whose heartbeat stopped
+/// (its replica died) reads as failed and holds no place.
+#[tokio::test]
+async fn two_running_jobs_hold_the_places_and_a_stalled_one_reads_as_interrupted() {
+    let app = installation().await;
+    let (tenant, _) = app.tenant_with_invoices().await;
+    let admin = platform_token();
+    let mut db = app.db().await;
+    let running: Vec<uuid::Uuid> = (0..2).map(|_| uuid::Uuid::now_v7()).collect();
+    for id in &running {
+        sqlx::query(
+            "INSERT INTO bss.archive_jobs (id, kind, tenant_id, created_by) VALUES ($1, 'export', $2, 'elsewhere')",
+        )
+        .bind(id)
+        .bind(&tenant)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    let export = format!("/v1/tenants/{tenant}/export");
+    let resp = app.post(&export, &admin, &json!({})).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert!(!resp.headers().contains_key("ratelimit-policy"));
+
+    // One replica stopped a minute ago: its job is failed, its place free.
+    sqlx::query(
+        "UPDATE bss.archive_jobs SET updated_at = now() - interval '2 minutes' WHERE id = $1",
+    )
+    .bind(running[0])
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let job = body(
+        app.get(&format!("/v1/archive-jobs/{}", running[0]), &admin)
+            .await,
+    )
+    .await;
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert!(
+        job["error"].as_str().unwrap().contains("interrupted"),
+        "{job:#}"
+    );
+    let resp = app.post(&export, &admin, &json!({})).await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(finished(&app, &location).await["status"], "done");
+}
+
 /// The archive's members, decompressed.
 fn members(file: &Path) -> Vec<(String, Vec<u8>)> {
     let decoder = zstd::Decoder::new(std::fs::File::open(file).unwrap()).unwrap();

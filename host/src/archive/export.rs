@@ -315,19 +315,17 @@ async fn copy_members<W: Write>(
 /// created_at, envelope) of the outbox as a line of JSON: `{"eventId",
 /// "resource", "type", "kafkaKey", "createdAt", "envelope"}`.
 fn event_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Result<()> {
-    let mut cols = row.split(|b| *b == b'\t');
-    let mut next = |name: &str| {
-        cols.next()
-            .ok_or_else(|| anyhow::anyhow!("an event of the export has no {name}"))
-    };
-    let (id, resource, kind, key, created, envelope) = (
-        next("event_id")?,
-        next("resource")?,
-        next("type")?,
-        next("kafka_key")?,
-        next("created_at")?,
-        next("envelope")?,
-    );
+    let [id, resource, kind, key, created, envelope] = columns(
+        row,
+        [
+            "event_id",
+            "resource",
+            "type",
+            "kafka_key",
+            "created_at",
+            "envelope",
+        ],
+    )?;
     out.push(b'{');
     for (name, value) in [
         ("eventId", id),
@@ -346,6 +344,19 @@ fn event_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Res
     copy_unescape(envelope, out);
     out.extend_from_slice(b"}\n");
     Ok(())
+}
+
+/// The fields of a row of `COPY`'s text format, named for the error when
+/// one is missing.
+fn columns<'r, const N: usize>(row: &'r [u8], names: [&str; N]) -> anyhow::Result<[&'r [u8]; N]> {
+    let mut cols = row.split(|b| *b == b'\t');
+    let mut out = [&[][..]; N];
+    for (field, name) in out.iter_mut().zip(names) {
+        *field = cols
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("a row of the export has no {name}"))?;
+    }
+    Ok(out)
 }
 
 /// `"key":"<RFC 3339>"` from a timestamp as `COPY` writes it in UTC:
@@ -367,19 +378,10 @@ fn quote_literal(text: &str) -> String {
 /// data, audit) as a line of JSON: `{"id", "version", "createdAt",
 /// "updatedAt", "data", "audit"}`, timestamps in RFC 3339.
 fn record_line(row: &[u8], out: &mut Vec<u8>, field: &mut Vec<u8>) -> anyhow::Result<()> {
-    let mut cols = row.split(|b| *b == b'\t');
-    let mut next = |name: &str| {
-        cols.next()
-            .ok_or_else(|| anyhow::anyhow!("a row of the export has no {name}"))
-    };
-    let (id, version, created, updated, data, audit) = (
-        next("id")?,
-        next("version")?,
-        next("created_at")?,
-        next("updated_at")?,
-        next("data")?,
-        next("audit")?,
-    );
+    let [id, version, created, updated, data, audit] = columns(
+        row,
+        ["id", "version", "created_at", "updated_at", "data", "audit"],
+    )?;
     field.clear();
     copy_unescape(id, field);
     out.extend_from_slice(b"{\"id\":");

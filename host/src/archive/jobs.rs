@@ -10,6 +10,7 @@
 //! that serves requests), driving its database calls through the runtime;
 //! at most [`RUNNING`] jobs run at once in the installation.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,6 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::io::AsyncReadExt;
 
 use super::export::{self, Progress, hex};
 use super::import;
@@ -74,20 +74,26 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// A job's row with a running job whose heartbeat stopped shown as failed.
-const JOB_COLUMNS: &str = "id, kind, tenant_id, options, records_done, records_total, bytes,
-    sha256, result, created_by, created_at, updated_at, finished_at,
-    CASE WHEN status = 'running' AND updated_at < now() - make_interval(secs => $2)
-         THEN 'failed' ELSE status END AS status,
-    CASE WHEN status = 'running' AND updated_at < now() - make_interval(secs => $2)
-         THEN 'interrupted: the replica running it stopped' ELSE error END AS error";
+/// A running job whose heartbeat stopped (SQL).
+fn stalled() -> String {
+    format!(
+        "(status = 'running' AND updated_at < now() - interval '{} seconds')",
+        STALE.as_secs()
+    )
+}
 
+/// A job's row, a running job whose heartbeat stopped shown as failed.
 pub async fn get(pool: &PgPool, id: uuid::Uuid) -> sqlx::Result<Option<Job>> {
+    let stalled = stalled();
     sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM bss.archive_jobs WHERE id = $1"
+        "SELECT id, kind, tenant_id, options, records_done, records_total, bytes, sha256,
+                result, created_by, created_at, updated_at, finished_at,
+                CASE WHEN {stalled} THEN 'failed' ELSE status END AS status,
+                CASE WHEN {stalled} THEN 'interrupted: the replica running it stopped'
+                     ELSE error END AS error
+           FROM bss.archive_jobs WHERE id = $1"
     ))
     .bind(id)
-    .bind(STALE.as_secs_f64())
     .fetch_optional(pool)
     .await
 }
@@ -101,66 +107,70 @@ pub enum NotStarted {
     Failed(#[from] anyhow::Error),
 }
 
+impl From<sqlx::Error> for NotStarted {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Failed(e.into())
+    }
+}
+
+/// A job about to start.
+struct NewJob<'a> {
+    kind: &'a str,
+    tenant: &'a TenantId,
+    /// What was asked, as the job shows it.
+    options: Value,
+    by: &'a str,
+    /// An import's upload: its size and SHA-256.
+    upload: Option<&'a (u64, String)>,
+}
+
 /// A new job's row, unless [`RUNNING`] are running; old jobs go first.
-async fn create(
-    pool: &PgPool,
-    kind: &str,
-    tenant: &TenantId,
-    options: &Value,
-    by: &str,
-) -> Result<Job, NotStarted> {
-    let mut tx = pool.begin().await.map_err(anyhow::Error::from)?;
+async fn create(pool: &PgPool, new: NewJob<'_>) -> Result<Job, NotStarted> {
+    let stalled = stalled();
+    let mut tx = pool.begin().await?;
     // One job starts at a time, so the count below stays true.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('bss.archive_jobs'))")
         .execute(&mut *tx)
-        .await
-        .map_err(anyhow::Error::from)?;
-    sqlx::query(
+        .await?;
+    sqlx::query(&format!(
         "DELETE FROM bss.archive_jobs
           WHERE created_at < now() - make_interval(secs => $1)
-            AND (status <> 'running' OR updated_at < now() - make_interval(secs => $2))",
-    )
+            AND (status <> 'running' OR {stalled})"
+    ))
     .bind(KEPT.as_secs_f64())
-    .bind(STALE.as_secs_f64())
     .execute(&mut *tx)
-    .await
-    .map_err(anyhow::Error::from)?;
-    let (running,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM bss.archive_jobs
-          WHERE status = 'running' AND updated_at >= now() - make_interval(secs => $1)",
-    )
-    .bind(STALE.as_secs_f64())
+    .await?;
+    let (running,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FROM bss.archive_jobs WHERE status = 'running' AND NOT {stalled}"
+    ))
     .fetch_one(&mut *tx)
-    .await
-    .map_err(anyhow::Error::from)?;
+    .await?;
     if running >= RUNNING {
         return Err(NotStarted::Busy);
     }
     let id = uuid::Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO bss.archive_jobs (id, kind, tenant_id, options, created_by)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO bss.archive_jobs (id, kind, tenant_id, options, created_by, bytes, sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
-    .bind(kind)
-    .bind(tenant.as_str())
-    .bind(options)
-    .bind(by)
+    .bind(new.kind)
+    .bind(new.tenant.as_str())
+    .bind(&new.options)
+    .bind(new.by)
+    .bind(new.upload.map(|(bytes, _)| *bytes as i64))
+    .bind(new.upload.map(|(_, sha256)| sha256))
     .execute(&mut *tx)
-    .await
-    .map_err(anyhow::Error::from)?;
-    tx.commit().await.map_err(anyhow::Error::from)?;
-    Ok(get(pool, id)
-        .await
-        .map_err(anyhow::Error::from)?
-        .context("the job just made is gone")?)
+    .await?;
+    tx.commit().await?;
+    Ok(get(pool, id).await?.context("the job just made is gone")?)
 }
 
-/// Where a job keeps its file while it runs.
-fn job_file(state: &SharedState, id: uuid::Uuid) -> anyhow::Result<PathBuf> {
+/// The directory where jobs keep their files while they run.
+pub fn job_dir(state: &SharedState) -> anyhow::Result<PathBuf> {
     let dir = state.settings.data_dir.join("archive-jobs");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir.join(format!("{id}.tar.zst")))
+    Ok(dir)
 }
 
 /// Records done and in all, as the job's progress callback sees them.
@@ -184,13 +194,12 @@ impl Counter {
 /// Runs the future `work` makes on the blocking pool with a heartbeat
 /// writing its progress, then records how it ended; the file `cleanup` is
 /// deleted whatever happened.
-fn run<W, F>(state: SharedState, id: uuid::Uuid, counter: Arc<Counter>, work: W, cleanup: PathBuf)
+fn run<W, F>(pool: PgPool, id: uuid::Uuid, counter: Arc<Counter>, work: W, cleanup: PathBuf)
 where
     W: FnOnce() -> F + Send + 'static,
     F: std::future::Future<Output = anyhow::Result<Ended>>,
 {
     let runtime = tokio::runtime::Handle::current();
-    let pool = state.pool.clone();
     let beat = {
         let (pool, counter) = (pool.clone(), counter.clone());
         tokio::spawn(async move {
@@ -224,16 +233,18 @@ where
         let total = counter.total.load(Ordering::Relaxed) as i64;
         let saved = runtime.block_on(async {
             let query = match &ended {
+                // An import's archive (the upload) was recorded at its start.
                 Ok(ended) => sqlx::query(
-                    "UPDATE bss.archive_jobs SET status = 'done', result = $2, bytes = $3,
-                            sha256 = $4, records_done = $5, records_total = $6,
+                    "UPDATE bss.archive_jobs SET status = 'done', result = $2,
+                            bytes = coalesce($3, bytes), sha256 = coalesce($4, sha256),
+                            records_done = $5, records_total = $6,
                             updated_at = now(), finished_at = now()
                       WHERE id = $1",
                 )
                 .bind(id)
                 .bind(&ended.result)
-                .bind(ended.bytes as i64)
-                .bind(&ended.sha256)
+                .bind(ended.archive.as_ref().map(|(bytes, _)| *bytes as i64))
+                .bind(ended.archive.as_ref().map(|(_, sha256)| sha256))
                 .bind(done)
                 .bind(total),
                 Err(e) => {
@@ -276,8 +287,8 @@ impl Drop for AbortOnDrop {
 /// How a job ended well.
 struct Ended {
     result: Value,
-    bytes: u64,
-    sha256: String,
+    /// The archive an export wrote: its size and SHA-256.
+    archive: Option<(u64, String)>,
 }
 
 /// Starts exporting `tenant`: the archive is written to a file of the
@@ -288,13 +299,20 @@ pub async fn start_export(
     options: export::Options,
     by: &str,
 ) -> Result<Job, NotStarted> {
-    let asked = serde_json::json!({
-        "withEvents": options.events,
-        "webhookSecrets": options.webhook_secrets,
-    });
-    let job = create(&state.pool, "export", &tenant, &asked, by).await?;
+    let dir = job_dir(state)?;
+    let new = NewJob {
+        kind: "export",
+        tenant: &tenant,
+        options: serde_json::json!({
+            "withEvents": options.events,
+            "webhookSecrets": options.webhook_secrets,
+        }),
+        by,
+        upload: None,
+    };
+    let job = create(&state.pool, new).await?;
     let id = job.id;
-    let file = job_file(state, id)?;
+    let file = dir.join(format!("{id}.tar.zst"));
     let counter = Arc::new(Counter::default());
     let work = {
         let (state, counter, file) = (state.clone(), counter.clone(), file.clone());
@@ -309,34 +327,26 @@ pub async fn start_export(
                 .map_err(|e| e.into_error())?
                 .sync_all()
                 .context("writing the archive")?;
-            let (bytes, sha256) = store_parts(&state.pool, id, &file).await?;
+            let archive = store_parts(&state.pool, id, &file).await?;
             Ok(Ended {
                 result: serde_json::to_value(&manifest.counts)?,
-                bytes,
-                sha256,
+                archive: Some(archive),
             })
         }
     };
-    run(state.clone(), id, counter, work, file);
+    run(state.pool.clone(), id, counter, work, file);
     Ok(job)
 }
 
-/// The archive at `file` into the job's parts; its size and SHA-256.
+/// The archive at `file` into the job's parts; its size and SHA-256. (On
+/// the job's own thread: the file is read as a plain file.)
 async fn store_parts(pool: &PgPool, id: uuid::Uuid, file: &Path) -> anyhow::Result<(u64, String)> {
-    let mut input = tokio::fs::File::open(file).await?;
+    let mut input = std::fs::File::open(file)?;
     let (mut bytes, mut hash) = (0u64, Sha256::new());
     let mut part = 0i32;
     loop {
         let mut buf = Vec::with_capacity(PART_BYTES);
-        while buf.len() < PART_BYTES {
-            let read = (&mut input)
-                .take((PART_BYTES - buf.len()) as u64)
-                .read_to_end(&mut buf)
-                .await?;
-            if read == 0 {
-                break;
-            }
-        }
+        (&mut input).take(PART_BYTES as u64).read_to_end(&mut buf)?;
         if buf.is_empty() {
             break;
         }
@@ -366,7 +376,7 @@ pub async fn part(pool: &PgPool, id: uuid::Uuid, part: i32) -> sqlx::Result<Opti
 
 /// Where an upload is kept until its import job takes it.
 pub fn upload_file(state: &SharedState) -> anyhow::Result<PathBuf> {
-    job_file(state, uuid::Uuid::now_v7()).map(|f| f.with_extension("upload"))
+    Ok(job_dir(state)?.join(format!("{}.upload", uuid::Uuid::now_v7())))
 }
 
 /// Starts importing the archive uploaded to `file` (its size and SHA-256)
@@ -379,19 +389,18 @@ pub async fn start_import(
     options: import::Options,
     by: &str,
 ) -> Result<Job, NotStarted> {
-    let asked = serde_json::json!({
-        "as": options.as_id.as_ref().map(TenantId::as_str),
-        "trust": options.trust,
-    });
-    let job = create(&state.pool, "import", &tenant, &asked, by).await?;
+    let new = NewJob {
+        kind: "import",
+        tenant: &tenant,
+        options: serde_json::json!({
+            "as": options.as_id.as_ref().map(TenantId::as_str),
+            "trust": options.trust,
+        }),
+        by,
+        upload: Some(&upload),
+    };
+    let job = create(&state.pool, new).await?;
     let id = job.id;
-    sqlx::query("UPDATE bss.archive_jobs SET bytes = $2, sha256 = $3 WHERE id = $1")
-        .bind(id)
-        .bind(upload.0 as i64)
-        .bind(&upload.1)
-        .execute(&state.pool)
-        .await
-        .map_err(anyhow::Error::from)?;
     let counter = Arc::new(Counter::default());
     let work = {
         let (state, counter, file) = (state.clone(), counter.clone(), file.clone());
@@ -416,11 +425,10 @@ pub async fn start_import(
             }
             Ok(Ended {
                 result: serde_json::to_value(&done)?,
-                bytes: upload.0,
-                sha256: upload.1,
+                archive: None,
             })
         }
     };
-    run(state.clone(), id, counter, work, file);
+    run(state.pool.clone(), id, counter, work, file);
     Ok(job)
 }
